@@ -1,0 +1,308 @@
+//! The ABI shared by Spårbar's kernel programs and its agent: event layouts, event kinds, counter
+//! indexes, map names and limits. Everything here is `#[repr(C)]`, fixed-width, explicitly padded,
+//! and its size pinned at compile time, because both sides read the same bytes.
+#![no_std]
+
+use core::mem::size_of;
+
+// ---------------------------------------------------------------------------------------------
+// Map names (at most 15 bytes: the kernel cuts longer names).
+// ---------------------------------------------------------------------------------------------
+pub const MAP_EVENTS: &str = "EVENTS";
+pub const MAP_COUNTERS: &str = "COUNTERS";
+pub const MAP_CONFIG: &str = "CONFIG";
+pub const MAP_TARGET_TGIDS: &str = "TARGET_TGIDS";
+pub const MAP_TARGET_COMMS: &str = "TARGET_COMMS";
+pub const MAP_TARGET_CGRPS: &str = "TARGET_CGRPS";
+pub const MAP_PLAIN_PORTS: &str = "PLAIN_PORTS";
+pub const MAP_CONNS: &str = "CONNS";
+pub const MAP_SSL_FDS: &str = "SSL_FDS";
+
+// ---------------------------------------------------------------------------------------------
+// Limits.
+// ---------------------------------------------------------------------------------------------
+/// Payload bytes carried by one data event. A larger read/write is split into several events.
+pub const CHUNK_SIZE: usize = 16 * 1024;
+/// Upper bound of events one read/write call may produce (bounded loop in the kernel). With
+/// `CHUNK_SIZE` this caps one call at 16 MiB even when the configured cap is larger; iovec calls
+/// with many small segments use one iteration per segment piece.
+pub const MAX_CHUNKS_PER_CALL: u32 = 1024;
+/// Default per-call capture cap (bytes); the config may lower or raise it up to
+/// `CHUNK_SIZE * MAX_CHUNKS_PER_CALL`.
+pub const DEFAULT_MAX_MESSAGE_BYTES: u32 = 256 * 1024;
+/// iovec segments looked at per readv/writev/recvmsg/sendmsg call.
+pub const MAX_IOV: u32 = 64;
+pub const COMM_LEN: usize = 16;
+
+// ---------------------------------------------------------------------------------------------
+// Event kinds. Numbers are never reused.
+// ---------------------------------------------------------------------------------------------
+pub const KIND_DATA: u16 = 1;
+pub const KIND_CONN_OPEN: u16 = 2;
+pub const KIND_CONN_CLOSE: u16 = 3;
+pub const KIND_HOLE: u16 = 4;
+pub const KIND_PROC_EXEC: u16 = 5;
+pub const KIND_PROC_EXIT: u16 = 6;
+
+/// Every event starts with this header; the agent's decoder reads `kind` and `len` from the
+/// first bytes of each ring-buffer record before it looks at anything else, so this struct must
+/// stay first in every event and keep its layout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    pub kind: u16,
+    pub flags: u16,
+    /// Bytes of this event that carry meaning (header + body + captured payload).
+    pub len: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    pub pid_tgid: u64,
+}
+const _: () = assert!(size_of::<EventHeader>() == 24);
+
+/// A connection as the kernel side names it. `gen` is unique per connection for the life of the
+/// loaded programs, so a reused fd gets a new identity.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnId {
+    pub tgid: u32,
+    pub fd: u32,
+    pub gen: u64,
+}
+const _: () = assert!(size_of::<ConnId>() == 16);
+
+/// Direction of bytes relative to the traced process.
+pub const DIR_IN: u8 = 0; // the process read them
+pub const DIR_OUT: u8 = 1; // the process wrote them
+
+/// Where the payload came from.
+pub const SRC_SYSCALL: u8 = 0;
+pub const SRC_TLS: u8 = 1;
+
+/// `EventHeader::flags` of data and hole events.
+pub const DATA_F_TLS: u16 = 1 << 0;
+/// This call carried more than the cap; the bytes past `pos + cap_len` of the last chunk, up to
+/// `msg_pos + msg_len`, were not captured (a hole event follows with the exact range).
+pub const DATA_F_TRUNCATED: u16 = 1 << 1;
+/// The connection's SSL* could not be mapped to a socket; the data is positioned relative to
+/// the SSL object instead.
+pub const DATA_F_SSL_UNMAPPED: u16 = 1 << 2;
+
+/// One piece of a read or write. `pos` is the stream offset of `data[0]` in this direction.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DataEvent {
+    pub hdr: EventHeader,
+    pub conn: ConnId,
+    pub pos: u64,
+    /// Real length returned by the call this piece belongs to.
+    pub msg_len: u32,
+    /// Payload bytes that follow in `data`.
+    pub cap_len: u32,
+    pub dir: u8,
+    pub src: u8,
+    pub _pad: [u8; 6],
+    pub data: [u8; CHUNK_SIZE],
+}
+/// Bytes of a `DataEvent` before `data`.
+pub const DATA_HDR_LEN: usize = 64;
+const _: () = assert!(size_of::<DataEvent>() == DATA_HDR_LEN + CHUNK_SIZE);
+
+/// Why bytes of a stream were not captured (`HoleEvent::reason`).
+pub const HOLE_CAP: u8 = 1;
+pub const HOLE_READ_FAILED: u8 = 2;
+pub const HOLE_RINGBUF_FULL: u8 = 3;
+pub const HOLE_SENDFILE: u8 = 4;
+pub const HOLE_TOO_MANY_CHUNKS: u8 = 5;
+
+/// Bytes `[pos, pos + len)` in direction `dir` exist on the wire but were not captured.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HoleEvent {
+    pub hdr: EventHeader,
+    pub conn: ConnId,
+    pub pos: u64,
+    pub len: u64,
+    pub dir: u8,
+    pub reason: u8,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(size_of::<HoleEvent>() == 64);
+
+/// How the kernel side learned of a connection (`ConnOpenEvent::origin`).
+pub const ORIGIN_ACCEPT: u8 = 1;
+pub const ORIGIN_CONNECT: u8 = 2;
+/// First seen in the middle of its life (opened before the agent started, or the accept/connect
+/// was missed): positions start at the first byte seen.
+pub const ORIGIN_MIDSTREAM: u8 = 3;
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Addresses in network byte order; IPv4 in the first 4 bytes of the 16. Ports in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tuple {
+    pub family: u16,
+    pub local_port: u16,
+    pub peer_port: u16,
+    pub _pad: u16,
+    pub local_addr: [u8; 16],
+    pub peer_addr: [u8; 16],
+}
+const _: () = assert!(size_of::<Tuple>() == 40);
+
+/// Sent once per connection before its first data event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnOpenEvent {
+    pub hdr: EventHeader,
+    pub conn: ConnId,
+    pub tuple: Tuple,
+    pub origin: u8,
+    pub tls: u8,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(size_of::<ConnOpenEvent>() == 88);
+
+/// The traced process closed a connection that was announced with `ConnOpenEvent`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnCloseEvent {
+    pub hdr: EventHeader,
+    pub conn: ConnId,
+    pub pos_in: u64,
+    pub pos_out: u64,
+}
+const _: () = assert!(size_of::<ConnCloseEvent>() == 56);
+
+/// A target process exec'd (kernel matched its comm) or a process leader exited.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProcEvent {
+    pub hdr: EventHeader,
+    pub tgid: u32,
+    pub _pad: u32,
+    pub comm: [u8; COMM_LEN],
+}
+const _: () = assert!(size_of::<ProcEvent>() == 48);
+
+// ---------------------------------------------------------------------------------------------
+// Kernel counters: a per-CPU array indexed by these; the agent sums the CPUs. Never reuse a
+// number; append new ones before `COUNTER_MAX` and raise it.
+// ---------------------------------------------------------------------------------------------
+pub const C_EVENTS_SENT: u32 = 0;
+pub const C_BYTES_CAPTURED: u32 = 1;
+pub const C_RINGBUF_FULL_EVENTS: u32 = 2;
+pub const C_RINGBUF_FULL_BYTES: u32 = 3;
+pub const C_CAP_TRUNCATED_CALLS: u32 = 4;
+pub const C_CAP_TRUNCATED_BYTES: u32 = 5;
+pub const C_READ_FAILED_EVENTS: u32 = 6;
+pub const C_READ_FAILED_BYTES: u32 = 7;
+pub const C_SSL_FD_UNKNOWN: u32 = 8;
+pub const C_SSL_FD_INCONSISTENT: u32 = 9;
+pub const C_SSL_FD_HEURISTIC: u32 = 10;
+pub const C_CONN_TABLE_FULL: u32 = 11;
+pub const C_TOO_MANY_CHUNKS_BYTES: u32 = 12;
+pub const C_SENDFILE_BYTES: u32 = 13;
+pub const C_CONN_ANNOUNCE_FAILED: u32 = 14;
+pub const C_FD_REUSED: u32 = 15;
+pub const C_SCRATCH_MISSING: u32 = 16;
+pub const C_INFLIGHT_FULL: u32 = 17;
+pub const C_TARGETS_FULL: u32 = 18;
+pub const C_SSL_CALLS: u32 = 19;
+pub const C_SYSCALLS_CAPTURED: u32 = 20;
+pub const COUNTER_MAX: u32 = 24;
+
+/// Names the agent reports the kernel counters under (`<noun>_<verb>_total` style, reason last).
+pub const COUNTER_NAMES: [&str; COUNTER_MAX as usize] = [
+    "kernel_events_sent_total",
+    "kernel_bytes_captured_total",
+    "kernel_events_dropped_total{reason=\"ringbuf_full\"}",
+    "kernel_bytes_dropped_total{reason=\"ringbuf_full\"}",
+    "kernel_calls_truncated_total{reason=\"cap\"}",
+    "kernel_bytes_dropped_total{reason=\"cap\"}",
+    "kernel_events_dropped_total{reason=\"read_user_failed\"}",
+    "kernel_bytes_dropped_total{reason=\"read_user_failed\"}",
+    "kernel_ssl_fd_mapping_total{result=\"unknown\"}",
+    "kernel_ssl_fd_mapping_total{result=\"inconsistent\"}",
+    "kernel_ssl_fd_mapping_total{result=\"heuristic\"}",
+    "kernel_connections_dropped_total{reason=\"table_full\"}",
+    "kernel_bytes_dropped_total{reason=\"too_many_chunks\"}",
+    "kernel_bytes_uncaptured_total{reason=\"sendfile\"}",
+    "kernel_events_dropped_total{reason=\"conn_announce_failed\"}",
+    "kernel_fd_reused_without_close_total",
+    "kernel_events_dropped_total{reason=\"scratch_missing\"}",
+    "kernel_calls_dropped_total{reason=\"inflight_table_full\"}",
+    "kernel_targets_dropped_total{reason=\"table_full\"}",
+    "kernel_ssl_calls_total",
+    "kernel_syscalls_captured_total",
+    "",
+    "",
+    "",
+];
+
+/// Counters that mean something was lost; the agent reports them as drops.
+pub const LOSS_COUNTERS: [u32; 9] = [
+    C_RINGBUF_FULL_EVENTS,
+    C_RINGBUF_FULL_BYTES,
+    C_CAP_TRUNCATED_BYTES,
+    C_READ_FAILED_EVENTS,
+    C_READ_FAILED_BYTES,
+    C_CONN_TABLE_FULL,
+    C_TOO_MANY_CHUNKS_BYTES,
+    C_CONN_ANNOUNCE_FAILED,
+    C_SCRATCH_MISSING,
+];
+
+// ---------------------------------------------------------------------------------------------
+// Configuration written by the agent before attaching.
+// ---------------------------------------------------------------------------------------------
+pub const CFG_F_CGROUP_TARGETS: u32 = 1 << 0;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KernelConfig {
+    /// The agent's own tgid: never traced.
+    pub agent_tgid: u32,
+    /// Per-call capture cap in bytes.
+    pub max_message_bytes: u32,
+    pub flags: u32,
+    /// Offsets of `skc_v6_daddr` / `skc_v6_rcv_saddr` in `struct sock_common`, read from BTF.
+    pub off_v6_daddr: u16,
+    pub off_v6_rcv_saddr: u16,
+}
+const _: () = assert!(size_of::<KernelConfig>() == 16);
+
+/// Key of the connection table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    pub tgid: u32,
+    pub fd: u32,
+}
+const _: () = assert!(size_of::<ConnKey>() == 8);
+
+/// Key of the SSL* → fd cache.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SslKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub ssl: u64,
+}
+const _: () = assert!(size_of::<SslKey>() == 16);
+
+/// What a target entry (TARGET_TGIDS value) came from.
+pub const TARGET_FROM_AGENT: u32 = 1;
+pub const TARGET_FROM_FORK: u32 = 2;
+pub const TARGET_FROM_EXEC: u32 = 3;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], contain only integers and byte arrays, and have
+    // explicit padding, so every bit pattern is valid and there are no uninitialised bytes.
+    unsafe impl aya::Pod for super::KernelConfig {}
+    unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::SslKey {}
+}

@@ -1,0 +1,4 @@
+//! One file per hooked domain.
+pub mod openssl;
+pub mod process;
+pub mod socket;

@@ -1,0 +1,121 @@
+//! Process lifecycle: children of target processes are targets at once (nginx workers, also
+//! after a reload), processes whose name is configured become targets at exec, and the entries
+//! of exited threads and processes are removed.
+//!
+//! Assumes the sched tracepoint layouts of this kernel generation: sched_process_fork has
+//! parent_pid at 12 and child_pid at 20 (comms as __data_loc strings).
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
+    macros::tracepoint,
+    programs::TracePointContext,
+    EbpfContext,
+};
+use tracer_common::*;
+
+use crate::{emit::*, maps::*};
+
+#[inline(always)]
+fn arg<T: Copy>(ctx: &TracePointContext, off: usize) -> T {
+    // SAFETY: tracepoint record memory at a fixed offset.
+    unsafe { core::ptr::read(ctx.as_ptr().cast::<u8>().add(off).cast::<T>()) }
+}
+
+#[inline(always)]
+fn proc_event(kind: u16, pid_tgid: u64, comm: [u8; COMM_LEN]) {
+    let ev = ProcEvent {
+        hdr: header(kind, 0, core::mem::size_of::<ProcEvent>() as u32, pid_tgid),
+        tgid: (pid_tgid >> 32) as u32,
+        _pad: 0,
+        comm,
+    };
+    if EVENTS.output::<ProcEvent>(&ev, 0).is_ok() {
+        count(C_EVENTS_SENT, 1);
+    } else {
+        count(C_RINGBUF_FULL_EVENTS, 1);
+    }
+}
+
+/// sched:sched_process_fork: the child of a target is a target.
+#[tracepoint]
+pub fn process_fork(ctx: TracePointContext) -> u32 {
+    let parent: i32 = arg(&ctx, 12);
+    let child: i32 = arg(&ctx, 20);
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if TARGET_TGIDS.get_ptr(tgid).is_none() && TARGET_TGIDS.get_ptr(parent as u32).is_none() {
+        return 0;
+    }
+    if let Some(cfg) = config() {
+        if cfg.agent_tgid == child as u32 {
+            return 0;
+        }
+    }
+    if TARGET_TGIDS.insert(child as u32, TARGET_FROM_FORK, 0).is_err() {
+        count(C_TARGETS_FULL, 1);
+    }
+    0
+}
+
+// Separate functions: inlined, LLVM merges the two null checks into an OR of two map-value
+// pointers, which the verifier rejects ("pointer |= pointer prohibited").
+#[inline(never)]
+fn comm_is_target(comm: &[u8; COMM_LEN]) -> u32 {
+    TARGET_COMMS.get_ptr(comm).is_some() as u32
+}
+
+#[inline(never)]
+fn tgid_is_target(tgid: u32) -> u32 {
+    TARGET_TGIDS.get_ptr(tgid).is_some() as u32
+}
+
+/// sched:sched_process_exec: a process whose new name is configured becomes a target; the agent
+/// is told about every exec of a target so it can attach to the new image and re-check it.
+#[tracepoint]
+pub fn process_exec(_ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let Ok(comm) = bpf_get_current_comm() else {
+        return 0;
+    };
+    let named = comm_is_target(&comm) != 0;
+    let known = tgid_is_target(tgid) != 0;
+    if !named && !known {
+        return 0;
+    }
+    if let Some(cfg) = config() {
+        if cfg.agent_tgid == tgid {
+            return 0;
+        }
+    }
+    if named && !known && TARGET_TGIDS.insert(tgid, TARGET_FROM_EXEC, 0).is_err() {
+        count(C_TARGETS_FULL, 1);
+    }
+    proc_event(KIND_PROC_EXEC, pid_tgid, comm);
+    0
+}
+
+/// sched:sched_process_exit: fires per thread; forget its per-thread state and its target entry.
+#[tracepoint]
+pub fn process_exit(_ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tid = pid_tgid as u32;
+    let tgid = (pid_tgid >> 32) as u32;
+    if TARGET_TGIDS.get_ptr(tgid).is_none() && TARGET_TGIDS.get_ptr(tid).is_none() {
+        return 0;
+    }
+    let _ = INFLIGHT.remove(pid_tgid);
+    let _ = SSL_ACTIVE.remove(pid_tgid);
+    let _ = LAST_RFD.remove(pid_tgid);
+    if tid == tgid {
+        let _ = TARGET_TGIDS.remove(tgid);
+        proc_event(KIND_PROC_EXIT, pid_tgid, [0; COMM_LEN]);
+    } else if tid != tgid {
+        // A thread's own entry, inserted when it was cloned.
+        if let Some(v) = unsafe { TARGET_TGIDS.get(tid) } {
+            if *v == TARGET_FROM_FORK {
+                let _ = TARGET_TGIDS.remove(tid);
+            }
+        }
+    }
+    0
+}

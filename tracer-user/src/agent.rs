@@ -1,0 +1,236 @@
+//! Runs the agent: load and attach, discover targets, read the ring buffer, run the pipeline,
+//! write records, report counters, and stop cleanly on SIGTERM/SIGINT (draining what the
+//! kernel already captured).
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
+
+use log::{error, info, warn};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::{mpsc, watch},
+};
+use tracer_common::{COUNTER_NAMES, LOSS_COUNTERS};
+
+use crate::{
+    discovery::{Discovery, TargetSpec},
+    loader::{self, Kernel, LoadSettings},
+    pipeline::{self, Pipeline, Services},
+    sink::{JsonlFile, Sink, Stdout},
+    source,
+    stats::{self, Stats},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Load(#[from] loader::LoadError),
+    #[error("opening the record file {path}: {source}")]
+    Sink { path: PathBuf, source: crate::sink::SinkError },
+    #[error("creating the state directory {path}: {source}")]
+    StateDir { path: PathBuf, source: std::io::Error },
+    #[error("signal handler: {0}")]
+    Signal(std::io::Error),
+    #[error("ring buffer reader: {0}")]
+    Reader(std::io::Error),
+}
+
+/// Everything `run` needs, derived from the validated config.
+pub struct Plan {
+    pub load: LoadSettings,
+    pub targets: Vec<TargetSpec>,
+    pub pipeline: pipeline::Settings,
+    pub state_dir: PathBuf,
+    pub output_file: PathBuf,
+    pub stdout: bool,
+    pub stats_interval: Duration,
+    pub queue_capacity: usize,
+}
+
+pub struct RunOptions {
+    /// Stop by itself after this long (tests, demo).
+    pub duration: Option<Duration>,
+}
+
+struct Sinks {
+    sinks: Vec<Box<dyn Sink>>,
+    stats: Arc<Stats>,
+    last_error_log: Option<Instant>,
+}
+
+impl Sinks {
+    fn write_all(&mut self, records: &mut Vec<serde_json::Value>) {
+        for r in records.drain(..) {
+            for s in self.sinks.iter_mut() {
+                match s.write(&r) {
+                    Ok(()) => self.stats.add(&format!("records_written_total{{sink=\"{}\"}}", s.name()), 1),
+                    Err(e) => {
+                        self.stats.add(&format!("records_dropped_total{{reason=\"sink_error\",sink=\"{}\"}}", s.name()), 1);
+                        if self.last_error_log.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                            error!("sink {}: {e}; records are being dropped (counted)", s.name());
+                            self.last_error_log = Some(Instant::now());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        for s in self.sinks.iter_mut() {
+            if let Err(e) = s.flush() {
+                error!("flushing sink {}: {e}", s.name());
+                self.stats.add_reason("sink_flush_errors_total", s.name(), 1);
+            }
+        }
+    }
+}
+
+pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
+    let started = Instant::now();
+    std::fs::create_dir_all(&plan.state_dir).map_err(|e| AgentError::StateDir { path: plan.state_dir.clone(), source: e })?;
+    let stats = Arc::new(Stats::default());
+    let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(
+        JsonlFile::open(&plan.output_file).map_err(|e| AgentError::Sink { path: plan.output_file.clone(), source: e })?,
+    )];
+    if plan.stdout {
+        sinks.push(Box::new(Stdout::new()));
+    }
+    let mut sinks = Sinks { sinks, stats: stats.clone(), last_error_log: None };
+
+    let mut kernel = loader::load(&plan.load)?;
+    let mut discovery = Discovery::new(plan.targets.clone());
+    let services: Services = Arc::new(RwLock::new(Default::default()));
+    discovery.scan(&mut kernel);
+    publish_services(&discovery, &services);
+
+    let ring = kernel.take_events()?;
+    let (tx, mut rx) = mpsc::channel(plan.queue_capacity.div_ceil(512).max(4));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let reader = tokio::spawn(source::read_loop(ring, tx, stats.clone(), stop_rx));
+
+    let mut pipeline = Pipeline::new(plan.pipeline, services.clone(), stats.clone());
+    let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
+    let mut scan_tick = tokio::time::interval(Duration::from_secs(1));
+    let mut stats_tick = tokio::time::interval(plan.stats_interval);
+    stats_tick.tick().await;
+    let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
+    let mut stopping = false;
+    let mut scans = 0u64;
+    info!("sparbar running: records go to {}", plan.output_file.display());
+
+    loop {
+        tokio::select! {
+            batch = rx.recv() => {
+                let Some(batch) = batch else { break };
+                for ev in batch {
+                    pipeline.handle(ev);
+                }
+                sinks.write_all(&mut pipeline.out);
+                for pid in std::mem::take(&mut pipeline.execs) {
+                    discovery.on_exec(&mut kernel, pid);
+                    publish_services(&discovery, &services);
+                }
+                for pid in std::mem::take(&mut pipeline.exits) {
+                    discovery.on_exit(pid);
+                }
+            }
+            _ = scan_tick.tick(), if !stopping => {
+                discovery.scan(&mut kernel);
+                publish_services(&discovery, &services);
+                scans += 1;
+                if scans % 30 == 0 {
+                    let pruned = kernel.prune_conns(|tgid| std::path::Path::new(&format!("/proc/{tgid}")).exists());
+                    stats.add("kernel_connections_pruned_total", pruned as u64);
+                }
+                sinks.flush();
+            }
+            _ = stats_tick.tick() => {
+                report(&kernel, &discovery, &stats, &plan.state_dir, started, pipeline.open_connections(), false);
+            }
+            _ = term.recv(), if !stopping => { info!("SIGTERM: draining and stopping"); stopping = true; let _ = stop_tx.send(true); }
+            _ = int.recv(), if !stopping => { info!("SIGINT: draining and stopping"); stopping = true; let _ = stop_tx.send(true); }
+            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } }, if !stopping => {
+                info!("run duration reached: draining and stopping");
+                stopping = true;
+                let _ = stop_tx.send(true);
+            }
+        }
+    }
+    match reader.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(AgentError::Reader(e)),
+        Err(e) => warn!("ring buffer reader task ended abnormally: {e}"),
+    }
+    pipeline.finish();
+    sinks.write_all(&mut pipeline.out);
+    sinks.flush();
+    report(&kernel, &discovery, &stats, &plan.state_dir, started, 0, true);
+    info!("sparbar stopped; probes detached");
+    Ok(())
+}
+
+fn publish_services(d: &Discovery, services: &Services) {
+    if let Ok(mut m) = services.write() {
+        m.clear();
+        for (pid, p) in &d.procs {
+            if let Some(t) = p.target {
+                m.insert(*pid, d.targets()[t].name.clone());
+            }
+        }
+    }
+}
+
+/// Logs the counters (one line, drops called out) and writes `<state_dir>/stats.json`.
+fn report(kernel: &Kernel, d: &Discovery, stats: &Stats, state_dir: &std::path::Path, started: Instant, open_conns: usize, last: bool) {
+    let k = kernel.counters();
+    let mut kernel_map = BTreeMap::new();
+    for (i, v) in k.iter().enumerate() {
+        if !COUNTER_NAMES[i].is_empty() {
+            kernel_map.insert(COUNTER_NAMES[i].to_string(), *v);
+        }
+    }
+    let agent = stats.snapshot();
+    let mut losses: Vec<String> = LOSS_COUNTERS
+        .iter()
+        .filter(|&&i| k[i as usize] > 0)
+        .map(|&i| format!("{}={}", COUNTER_NAMES[i as usize], k[i as usize]))
+        .collect();
+    losses.extend(agent.iter().filter(|(n, v)| **v > 0 && stats::is_loss(n)).map(|(n, v)| format!("{n}={v}")));
+    let records: u64 = agent.iter().filter(|(n, _)| n.starts_with("records_written_total")).map(|(_, v)| *v).sum();
+    info!(
+        "{}stats: kernel events {} ({} payload bytes), exchanges {}, records {}, open connections {}, losses: {}",
+        if last { "final " } else { "" },
+        k[tracer_common::C_EVENTS_SENT as usize],
+        k[tracer_common::C_BYTES_CAPTURED as usize],
+        agent.get("exchanges_parsed_total").copied().unwrap_or(0),
+        records,
+        open_conns,
+        if losses.is_empty() { "none".to_string() } else { losses.join(", ") }
+    );
+    let libs: Vec<serde_json::Value> = d
+        .libraries()
+        .into_iter()
+        .map(|l| serde_json::json!({"path": l.path, "kind": l.kind, "attached": l.attached, "errors": l.errors}))
+        .collect();
+    let doc = serde_json::json!({
+        "uptime_seconds": started.elapsed().as_secs_f64(),
+        "final": last,
+        "kernel": kernel_map,
+        "agent": agent,
+        "tracepoints": kernel.tracepoints,
+        "libraries": libs,
+        "targets": d.procs.values().map(|p| serde_json::json!({"pid": p.pid, "name": p.name, "executable": p.executable})).collect::<Vec<_>>(),
+    });
+    let path = state_dir.join("stats.json");
+    let tmp = state_dir.join("stats.json.tmp");
+    let res = std::fs::write(&tmp, serde_json::to_vec_pretty(&doc).unwrap_or_default()).and_then(|_| std::fs::rename(&tmp, &path));
+    if let Err(e) = res {
+        warn!("writing {}: {e}", path.display());
+    }
+}

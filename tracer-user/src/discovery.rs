@@ -1,0 +1,235 @@
+//! Finds the target processes in /proc, tells the kernel about them, and attaches the OpenSSL
+//! uprobes once per library inode (shared libssl, or an executable that exports a statically
+//! linked OpenSSL), including for processes that start later.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    fs,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+use aya::programs::{uprobe::UProbeScope, UProbe};
+use log::{info, warn};
+
+use crate::loader::{program, Kernel, SSL_PROBES};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Match {
+    Exe(PathBuf),
+    Comm(String),
+    /// cgroup v2 path, absolute form relative to the cgroup2 mount.
+    Cgroup(String),
+    Pid(u32),
+}
+
+#[derive(Debug, Clone)]
+pub struct TargetSpec {
+    pub matcher: Match,
+    pub tls: bool,
+    pub name: String,
+}
+
+/// What we know of a traced process, for records.
+#[derive(Debug, Clone, Default)]
+pub struct ProcInfo {
+    pub pid: u32,
+    pub name: String,
+    pub executable: Option<String>,
+    /// Index into the target list that matched (or that its parent matched).
+    pub target: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LibAttach {
+    pub path: String,
+    pub kind: &'static str,
+    pub attached: Vec<&'static str>,
+    pub errors: Vec<String>,
+}
+
+pub struct Discovery {
+    targets: Vec<TargetSpec>,
+    self_pid: u32,
+    /// (dev, inode) of every library/executable we attached to (or failed on).
+    libs: HashMap<(u64, u64), LibAttach>,
+    pub procs: HashMap<u32, ProcInfo>,
+    warned_missing: HashSet<usize>,
+}
+
+pub fn read_proc_info(pid: u32) -> ProcInfo {
+    let name = fs::read_to_string(format!("/proc/{pid}/comm")).map(|s| s.trim_end().to_string()).unwrap_or_default();
+    let executable = fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .map(|p| p.to_string_lossy().trim_end_matches(" (deleted)").to_string());
+    ProcInfo { pid, name, executable, target: None }
+}
+
+fn cgroup_of(pid: u32) -> Option<String> {
+    let s = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    s.lines().find_map(|l| l.strip_prefix("0::").map(str::to_string))
+}
+
+impl Discovery {
+    pub fn new(targets: Vec<TargetSpec>) -> Self {
+        Discovery { targets, self_pid: std::process::id(), libs: HashMap::new(), procs: HashMap::new(), warned_missing: HashSet::new() }
+    }
+
+    pub fn targets(&self) -> &[TargetSpec] {
+        &self.targets
+    }
+
+    /// Which configured target this process matches, if any.
+    pub fn classify(&self, info: &ProcInfo) -> Option<usize> {
+        if info.pid == self.self_pid {
+            return None;
+        }
+        self.targets.iter().position(|t| match &t.matcher {
+            Match::Exe(p) => info.executable.as_deref() == Some(&*p.to_string_lossy()),
+            Match::Comm(c) => &info.name == c,
+            Match::Pid(p) => *p == info.pid,
+            Match::Cgroup(c) => cgroup_of(info.pid).is_some_and(|g| g == *c || g.starts_with(&format!("{c}/"))),
+        })
+    }
+
+    /// One pass over /proc: new matching processes become targets (and get their TLS library
+    /// attached); targets that exited are forgotten. Also adopts processes the kernel added on
+    /// fork/exec.
+    pub fn scan(&mut self, kernel: &mut Kernel) {
+        let mut alive = HashSet::new();
+        let kernel_targets: HashSet<u32> = kernel.targets().into_iter().collect();
+        let Ok(dir) = fs::read_dir("/proc") else { return };
+        for e in dir.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+            alive.insert(pid);
+            if self.procs.contains_key(&pid) {
+                continue;
+            }
+            let mut info = read_proc_info(pid);
+            let mut t = self.classify(&info);
+            if t.is_none() && kernel_targets.contains(&pid) && pid != self.self_pid {
+                // Added by the kernel (child of a target): inherit the parent's target.
+                t = parent_of(pid).and_then(|pp| self.procs.get(&pp)).and_then(|p| p.target);
+                if t.is_none() {
+                    kernel.remove_target(pid);
+                    continue;
+                }
+            }
+            let Some(t) = t else { continue };
+            info.target = Some(t);
+            if let Err(e) = kernel.add_target(pid) {
+                warn!("cannot trace pid {pid} ({}): {e}", info.name);
+                continue;
+            }
+            info!("tracing pid {pid} ({}, {}) as target {:?}", info.name, info.executable.as_deref().unwrap_or("?"), self.targets[t].name);
+            if self.targets[t].tls {
+                self.attach_tls(kernel, pid);
+            }
+            self.procs.insert(pid, info);
+        }
+        self.procs.retain(|pid, _| alive.contains(pid));
+        for (i, t) in self.targets.iter().enumerate() {
+            if !self.procs.values().any(|p| p.target == Some(i)) && self.warned_missing.insert(i) {
+                warn!("no running process matches target {:?} ({:?}) yet; it is attached when it appears", t.name, t.matcher);
+            }
+        }
+    }
+
+    /// A process exec'd (the kernel saw its name match, or it was a target): re-check it.
+    pub fn on_exec(&mut self, kernel: &mut Kernel, pid: u32) {
+        self.procs.remove(&pid);
+        let info = read_proc_info(pid);
+        match self.classify(&info) {
+            Some(_) => self.scan(kernel),
+            None => {
+                kernel.remove_target(pid);
+            }
+        }
+    }
+
+    pub fn on_exit(&mut self, pid: u32) {
+        self.procs.remove(&pid);
+    }
+
+    fn attach_tls(&mut self, kernel: &mut Kernel, pid: u32) {
+        for (path, kind) in tls_images(pid) {
+            let host_path = format!("/proc/{pid}/root{path}");
+            let Ok(md) = fs::metadata(&host_path) else { continue };
+            let key = (md.dev(), md.ino());
+            if self.libs.contains_key(&key) {
+                continue;
+            }
+            let la = attach_ssl(kernel, &host_path, &path, kind);
+            if la.attached.is_empty() {
+                warn!("could not attach OpenSSL probes to {path} ({kind}) used by pid {pid}: {}; TLS traffic of this process is not captured", la.errors.join("; "));
+            } else {
+                info!("attached OpenSSL probes to {path} ({kind}): {}", la.attached.join(", "));
+                for e in &la.errors {
+                    info!("  {path}: {e}");
+                }
+            }
+            self.libs.insert(key, la);
+        }
+    }
+
+    pub fn libraries(&self) -> Vec<LibAttach> {
+        let mut v: Vec<_> = self.libs.values().cloned().collect();
+        v.sort_by(|a, b| a.path.cmp(&b.path));
+        v
+    }
+}
+
+fn parent_of(pid: u32) -> Option<u32> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    rest.split(' ').nth(1)?.parse().ok()
+}
+
+/// The images in this process that carry OpenSSL: every mapped libssl, and the executable
+/// itself when it exports SSL_read (static OpenSSL, e.g. node).
+pub fn tls_images(pid: u32) -> Vec<(String, &'static str)> {
+    let mut out = BTreeMap::new();
+    if let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) {
+        for line in maps.lines() {
+            let Some(path) = line.split_whitespace().nth(5) else { continue };
+            let base = path.rsplit('/').next().unwrap_or("");
+            if base.starts_with("libssl.so") {
+                out.insert(path.to_string(), "libssl");
+            }
+        }
+    }
+    if let Ok(exe) = fs::read_link(format!("/proc/{pid}/exe")) {
+        let exe = exe.to_string_lossy().trim_end_matches(" (deleted)").to_string();
+        if exports_ssl(Path::new(&format!("/proc/{pid}/root{exe}"))) {
+            out.insert(exe, "static OpenSSL in executable");
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// Does this ELF file define (not just import) SSL_read in its dynamic symbol table?
+pub fn exports_ssl(path: &Path) -> bool {
+    use object::{Object, ObjectSymbol};
+    let Ok(data) = fs::read(path) else { return false };
+    let Ok(file) = object::File::parse(&*data) else { return false };
+    file.dynamic_symbols().any(|s| s.name() == Ok("SSL_read") && !s.is_undefined())
+}
+
+fn attach_ssl(kernel: &mut Kernel, host_path: &str, path: &str, kind: &'static str) -> LibAttach {
+    let mut la = LibAttach { path: path.to_string(), kind, attached: Vec::new(), errors: Vec::new() };
+    for (prog, sym, _ret, required) in SSL_PROBES {
+        let res = program::<UProbe>(&mut kernel.ebpf, prog)
+            .map_err(|e| e.to_string())
+            .and_then(|p| p.attach(*sym, host_path, UProbeScope::AllProcesses).map_err(|e| e.to_string()));
+        match res {
+            Ok(_) => {
+                if !la.attached.contains(sym) {
+                    la.attached.push(sym);
+                }
+            }
+            Err(e) if *required => la.errors.push(format!("{sym} ({prog}): {e}")),
+            Err(e) => la.errors.push(format!("optional {sym} ({prog}) not attached: {e}")),
+        }
+    }
+    la
+}

@@ -1,0 +1,11 @@
+//! Spårbar's agent as a library: every stage of the data path, from the kernel's ring buffer to the
+//! records on disk. `main.rs` only parses the command line and calls into here.
+
+pub mod btf;
+pub mod decode;
+pub mod discovery;
+pub mod exchange;
+pub mod ids;
+pub mod loader;
+pub mod source;
+pub mod stats;

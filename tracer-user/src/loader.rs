@@ -1,0 +1,259 @@
+//! Loads the embedded eBPF object, writes the kernel-side configuration and attaches the
+//! tracepoints. Uprobes on OpenSSL are attached later, per library, by `discovery`.
+//!
+//! Failing to attach one hook is reported plainly and the agent keeps what did attach.
+
+use std::{collections::BTreeMap, path::Path};
+
+use aya::{
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::{TracePoint, UProbe},
+    Ebpf, EbpfLoader,
+};
+use log::{debug, info, warn};
+use tracer_common::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("loading the eBPF programs failed: {0} (is this kernel built with BPF, BTF and uprobes, and is the agent root or holding CAP_BPF+CAP_PERFMON?)")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF map {0} is missing from the object: the build is broken")]
+    MissingMap(&'static str),
+    #[error("eBPF map {name}: {source}")]
+    Map { name: &'static str, source: aya::maps::MapError },
+    #[error("eBPF program {name}: {source}")]
+    Program { name: &'static str, source: aya::programs::ProgramError },
+    #[error("no tracepoint could be attached; see the errors above")]
+    NothingAttached,
+}
+
+/// The settings the loader needs, extracted from the validated config.
+#[derive(Debug, Clone)]
+pub struct LoadSettings {
+    pub ring_buffer_size: u32,
+    pub max_connections: u32,
+    pub max_message_bytes: u32,
+    pub plaintext_ports: Vec<u16>,
+    pub comms: Vec<String>,
+    pub cgroup_ids: Vec<u64>,
+}
+
+/// The tracepoints and the programs behind them.
+const TRACEPOINTS: &[(&str, &str, &str)] = &[
+    ("socket_enter_read", "syscalls", "sys_enter_read"),
+    ("socket_exit_read", "syscalls", "sys_exit_read"),
+    ("socket_enter_write", "syscalls", "sys_enter_write"),
+    ("socket_exit_write", "syscalls", "sys_exit_write"),
+    ("socket_enter_recvfrom", "syscalls", "sys_enter_recvfrom"),
+    ("socket_exit_recvfrom", "syscalls", "sys_exit_recvfrom"),
+    ("socket_enter_sendto", "syscalls", "sys_enter_sendto"),
+    ("socket_exit_sendto", "syscalls", "sys_exit_sendto"),
+    ("socket_enter_readv", "syscalls", "sys_enter_readv"),
+    ("socket_exit_readv", "syscalls", "sys_exit_readv"),
+    ("socket_enter_writev", "syscalls", "sys_enter_writev"),
+    ("socket_exit_writev", "syscalls", "sys_exit_writev"),
+    ("socket_enter_recvmsg", "syscalls", "sys_enter_recvmsg"),
+    ("socket_exit_recvmsg", "syscalls", "sys_exit_recvmsg"),
+    ("socket_enter_sendmsg", "syscalls", "sys_enter_sendmsg"),
+    ("socket_exit_sendmsg", "syscalls", "sys_exit_sendmsg"),
+    ("socket_enter_sendfile", "syscalls", "sys_enter_sendfile64"),
+    ("socket_exit_sendfile", "syscalls", "sys_exit_sendfile64"),
+    ("socket_exit_accept", "syscalls", "sys_exit_accept"),
+    ("socket_exit_accept4", "syscalls", "sys_exit_accept4"),
+    ("socket_enter_connect", "syscalls", "sys_enter_connect"),
+    ("socket_enter_close", "syscalls", "sys_enter_close"),
+    ("socket_sock_recv", "sock", "sock_recv_length"),
+    ("socket_sock_send", "sock", "sock_send_length"),
+    ("process_fork", "sched", "sched_process_fork"),
+    ("process_exec", "sched", "sched_process_exec"),
+    ("process_exit", "sched", "sched_process_exit"),
+];
+
+/// Uprobe programs: (program, symbol, is return probe, required).
+pub const SSL_PROBES: &[(&str, &str, bool, bool)] = &[
+    ("openssl_ssl_read", "SSL_read", false, true),
+    ("openssl_ssl_rw_ret", "SSL_read", true, true),
+    ("openssl_ssl_write", "SSL_write", false, true),
+    ("openssl_ssl_rw_ret", "SSL_write", true, true),
+    ("openssl_ssl_read_ex", "SSL_read_ex", false, false),
+    ("openssl_ssl_rw_ret", "SSL_read_ex", true, false),
+    ("openssl_ssl_write_ex", "SSL_write_ex", false, false),
+    ("openssl_ssl_rw_ret", "SSL_write_ex", true, false),
+    ("openssl_ssl_set_fd", "SSL_set_fd", false, false),
+    ("openssl_ssl_free", "SSL_free", false, false),
+];
+
+pub struct Kernel {
+    pub ebpf: Ebpf,
+    /// Attach results, "category:name" → error text (None when attached).
+    pub tracepoints: BTreeMap<String, Option<String>>,
+}
+
+/// Mounts tracefs at /sys/kernel/tracing when it is not there; tracepoints need it.
+pub fn ensure_tracefs() {
+    if Path::new("/sys/kernel/tracing/events").exists() {
+        return;
+    }
+    let target = c"/sys/kernel/tracing";
+    // SAFETY: mount(2) with valid NUL-terminated strings and no data.
+    let rc = unsafe { libc::mount(c"tracefs".as_ptr(), target.as_ptr(), c"tracefs".as_ptr(), 0, std::ptr::null()) };
+    if rc == 0 {
+        info!("tracefs was not mounted; mounted it at /sys/kernel/tracing");
+    } else {
+        warn!(
+            "tracefs is not mounted and mounting it at /sys/kernel/tracing failed: {}; tracepoints will not attach",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+fn raise_memlock() {
+    let lim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: setrlimit with a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) } != 0 {
+        debug!("raising RLIMIT_MEMLOCK failed ({}); harmless where BPF memory is charged to the memory cgroup", std::io::Error::last_os_error());
+    }
+}
+
+pub fn load(s: &LoadSettings) -> Result<Kernel, LoadError> {
+    raise_memlock();
+    ensure_tracefs();
+    let obj = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf"));
+    let mut ebpf = EbpfLoader::new()
+        .map_max_entries(MAP_EVENTS, s.ring_buffer_size)
+        .map_max_entries(MAP_CONNS, s.max_connections)
+        .load(obj)?;
+
+    let (off_daddr, off_saddr) = crate::btf::sock_common_v6_offsets();
+    let kcfg = KernelConfig {
+        agent_tgid: std::process::id(),
+        max_message_bytes: s.max_message_bytes,
+        flags: if s.cgroup_ids.is_empty() { 0 } else { CFG_F_CGROUP_TARGETS },
+        off_v6_daddr: off_daddr,
+        off_v6_rcv_saddr: off_saddr,
+    };
+    {
+        let mut a: Array<_, KernelConfig> = map(&mut ebpf, MAP_CONFIG)?;
+        a.set(0, kcfg, 0).map_err(|e| LoadError::Map { name: MAP_CONFIG, source: e })?;
+    }
+    {
+        let mut m: BpfHashMap<_, u16, u32> = map(&mut ebpf, MAP_PLAIN_PORTS)?;
+        for p in &s.plaintext_ports {
+            m.insert(p, 1, 0).map_err(|e| LoadError::Map { name: MAP_PLAIN_PORTS, source: e })?;
+        }
+    }
+    {
+        let mut m: BpfHashMap<_, [u8; COMM_LEN], u32> = map(&mut ebpf, MAP_TARGET_COMMS)?;
+        for c in &s.comms {
+            m.insert(comm_key(c), 1, 0).map_err(|e| LoadError::Map { name: MAP_TARGET_COMMS, source: e })?;
+        }
+    }
+    {
+        let mut m: BpfHashMap<_, u64, u32> = map(&mut ebpf, MAP_TARGET_CGRPS)?;
+        for id in &s.cgroup_ids {
+            m.insert(id, 1, 0).map_err(|e| LoadError::Map { name: MAP_TARGET_CGRPS, source: e })?;
+        }
+    }
+
+    let mut tracepoints = BTreeMap::new();
+    for (prog, category, name) in TRACEPOINTS {
+        let res = attach_tracepoint(&mut ebpf, prog, category, name);
+        if let Err(e) = &res {
+            warn!("could not attach tracepoint {category}:{name}: {e}; what it sees is not captured");
+        }
+        tracepoints.insert(format!("{category}:{name}"), res.err());
+    }
+    if tracepoints.values().all(Option::is_some) {
+        return Err(LoadError::NothingAttached);
+    }
+    for (prog, ..) in SSL_PROBES {
+        let p: &mut UProbe = program(&mut ebpf, prog)?;
+        if p.fd().is_err() {
+            p.load().map_err(|e| LoadError::Program { name: prog, source: e })?;
+        }
+    }
+    Ok(Kernel { ebpf, tracepoints })
+}
+
+fn attach_tracepoint(ebpf: &mut Ebpf, prog: &'static str, category: &str, name: &str) -> Result<(), String> {
+    let p: &mut TracePoint = program(ebpf, prog).map_err(|e| e.to_string())?;
+    p.load().map_err(|e| format!("load: {e}"))?;
+    p.attach(category, name).map_err(|e| format!("attach: {e}"))?;
+    Ok(())
+}
+
+pub fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoadError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let p = ebpf.program_mut(name).ok_or(LoadError::Program {
+        name,
+        source: aya::programs::ProgramError::UnexpectedProgramType,
+    })?;
+    p.try_into().map_err(|e| LoadError::Program { name, source: e })
+}
+
+pub fn map<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<T, LoadError>
+where
+    T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let m = ebpf.map_mut(name).ok_or(LoadError::MissingMap(name))?;
+    T::try_from(m).map_err(|e| LoadError::Map { name, source: e })
+}
+
+pub fn comm_key(c: &str) -> [u8; COMM_LEN] {
+    let mut k = [0u8; COMM_LEN];
+    let b = c.as_bytes();
+    let n = b.len().min(COMM_LEN - 1);
+    k[..n].copy_from_slice(&b[..n]);
+    k
+}
+
+impl Kernel {
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, LoadError> {
+        let m = self.ebpf.take_map(MAP_EVENTS).ok_or(LoadError::MissingMap(MAP_EVENTS))?;
+        RingBuf::try_from(m).map_err(|e| LoadError::Map { name: MAP_EVENTS, source: e })
+    }
+
+    /// The kernel counters summed over CPUs, indexed as in tracer-common.
+    pub fn counters(&self) -> Vec<u64> {
+        let mut out = vec![0u64; COUNTER_MAX as usize];
+        let Some(m) = self.ebpf.map(MAP_COUNTERS) else { return out };
+        let Ok(a) = PerCpuArray::<_, u64>::try_from(m) else { return out };
+        for (i, slot) in out.iter_mut().enumerate() {
+            if let Ok(v) = a.get(&(i as u32), 0) {
+                *slot = v.iter().sum();
+            }
+        }
+        out
+    }
+
+    pub fn add_target(&mut self, tgid: u32) -> Result<(), LoadError> {
+        let mut m: BpfHashMap<_, u32, u32> = map(&mut self.ebpf, MAP_TARGET_TGIDS)?;
+        m.insert(tgid, TARGET_FROM_AGENT, 0).map_err(|e| LoadError::Map { name: MAP_TARGET_TGIDS, source: e })
+    }
+
+    pub fn remove_target(&mut self, tgid: u32) {
+        if let Ok(mut m) = map::<BpfHashMap<_, u32, u32>>(&mut self.ebpf, MAP_TARGET_TGIDS) {
+            let _ = m.remove(&tgid);
+        }
+    }
+
+    /// Target tgids the kernel currently knows (including those it added on fork/exec).
+    pub fn targets(&mut self) -> Vec<u32> {
+        match map::<BpfHashMap<_, u32, u32>>(&mut self.ebpf, MAP_TARGET_TGIDS) {
+            Ok(m) => m.keys().filter_map(Result::ok).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Removes connection-table entries of processes that no longer exist.
+    pub fn prune_conns(&mut self, alive: impl Fn(u32) -> bool) -> usize {
+        let Ok(mut m) = map::<BpfHashMap<_, ConnKey, [u8; 72]>>(&mut self.ebpf, MAP_CONNS) else { return 0 };
+        let dead: Vec<ConnKey> = m.keys().filter_map(Result::ok).filter(|k| !alive(k.tgid)).collect();
+        for k in &dead {
+            let _ = m.remove(k);
+        }
+        dead.len()
+    }
+}

@@ -1,0 +1,291 @@
+//! The userspace path of one exchange after decoding: per-connection reassembly and HTTP parsing,
+//! route matching, and one record per exchange. Pure apart from reading /proc for process names:
+//! replay tests feed it events without a kernel.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{Arc, RwLock},
+};
+
+use tracer_common::*;
+
+use crate::{
+    decode::Event,
+    exchange::{BodyLoss, Completeness, Exchange},
+    http::{ConnParser, Dir, ParserLimits, Role},
+    ids::EventIds,
+    record::{self, CaptureInfo, ProcessInfo, RecordContext},
+    routes::RouteTable,
+    stats::Stats,
+};
+
+pub struct Settings {
+    pub limits: ParserLimits,
+    pub routes: RouteTable,
+    pub record_unmatched: bool,
+    pub host_name: String,
+    /// CLOCK_REALTIME − CLOCK_MONOTONIC at start, to date kernel timestamps.
+    pub mono_to_unix_ns: i128,
+}
+
+/// Service names by tgid, kept up to date by discovery.
+pub type Services = Arc<RwLock<HashMap<u32, String>>>;
+
+struct Conn {
+    parser: ConnParser,
+    tuple: Option<record::Tuple>,
+    tls: bool,
+    /// Reasons of holes seen since the last exchange was recorded.
+    hole_reasons: BTreeSet<&'static str>,
+}
+
+pub struct Pipeline {
+    s: Settings,
+    conns: HashMap<ConnId, Conn>,
+    procs: HashMap<u32, (ProcessInfo, String)>,
+    services: Services,
+    stats: Arc<Stats>,
+    ids: EventIds,
+    /// Records ready for the sinks.
+    pub out: Vec<serde_json::Value>,
+    /// Processes that exec'd, for discovery to re-check.
+    pub execs: Vec<u32>,
+    pub exits: Vec<u32>,
+}
+
+fn hole_reason(r: u8) -> &'static str {
+    match r {
+        HOLE_CAP => "cap",
+        HOLE_READ_FAILED => "read_user_failed",
+        HOLE_RINGBUF_FULL => "ringbuf_full",
+        HOLE_SENDFILE => "sendfile",
+        HOLE_TOO_MANY_CHUNKS => "too_many_chunks",
+        _ => "unknown",
+    }
+}
+
+fn tuple_addrs(t: &Tuple) -> Option<record::Tuple> {
+    let ip = |a: &[u8; 16]| -> IpAddr {
+        if t.family == AF_INET {
+            IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))
+        } else {
+            let v6 = Ipv6Addr::from(*a);
+            match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6(v6),
+            }
+        }
+    };
+    if t.family != AF_INET && t.family != AF_INET6 {
+        return None;
+    }
+    Some(record::Tuple {
+        local: SocketAddr::new(ip(&t.local_addr), t.local_port),
+        peer: SocketAddr::new(ip(&t.peer_addr), t.peer_port),
+    })
+}
+
+impl Pipeline {
+    pub fn new(s: Settings, services: Services, stats: Arc<Stats>) -> Self {
+        Pipeline {
+            s,
+            conns: HashMap::new(),
+            procs: HashMap::new(),
+            services,
+            stats,
+            ids: EventIds::new(),
+            out: Vec::new(),
+            execs: Vec::new(),
+            exits: Vec::new(),
+        }
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    fn conn(&mut self, id: ConnId, origin: u8, tuple: Option<record::Tuple>, tls: bool) -> &mut Conn {
+        let limits = self.s.limits.clone();
+        let stats = &self.stats;
+        self.conns.entry(id).or_insert_with(|| {
+            stats.add("connections_opened_total", 1);
+            let role = match origin {
+                ORIGIN_ACCEPT => Role::Server,
+                ORIGIN_CONNECT => Role::Client,
+                _ => Role::Unknown,
+            };
+            Conn { parser: ConnParser::new(role, origin == ORIGIN_MIDSTREAM, limits), tuple, tls, hole_reasons: BTreeSet::new() }
+        })
+    }
+
+    pub fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::ConnOpen { conn, tuple, origin, tls, .. } => {
+                let mut t = tuple_addrs(&tuple);
+                if t.is_none() && conn.fd & 0x8000_0000 == 0 {
+                    t = crate::procfs::socket_tuple(conn.tgid, conn.fd);
+                    self.stats.add(if t.is_some() { "tuples_resolved_total{source=\"procfs\"}" } else { "tuples_unknown_total" }, 1);
+                }
+                if self.conns.contains_key(&conn) {
+                    self.stats.add_reason("events_anomalous_total", "duplicate_conn_open", 1);
+                }
+                let c = self.conn(conn, origin, t, tls);
+                c.tls |= tls;
+            }
+            Event::Data { hdr, conn, pos, dir, payload, .. } => {
+                if !self.conns.contains_key(&conn) {
+                    self.stats.add_reason("events_anomalous_total", "data_before_conn_open", 1);
+                }
+                let tls = hdr.flags & DATA_F_TLS != 0;
+                self.stats.add("payload_bytes_received_total", payload.len() as u64);
+                let c = self.conn(conn, ORIGIN_MIDSTREAM, None, tls);
+                let d = if dir == DIR_IN { Dir::Inbound } else { Dir::Outbound };
+                c.parser.data(d, pos, hdr.ts_ns, &payload);
+                self.collect(conn);
+            }
+            Event::Hole { hdr, conn, pos, len, dir, reason } => {
+                let r = hole_reason(reason);
+                self.stats.add(&format!("stream_bytes_uncaptured_total{{reason=\"{r}\"}}"), len);
+                let c = self.conn(conn, ORIGIN_MIDSTREAM, None, hdr.flags & DATA_F_TLS != 0);
+                c.hole_reasons.insert(r);
+                let d = if dir == DIR_IN { Dir::Inbound } else { Dir::Outbound };
+                c.parser.hole(d, pos, len, hdr.ts_ns);
+                self.collect(conn);
+            }
+            Event::ConnClose { hdr, conn, .. } => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.parser.close(hdr.ts_ns);
+                    self.collect(conn);
+                    self.conns.remove(&conn);
+                    self.stats.add("connections_closed_total", 1);
+                }
+            }
+            Event::ProcExec { tgid, .. } => {
+                self.procs.remove(&tgid);
+                self.execs.push(tgid);
+            }
+            Event::ProcExit { tgid, .. } => {
+                self.procs.remove(&tgid);
+                self.exits.push(tgid);
+                // Connections of a dead process end here; their fds were closed by the kernel
+                // without a close(2) we could see.
+                let ids: Vec<ConnId> = self.conns.keys().filter(|k| k.tgid == tgid).copied().collect();
+                for id in ids {
+                    if let Some(c) = self.conns.get_mut(&id) {
+                        c.parser.close(0);
+                    }
+                    self.collect(id);
+                    self.conns.remove(&id);
+                    self.stats.add("connections_closed_total{reason=\"process_exit\"}", 1);
+                }
+            }
+        }
+    }
+
+    /// Ends every open connection (agent shutdown): what can be finished is recorded.
+    pub fn finish(&mut self) {
+        let ids: Vec<ConnId> = self.conns.keys().copied().collect();
+        for id in ids {
+            if let Some(c) = self.conns.get_mut(&id) {
+                c.parser.close(0);
+            }
+            self.collect(id);
+        }
+        self.conns.clear();
+    }
+
+    fn process(&mut self, tgid: u32) -> (ProcessInfo, String) {
+        if let Some(p) = self.procs.get(&tgid) {
+            return p.clone();
+        }
+        let info = crate::discovery::read_proc_info(tgid);
+        let service = self
+            .services
+            .read()
+            .ok()
+            .and_then(|m| m.get(&tgid).cloned())
+            .unwrap_or_else(|| info.name.clone());
+        let p = (ProcessInfo { pid: tgid, name: info.name, executable: info.executable }, service);
+        self.procs.insert(tgid, p.clone());
+        p
+    }
+
+    fn collect(&mut self, id: ConnId) {
+        let Some(c) = self.conns.get_mut(&id) else { return };
+        let exchanges = c.parser.take_exchanges();
+        for a in c.parser.take_anomalies() {
+            self.stats.add_reason("http_anomalies_total", a.reason(), 1);
+        }
+        if exchanges.is_empty() {
+            return;
+        }
+        let reasons: Vec<&'static str> = std::mem::take(&mut c.hole_reasons).into_iter().collect();
+        let (tuple, tls) = (c.tuple, c.tls);
+        for ex in exchanges {
+            self.record(id, &ex, tuple, tls, &reasons);
+        }
+    }
+
+    fn record(&mut self, id: ConnId, ex: &Exchange, tuple: Option<record::Tuple>, tls: bool, reasons: &[&'static str]) {
+        self.stats.add("exchanges_parsed_total", 1);
+        let route = self.s.routes.match_request(&ex.request.method, &ex.request.target);
+        match &route {
+            Some(m) => self.stats.add(&format!("exchanges_matched_total{{route=\"{}\"}}", m.name), 1),
+            None => {
+                self.stats.add("exchanges_unmatched_total", 1);
+                if !self.s.record_unmatched {
+                    return;
+                }
+            }
+        }
+        let (proc_info, service) = self.process(id.tgid);
+        let missing = |b: &crate::exchange::Body| -> u64 {
+            match b.loss {
+                Some(BodyLoss::NotCaptured) | Some(BodyLoss::Incomplete) if b.decoded_from.is_none() => {
+                    b.wire_len.saturating_sub(b.data.len() as u64)
+                }
+                _ => 0,
+            }
+        };
+        let req_missing = missing(&ex.request.body);
+        let resp_missing = ex.response.as_ref().map(|r| missing(&r.body)).unwrap_or(0);
+        let mut reasons: Vec<&'static str> = reasons.to_vec();
+        if ex.completeness == Completeness::NoResponse {
+            reasons.push("no_response");
+        }
+        let complete = ex.completeness == Completeness::Complete && req_missing == 0 && resp_missing == 0;
+        if !complete {
+            self.stats.add("exchanges_incomplete_total", 1);
+        }
+        let first = ex.request.first_ns;
+        let last = ex.response.as_ref().map(|r| r.last_ns).unwrap_or(ex.request.last_ns);
+        let start_unix_ns = (first as i128 + self.s.mono_to_unix_ns).max(0) as u64;
+        let ctx = RecordContext {
+            exchange: ex,
+            route: route.as_ref(),
+            start_unix_ns,
+            duration_ns: last.saturating_sub(first),
+            tuple,
+            tls,
+            process: &proc_info,
+            service_name: &service,
+            host_name: &self.s.host_name,
+            conn_id: format!("{}:{}:{}", id.tgid, id.fd, id.gen),
+            capture: CaptureInfo { complete, request_bytes_missing: req_missing, response_bytes_missing: resp_missing, reasons },
+            event_id: self.ids.next(),
+        };
+        self.out.push(record::build(&ctx));
+    }
+}
+
+/// CLOCK_REALTIME − CLOCK_MONOTONIC now, in ns.
+pub fn mono_to_unix_ns() -> i128 {
+    let read = |clock| {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime with a valid timespec.
+        unsafe { libc::clock_gettime(clock, &mut ts) };
+        ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+    };
+    read(libc::CLOCK_REALTIME) - read(libc::CLOCK_MONOTONIC)
+}

@@ -1,0 +1,70 @@
+//! The ring-buffer reader: wakes on the ring buffer's fd (tokio AsyncFd), decodes every record
+//! and hands batches to the pipeline through a bounded queue. When the queue is full the reader
+//! waits, the ring buffer fills, and the kernel counts what it could not write: nothing is
+//! dropped here without a count.
+
+use std::sync::Arc;
+
+use aya::maps::{MapData, RingBuf};
+use tokio::{
+    io::unix::AsyncFd,
+    sync::{mpsc, watch},
+};
+
+use crate::{decode::decode, decode::Event, stats::Stats};
+
+/// Events per batch sent to the pipeline.
+const BATCH: usize = 512;
+
+pub async fn read_loop(
+    ring: RingBuf<MapData>,
+    tx: mpsc::Sender<Vec<Event>>,
+    stats: Arc<Stats>,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged, for as long as it
+    // lives, which is as long as this AsyncFd.
+    let mut afd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    loop {
+        tokio::select! {
+            guard = afd.readable_mut() => {
+                let mut guard = guard?;
+                if !drain(guard.get_inner_mut(), &tx, &stats).await {
+                    return Ok(());
+                }
+                guard.clear_ready();
+            }
+            _ = stop.changed() => {
+                // Final drain: what the kernel wrote before the stop is still delivered.
+                drain(afd.get_mut(), &tx, &stats).await;
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Reads everything available; false when the pipeline is gone.
+async fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<Vec<Event>>, stats: &Stats) -> bool {
+    loop {
+        let mut batch = Vec::with_capacity(BATCH);
+        while batch.len() < BATCH {
+            let Some(item) = ring.next() else { break };
+            stats.add("ringbuf_records_read_total", 1);
+            match decode(&item) {
+                Ok(ev) => batch.push(ev),
+                Err(e) => stats.add_reason("events_dropped_total", e.reason(), 1),
+            }
+        }
+        if batch.is_empty() {
+            return true;
+        }
+        let full = batch.len() == BATCH;
+        if tx.send(batch).await.is_err() {
+            return false;
+        }
+        if !full {
+            return true;
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! Developer and CI tasks: set up a fresh machine, build, test, run the demo, benchmark.
+//!
+//! Every task starts with `bootstrap`, which installs only what is missing and says what it
+//! does, so `cargo xtask demo` and `cargo xtask test` work on a fresh machine.
+
+mod bench;
+mod bootstrap;
+mod demo;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Spårbar's developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing: apt packages, rust-src for the nightly, bpf-linker, tracefs.
+    Bootstrap,
+    /// Build the agent (release) with its embedded eBPF object.
+    Build,
+    /// Unit tests, then the privileged end-to-end tests against real servers.
+    Test {
+        /// Only the unit tests (no root, no servers).
+        #[arg(long)]
+        unit: bool,
+        /// Filter passed to the end-to-end test binary.
+        filter: Option<String>,
+    },
+    /// The demo platform behind nginx/TLS, the agent attached, real traffic with an abuser.
+    Demo {
+        /// Seconds of traffic.
+        #[arg(long, default_value_t = 20)]
+        duration: u64,
+    },
+    /// Benchmarks that print ratios measured side by side.
+    Bench {
+        #[command(subcommand)]
+        which: bench::Which,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Bootstrap => bootstrap::run(),
+        Cmd::Build => {
+            bootstrap::run()?;
+            build_release().map(|_| ())
+        }
+        Cmd::Test { unit, filter } => {
+            bootstrap::run()?;
+            test(unit, filter)
+        }
+        Cmd::Demo { duration } => {
+            bootstrap::run()?;
+            let bin = build_release()?;
+            demo::run(&bin, duration)
+        }
+        Cmd::Bench { which } => {
+            bootstrap::run()?;
+            let bin = build_release()?;
+            bench::run(&bin, which)
+        }
+    }
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+pub fn step(msg: &str) {
+    eprintln!("==> {msg}");
+}
+
+pub fn run_cmd(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+/// Builds `sparbar` in release mode and returns its path.
+pub fn build_release() -> Result<PathBuf> {
+    step("building sparbar (release, with the eBPF programs)");
+    run_cmd(cargo().args(["build", "--release", "--package", "tracer-user", "--bin", "sparbar"]))?;
+    Ok(root().join("target/release/sparbar"))
+}
+
+fn test(unit_only: bool, filter: Option<String>) -> Result<()> {
+    step("unit, property and replay tests (cargo test --workspace)");
+    run_cmd(cargo().args(["test", "--workspace", "--release", "--exclude", "sparbar-tests"]))?;
+    if unit_only {
+        return Ok(());
+    }
+    let bin = build_release()?;
+    step("privileged end-to-end tests (real kernel, nginx, CPython ssl, node, plaintext hop)");
+    let mut c = cargo();
+    c.args(["test", "--release", "--package", "sparbar-tests", "--test", "e2e", "--"]);
+    c.arg("--test-threads=1").arg("--nocapture");
+    if let Some(f) = filter {
+        c.arg(f);
+    }
+    c.env("SPARBAR_BIN", &bin);
+    run_cmd(&mut c)
+}
