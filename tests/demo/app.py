@@ -99,7 +99,6 @@ import socket
 import ssl
 import struct
 import sys
-import threading
 import time
 from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -540,8 +539,16 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         if self.close_connection:
             self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD" and len(body):
+        # Header and body in one write (no Nagle/delayed-ACK stall between them).
+        self._headers_buffer.append(b"\r\n")
+        head = b"".join(self._headers_buffer)
+        self._headers_buffer = []
+        if self.command == "HEAD" or not len(body):
+            self.wfile.write(head)
+        elif len(body) <= 256 * 1024:
+            self.wfile.write(head + bytes(body))
+        else:
+            self.wfile.write(head)
             self.wfile.write(body)
 
     def _json(self, status, obj, headers=()):
@@ -768,6 +775,10 @@ class Server(ThreadingHTTPServer):
 
     def get_request(self):
         sock, addr = self.socket.accept()
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
         if self.ssl_context is not None:
             sock = self.ssl_context.wrap_socket(sock, server_side=True,
                                                 do_handshake_on_connect=False)

@@ -1,0 +1,273 @@
+//! Harness for the privileged end-to-end tests and the demo: starts real servers (nginx with
+//! TLS, the demo app, CPython's ssl server, node), runs the agent binary with a generated
+//! config, drives real clients, and reads back the agent's records and counters.
+//!
+//! When the machine lacks something (root, nginx, node, the agent binary), the harness fails
+//! with the reason; it never skips silently.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader},
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use serde_json::Value;
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+/// A fresh scratch directory for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sparbar-e2e-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("scratch dir");
+    d
+}
+
+/// A TCP port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+pub fn require_root() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("end-to-end tests load eBPF programs and need root (run `cargo xtask test` as root)");
+    }
+    Ok(())
+}
+
+pub fn agent_bin() -> Result<PathBuf> {
+    let p = std::env::var_os("SPARBAR_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/release/sparbar"));
+    if !p.exists() {
+        bail!("agent binary {} not found: build it with `cargo xtask build` or run through `cargo xtask test`", p.display());
+    }
+    Ok(p)
+}
+
+/// A child process that is killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// SIGTERM, then wait up to `timeout`; SIGKILL after that.
+    pub fn stop(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        self.signal(libc::SIGTERM);
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait()? {
+                return Ok(st);
+            }
+            if Instant::now() > end {
+                self.child.kill()?;
+                bail!("{} did not stop within {timeout:?} after SIGTERM", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Starts a server that prints `READY <port>` on stdout when it listens.
+pub fn spawn_ready(name: &str, cmd: &mut Command, timeout: Duration) -> Result<Proc> {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().with_context(|| format!("starting {name}: {cmd:?}"))?;
+    let out = child.stdout.take().context("stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if line.starts_with("READY") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    if rx.recv_timeout(timeout).is_err() {
+        let _ = child.kill();
+        bail!("{name} did not print READY within {timeout:?}");
+    }
+    Ok(Proc { child, name: name.to_string() })
+}
+
+/// The agent under test.
+pub struct Agent {
+    pub proc: Proc,
+    pub dir: PathBuf,
+    pub records: PathBuf,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Agent {
+    /// Writes `config` (TOML; `@DIR@` is replaced by the agent's directory) and starts
+    /// `sparbar run`, waiting until it says it is running.
+    pub fn start(dir: &Path, config: &str) -> Result<Agent> {
+        let bin = agent_bin()?;
+        std::fs::create_dir_all(dir)?;
+        let config = config.replace("@DIR@", &dir.display().to_string());
+        let cfg_path = dir.join("sparbar.toml");
+        std::fs::write(&cfg_path, config)?;
+        let mut child = Command::new(&bin)
+            .args(["run", "--config"])
+            .arg(&cfg_path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let err = child.stderr.take().context("stderr")?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                eprintln!("  [agent] {line}");
+                if line.contains("sparbar running") {
+                    let _ = tx.send(());
+                }
+                log2.lock().unwrap().push(line);
+            }
+        });
+        let proc = Proc { child, name: "sparbar".into() };
+        if rx.recv_timeout(Duration::from_secs(60)).is_err() {
+            bail!("the agent did not report running within 60 s; its log:\n{}", log.lock().unwrap().join("\n"));
+        }
+        Ok(Agent { proc, dir: dir.to_path_buf(), records: dir.join("access.jsonl"), log })
+    }
+
+    /// SIGTERM and wait for the clean exit; returns the final counters.
+    pub fn stop(mut self) -> Result<Stats> {
+        let st = self.proc.stop(Duration::from_secs(30))?;
+        if !st.success() {
+            bail!("agent exited with {st}; log:\n{}", self.log.lock().unwrap().join("\n"));
+        }
+        self.stats()
+    }
+
+    pub fn stats(&self) -> Result<Stats> {
+        let text = std::fs::read_to_string(self.dir.join("stats.json")).context("reading stats.json")?;
+        Ok(Stats(serde_json::from_str(&text)?))
+    }
+
+    pub fn read_records(&self) -> Result<Vec<Value>> {
+        read_jsonl(&self.records)
+    }
+}
+
+pub fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines().filter(|l| !l.is_empty()).map(|l| serde_json::from_str(l).with_context(|| format!("bad record line: {l}"))).collect()
+}
+
+/// The agent's `stats.json`.
+pub struct Stats(pub Value);
+
+impl Stats {
+    pub fn kernel(&self, name: &str) -> u64 {
+        self.0["kernel"][name].as_u64().unwrap_or(0)
+    }
+    pub fn agent(&self, name: &str) -> u64 {
+        self.0["agent"][name].as_u64().unwrap_or(0)
+    }
+    /// Every non-zero counter that means a loss, kernel or agent side.
+    pub fn losses(&self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for side in ["kernel", "agent"] {
+            if let Some(m) = self.0[side].as_object() {
+                for (k, v) in m {
+                    let v = v.as_u64().unwrap_or(0);
+                    if v > 0 && (k.contains("dropped") || k.contains("lost") || k.contains("uncaptured") || k.contains("unknown") || k.contains("incomplete") || k.contains("anomal")) {
+                        out.insert(format!("{side}:{k}"), v);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Dotted path lookup in a record: `get(r, "http.response.status_code")`.
+pub fn get<'a>(v: &'a Value, path: &str) -> &'a Value {
+    path.split('.').fold(v, |v, k| &v[k])
+}
+
+/// Runs a command to completion and returns stdout, failing with stderr when it fails.
+pub fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed ({}):\n{}\n{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The demo platform (nginx TLS → app) started through tests/demo/platform.py.
+pub struct Platform {
+    pub dir: PathBuf,
+    pub info: Value,
+}
+
+impl Platform {
+    pub fn up(dir: &Path, tls_port: u16, app_port: u16, vulnerable: bool) -> Result<Platform> {
+        let mut c = Command::new("python3");
+        c.arg(repo_root().join("tests/demo/platform.py"))
+            .args(["up", "--dir"])
+            .arg(dir)
+            .args(["--tls-port", &tls_port.to_string(), "--app-port", &app_port.to_string()]);
+        if vulnerable {
+            c.arg("--vulnerable");
+        }
+        let text = output(&mut c)?;
+        let info: Value = serde_json::from_str(text.lines().last().unwrap_or("")).with_context(|| format!("platform.py up printed: {text}"))?;
+        Ok(Platform { dir: dir.to_path_buf(), info })
+    }
+
+    pub fn cert(&self) -> String {
+        self.info["cert"].as_str().unwrap_or_default().to_string()
+    }
+    pub fn pid(&self, key: &str) -> u32 {
+        self.info[key].as_u64().unwrap_or(0) as u32
+    }
+}
+
+impl Drop for Platform {
+    fn drop(&mut self) {
+        let _ = Command::new("python3").arg(repo_root().join("tests/demo/platform.py")).args(["down", "--dir"]).arg(&self.dir).status();
+    }
+}
+
+/// Runs tests/clients/load.py and returns its report.
+pub fn load(url: &str, cafile: Option<&str>, requests: usize, connections: usize, sizes: &[usize], method: &str) -> Result<Value> {
+    let mut c = Command::new("python3");
+    c.arg(repo_root().join("tests/clients/load.py"))
+        .args(["--url", url, "--requests", &requests.to_string(), "--connections", &connections.to_string()])
+        .args(["--sizes", &sizes.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(","), "--method", method]);
+    if let Some(ca) = cafile {
+        c.args(["--cafile", ca]);
+    }
+    let text = output(&mut c)?;
+    Ok(serde_json::from_str(&text)?)
+}

@@ -17,7 +17,10 @@ use tokio::{
 use tracer_common::{COUNTER_NAMES, LOSS_COUNTERS};
 
 use crate::{
+    config::{Config, TargetMatch, Unmatched},
     discovery::{Discovery, TargetSpec},
+    http::ParserLimits,
+    routes::RouteTable,
     loader::{self, Kernel, LoadSettings},
     pipeline::{self, Pipeline, Services},
     sink::{JsonlFile, Sink, Stdout},
@@ -49,6 +52,77 @@ pub struct Plan {
     pub stdout: bool,
     pub stats_interval: Duration,
     pub queue_capacity: usize,
+}
+
+impl Plan {
+    /// Derives the run plan from a validated config. Fails only on what needs the host to
+    /// check (a cgroup path that does not exist).
+    pub fn from_config(cfg: &Config) -> Result<Plan, String> {
+        let mut ports: Vec<u16> = cfg.targets.iter().flat_map(|t| t.plaintext_ports.iter().copied()).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        let mut comms = Vec::new();
+        let mut cgroup_ids = Vec::new();
+        for t in &cfg.targets {
+            match &t.matcher {
+                TargetMatch::Comm(c) => comms.push(c.clone()),
+                // Children are followed on fork; a new process of this executable is caught at
+                // exec by its name and then checked against the path.
+                TargetMatch::Exe(p) => {
+                    if let Some(n) = p.file_name().and_then(|n| n.to_str()) {
+                        comms.push(n.chars().take(15).collect());
+                    }
+                }
+                TargetMatch::Cgroup(path) => cgroup_ids.push(cgroup_id(path)?),
+                TargetMatch::Pid(_) => {}
+            }
+        }
+        let routes = RouteTable::new(&cfg.routes).map_err(|e| e.to_string())?;
+        let limits = ParserLimits { body_keep_bytes: cfg.capture.body_keep_bytes, ..ParserLimits::default() };
+        Ok(Plan {
+            load: LoadSettings {
+                ring_buffer_size: cfg.capture.ring_buffer_size,
+                max_connections: cfg.capture.max_connections,
+                max_message_bytes: cfg.capture.max_message_bytes,
+                plaintext_ports: ports,
+                comms,
+                cgroup_ids,
+            },
+            targets: cfg
+                .targets
+                .iter()
+                .map(|t| TargetSpec { matcher: t.matcher.clone(), tls: t.tls, name: t.name.clone() })
+                .collect(),
+            pipeline: pipeline::Settings {
+                limits,
+                routes,
+                record_unmatched: cfg.output.unmatched == Unmatched::Record,
+                host_name: cfg.agent.host_name.clone(),
+                mono_to_unix_ns: pipeline::mono_to_unix_ns(),
+            },
+            state_dir: cfg.agent.state_dir.clone(),
+            output_file: cfg.output.file.clone(),
+            stdout: cfg.output.stdout,
+            stats_interval: cfg.agent.stats_interval,
+            queue_capacity: cfg.capture.queue_capacity,
+        })
+    }
+}
+
+/// The id the kernel gives a cgroup v2 directory is its inode number.
+fn cgroup_id(path: &str) -> Result<u64, String> {
+    use std::os::unix::fs::MetadataExt;
+    let mounts = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"];
+    for m in mounts {
+        let p = format!("{m}{path}");
+        let is_v2 = std::fs::metadata(format!("{m}/cgroup.controllers")).is_ok();
+        if is_v2 {
+            if let Ok(md) = std::fs::metadata(&p) {
+                return Ok(md.ino());
+            }
+        }
+    }
+    Err(format!("targets: cgroup {path:?} does not exist under the cgroup v2 mount ({})", mounts.join(" or ")))
 }
 
 pub struct RunOptions {

@@ -6,26 +6,20 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet},
     fs,
     os::unix::fs::MetadataExt,
-    path::{Path, PathBuf},
+    path::Path,
 };
 
 use aya::programs::{uprobe::UProbeScope, UProbe};
 use log::{info, warn};
 
-use crate::loader::{program, Kernel, SSL_PROBES};
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Match {
-    Exe(PathBuf),
-    Comm(String),
-    /// cgroup v2 path, absolute form relative to the cgroup2 mount.
-    Cgroup(String),
-    Pid(u32),
-}
+use crate::{
+    config::TargetMatch,
+    loader::{program, Kernel, SSL_PROBES},
+};
 
 #[derive(Debug, Clone)]
 pub struct TargetSpec {
-    pub matcher: Match,
+    pub matcher: TargetMatch,
     pub tls: bool,
     pub name: String,
 }
@@ -85,10 +79,10 @@ impl Discovery {
             return None;
         }
         self.targets.iter().position(|t| match &t.matcher {
-            Match::Exe(p) => info.executable.as_deref() == Some(&*p.to_string_lossy()),
-            Match::Comm(c) => &info.name == c,
-            Match::Pid(p) => *p == info.pid,
-            Match::Cgroup(c) => cgroup_of(info.pid).is_some_and(|g| g == *c || g.starts_with(&format!("{c}/"))),
+            TargetMatch::Exe(p) => info.executable.as_deref() == Some(&*p.to_string_lossy()),
+            TargetMatch::Comm(c) => &info.name == c,
+            TargetMatch::Pid(p) => *p == info.pid,
+            TargetMatch::Cgroup(c) => cgroup_of(info.pid).is_some_and(|g| g == *c || g.starts_with(&format!("{c}/"))),
         })
     }
 

@@ -1,11 +1,19 @@
 //! Spårbar's agent as a library: every stage of the data path, from the kernel's ring buffer to the
 //! records on disk. `main.rs` only parses the command line and calls into here.
 
+pub mod agent;
 pub mod btf;
+pub mod config;
 pub mod decode;
 pub mod discovery;
 pub mod exchange;
+pub mod http;
 pub mod ids;
 pub mod loader;
+pub mod pipeline;
+pub mod procfs;
+pub mod record;
+pub mod routes;
+pub mod sink;
 pub mod source;
 pub mod stats;

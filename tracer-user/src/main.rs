@@ -1,10 +1,12 @@
-use std::path::PathBuf;
+//! `sparbar`: parse the command line, set up logging, run.
 
-use anyhow::Result;
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
 use clap::{Parser, Subcommand};
-use sparbar::{decode::Event, discovery::{Discovery, Match, TargetSpec}, loader};
+use sparbar::{agent, config};
 
 #[derive(Parser)]
+#[command(name = "sparbar", version, about = "Traces who read whose personal data through a platform's HTTP APIs, from eBPF")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -12,54 +14,64 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Debug: print raw decoded events for the given targets.
-    Dump {
-        #[arg(long)]
-        exe: Vec<PathBuf>,
-        #[arg(long)]
-        pid: Vec<u32>,
-        #[arg(long)]
-        port: Vec<u16>,
-        #[arg(long, default_value_t = 10)]
-        seconds: u64,
+    /// Run the agent.
+    Run {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// Stop by itself after this many seconds (for demos and tests).
+        #[arg(long, value_name = "SECONDS")]
+        duration: Option<u64>,
+    },
+    /// Validate a configuration file and explain every problem; nothing else.
+    CheckConfig {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
     },
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).format_target(false).init();
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Dump { exe, pid, port, seconds } => {
-            let mut k = loader::load(&loader::LoadSettings {
-                ring_buffer_size: 16 << 20,
-                max_connections: 65536,
-                max_message_bytes: 256 << 10,
-                plaintext_ports: port,
-                comms: vec![],
-                cgroup_ids: vec![],
-            })?;
-            let mut specs: Vec<TargetSpec> = exe.into_iter().map(|e| TargetSpec { matcher: Match::Exe(e), tls: true, name: "x".into() }).collect();
-            specs.extend(pid.into_iter().map(|p| TargetSpec { matcher: Match::Pid(p), tls: true, name: "p".into() }));
-            let mut d = Discovery::new(specs);
-            d.scan(&mut k);
-            let mut ring = k.take_events()?;
-            let end = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
-            while std::time::Instant::now() < end {
-                while let Some(item) = ring.next() {
-                    match sparbar::decode::decode(&item) {
-                        Ok(Event::Data { hdr, conn, pos, msg_len, dir, payload, .. }) => println!(
-                            "DATA {:?} flags={} pos={pos} msg_len={msg_len} dir={dir} {:?}",
-                            conn, hdr.flags, String::from_utf8_lossy(&payload[..payload.len().min(60)])
-                        ),
-                        Ok(ev) => println!("{ev:?}"),
-                        Err(e) => println!("ERR {e}"),
-                    }
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        Cmd::CheckConfig { config } => match config::load(&config) {
+            Ok(_) => {
+                println!("{}: configuration is valid", config.display());
+                ExitCode::SUCCESS
             }
-            println!("counters: {:?}", k.counters());
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(2)
+            }
+        },
+        Cmd::Run { config, duration } => {
+            let cfg = match config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let plan = match agent::Plan::from_config(&cfg) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("{}: {e}", config.display());
+                    return ExitCode::from(2);
+                }
+            };
+            let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(agent::run(plan, agent::RunOptions { duration: duration.map(Duration::from_secs) })) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    log::error!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
     }
-    Ok(())
 }

@@ -1,0 +1,681 @@
+//! Turns one captured exchange into the JSON record the audit trail keeps (ECS field names,
+//! nested objects), and is the one place that decides what of an exchange may leave the host.
+//!
+//! # Privacy
+//!
+//! A record holds only the fields listed in [`FIELDS`]. Header values, cookies, `Authorization`,
+//! bodies, user agents and raw queries never go in: the query is rebuilt from the route's
+//! allow-listed parameters only, and `mime_type` is the bare media type of `Content-Type`
+//! (`application/json`, parameters cut, and only when it is a well-formed `type/subtype`).
+//! Path parameters are recorded as they came: on the configured routes they are record ids, not
+//! personal data. [`check_fields`] verifies a record against [`FIELDS`].
+//!
+//! `http.request.mime_type` and `http.response.mime_type` come from the `Content-Type` header;
+//! ECS would have them sniffed from the body, which the agent does not do.
+
+use std::net::SocketAddr;
+
+use serde_json::{json, Map, Value};
+use thiserror::Error;
+
+use crate::exchange::{header, Exchange, Header};
+use crate::routes::{self, RouteMatch};
+
+/// The addresses of a connection as the traced server sees them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tuple {
+    /// The server's own address (`server.*`).
+    pub local: SocketAddr,
+    /// The client's address (`source.*`).
+    pub peer: SocketAddr,
+}
+
+/// The traced process.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    /// The kernel's comm.
+    pub name: String,
+    /// Path of the executable, when it could be read.
+    pub executable: Option<String>,
+}
+
+/// What the capture knows about the completeness of this exchange (the caller works it out).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CaptureInfo {
+    pub complete: bool,
+    pub request_bytes_missing: u64,
+    pub response_bytes_missing: u64,
+    /// Short, fixed reason codes (`"ringbuf_full"`, `"cap"`, `"no_response"`, …).
+    pub reasons: Vec<&'static str>,
+}
+
+/// Everything a record is built from.
+#[derive(Debug, Clone)]
+pub struct RecordContext<'a> {
+    pub exchange: &'a Exchange,
+    /// The matched route; `None` records the exchange without `http.route`, `sparbar.route` and
+    /// `url.query`.
+    pub route: Option<&'a RouteMatch>,
+    /// Wall-clock time of the request's first byte, ns since the Unix epoch.
+    pub start_unix_ns: u64,
+    /// Request first byte .. response last byte.
+    pub duration_ns: u64,
+    pub tuple: Option<Tuple>,
+    /// The plaintext came from OpenSSL (TLS), not from socket calls.
+    pub tls: bool,
+    pub process: &'a ProcessInfo,
+    pub service_name: &'a str,
+    pub host_name: &'a str,
+    /// Stable connection identity `"tgid:fd:gen"`.
+    pub conn_id: String,
+    pub capture: CaptureInfo,
+    /// Unique id given by the caller.
+    pub event_id: String,
+}
+
+/// A record that holds something it should not.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum RecordError {
+    #[error("record field {path:?} is not one of the fields a record may hold")]
+    UnexpectedField { path: String },
+    #[error("a record must be a JSON object")]
+    NotAnObject,
+}
+
+/// Every field a record may hold, as dotted paths of the nested objects. `sparbar.route.params`
+/// is an object whose keys are the route's parameter names.
+pub const FIELDS: &[&str] = &[
+    "@timestamp",
+    "event.id",
+    "event.kind",
+    "event.category",
+    "event.type",
+    "event.dataset",
+    "event.start",
+    "event.end",
+    "event.duration",
+    "event.outcome",
+    "http.version",
+    "http.request.method",
+    "http.request.body.bytes",
+    "http.request.mime_type",
+    "http.response.status_code",
+    "http.response.body.bytes",
+    "http.response.mime_type",
+    "http.route",
+    "url.path",
+    "url.query",
+    "source.ip",
+    "source.port",
+    "server.ip",
+    "server.port",
+    "network.transport",
+    "network.protocol",
+    "tls.established",
+    "process.pid",
+    "process.name",
+    "process.executable",
+    "service.name",
+    "host.name",
+    "sparbar.route.name",
+    "sparbar.route.params",
+    "sparbar.connection.id",
+    "sparbar.capture.complete",
+    "sparbar.capture.request_bytes_missing",
+    "sparbar.capture.response_bytes_missing",
+    "sparbar.capture.reasons",
+    "sparbar.query.dropped",
+];
+
+/// Builds the record for one exchange.
+///
+/// `user_agent` is left out on purpose: a user agent string identifies people (it is one of the
+/// strongest browser fingerprints) and says nothing about which data was read.
+pub fn build(ctx: &RecordContext) -> Value {
+    let ex = ctx.exchange;
+    let req = &ex.request;
+    let end_ns = ctx.start_unix_ns.saturating_add(ctx.duration_ns);
+
+    let outcome = match &ex.response {
+        Some(r) if r.status < 400 => "success",
+        Some(_) => "failure",
+        None => "unknown",
+    };
+    let event = json!({
+        "id": ctx.event_id,
+        "kind": "event",
+        "category": ["web"],
+        "type": ["access"],
+        "dataset": "sparbar.access",
+        "start": rfc3339_micros(ctx.start_unix_ns),
+        "end": rfc3339_micros(end_ns),
+        "duration": ctx.duration_ns,
+        "outcome": outcome,
+    });
+
+    let mut request = Map::new();
+    request.insert("method".into(), json!(req.method));
+    request.insert("body".into(), json!({ "bytes": req.body.wire_len }));
+    if let Some(mt) = mime_type(&req.headers) {
+        request.insert("mime_type".into(), json!(mt));
+    }
+    let mut http = Map::new();
+    http.insert("version".into(), json!(format!("1.{}", req.minor_version)));
+    http.insert("request".into(), Value::Object(request));
+    if let Some(resp) = &ex.response {
+        let mut response = Map::new();
+        response.insert("status_code".into(), json!(resp.status));
+        response.insert("body".into(), json!({ "bytes": resp.body.wire_len }));
+        if let Some(mt) = mime_type(&resp.headers) {
+            response.insert("mime_type".into(), json!(mt));
+        }
+        http.insert("response".into(), Value::Object(response));
+    }
+    if let Some(r) = ctx.route {
+        http.insert("route".into(), json!(r.template));
+    }
+
+    let target = routes::normalize_target(&req.target);
+    let mut url = Map::new();
+    if let Some(t) = &target {
+        url.insert("path".into(), json!(t.path));
+    }
+    if let Some(q) = ctx.route.map(allowed_query).filter(|q| !q.is_empty()) {
+        url.insert("query".into(), json!(q));
+    }
+    let query_dropped = match (ctx.route, &target) {
+        (Some(r), _) => r.query_dropped,
+        (None, Some(t)) => t.query_pairs,
+        (None, None) => 0,
+    };
+
+    let mut sparbar = Map::new();
+    if let Some(r) = ctx.route {
+        sparbar.insert(
+            "route".into(),
+            json!({ "name": r.name, "params": r.params }),
+        );
+    }
+    sparbar.insert("connection".into(), json!({ "id": ctx.conn_id }));
+    sparbar.insert(
+        "capture".into(),
+        json!({
+            "complete": ctx.capture.complete,
+            "request_bytes_missing": ctx.capture.request_bytes_missing,
+            "response_bytes_missing": ctx.capture.response_bytes_missing,
+            "reasons": ctx.capture.reasons,
+        }),
+    );
+    sparbar.insert("query".into(), json!({ "dropped": query_dropped }));
+
+    let mut process = Map::new();
+    process.insert("pid".into(), json!(ctx.process.pid));
+    process.insert("name".into(), json!(ctx.process.name));
+    if let Some(exe) = &ctx.process.executable {
+        process.insert("executable".into(), json!(exe));
+    }
+
+    let mut rec = Map::new();
+    rec.insert(
+        "@timestamp".into(),
+        json!(rfc3339_micros(ctx.start_unix_ns)),
+    );
+    rec.insert("event".into(), event);
+    rec.insert("http".into(), Value::Object(http));
+    if !url.is_empty() {
+        rec.insert("url".into(), Value::Object(url));
+    }
+    if let Some(t) = ctx.tuple {
+        let peer = t.peer.ip().to_canonical();
+        let local = t.local.ip().to_canonical();
+        rec.insert(
+            "source".into(),
+            json!({ "ip": peer.to_string(), "port": t.peer.port() }),
+        );
+        rec.insert(
+            "server".into(),
+            json!({ "ip": local.to_string(), "port": t.local.port() }),
+        );
+    }
+    rec.insert(
+        "network".into(),
+        json!({ "transport": "tcp", "protocol": "http" }),
+    );
+    // Only when the plaintext came from OpenSSL. Plaintext from socket calls may still have been
+    // TLS between the client and a terminating proxy, so `false` would be a claim we cannot make.
+    if ctx.tls {
+        rec.insert("tls".into(), json!({ "established": true }));
+    }
+    rec.insert("process".into(), Value::Object(process));
+    rec.insert("service".into(), json!({ "name": ctx.service_name }));
+    rec.insert("host".into(), json!({ "name": ctx.host_name }));
+    rec.insert("sparbar".into(), Value::Object(sparbar));
+    Value::Object(rec)
+}
+
+/// Checks that `record` holds nothing but [`FIELDS`] (defence in depth for tests and debug
+/// builds).
+pub fn check_fields(record: &Value) -> Result<(), RecordError> {
+    fn walk(prefix: &str, v: &Map<String, Value>) -> Result<(), RecordError> {
+        for (k, child) in v {
+            let path = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            if FIELDS.contains(&path.as_str()) {
+                continue;
+            }
+            let is_prefix = FIELDS.iter().any(|f| {
+                f.len() > path.len() && f.starts_with(&path) && f.as_bytes()[path.len()] == b'.'
+            });
+            match child {
+                Value::Object(m) if is_prefix => walk(&path, m)?,
+                _ => return Err(RecordError::UnexpectedField { path }),
+            }
+        }
+        Ok(())
+    }
+    match record {
+        Value::Object(m) => walk("", m),
+        _ => Err(RecordError::NotAnObject),
+    }
+}
+
+/// `url.query` rebuilt from the allow-listed parameters only (names sorted, values in request
+/// order, `application/x-www-form-urlencoded`).
+fn allowed_query(r: &RouteMatch) -> String {
+    let mut parts = Vec::new();
+    for (name, values) in &r.query {
+        for v in values {
+            parts.push(format!(
+                "{}={}",
+                routes::form_encode(name),
+                routes::form_encode(v)
+            ));
+        }
+    }
+    parts.join("&")
+}
+
+/// The media type of the first `Content-Type` header, lower-cased, without parameters; `None`
+/// unless it is a well-formed `type/subtype` of at most 127 bytes.
+fn mime_type(headers: &[Header]) -> Option<String> {
+    fn tchar(b: u8) -> bool {
+        b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+    }
+    let v = header(headers, "content-type")?.value_str()?;
+    let media = v.split(';').next()?.trim().to_ascii_lowercase();
+    let (t, s) = media.split_once('/')?;
+    let ok = !t.is_empty()
+        && !s.is_empty()
+        && media.len() <= 127
+        && t.bytes().all(tchar)
+        && s.bytes().all(tchar);
+    ok.then_some(media)
+}
+
+/// RFC 3339 UTC with microseconds (`2023-11-14T22:13:20.123456Z`) from ns since the Unix epoch.
+pub fn rfc3339_micros(unix_ns: u64) -> String {
+    let secs = unix_ns / 1_000_000_000;
+    let micros = (unix_ns % 1_000_000_000) / 1_000;
+    let (y, m, d) = civil_from_days(secs / 86_400);
+    let rem = secs % 86_400;
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Proleptic Gregorian date of a day count since 1970-01-01 (H. Hinnant's `civil_from_days`,
+/// for non-negative days).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097; // [0, 146096]
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365; // [0, 399]
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100); // [0, 365]
+    let mp = (5 * doy + 2) / 153; // [0, 11], March = 0
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + u64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RouteConfig;
+    use crate::exchange::{Body, Completeness, Request, Response};
+    use crate::routes::RouteTable;
+    use bytes::Bytes;
+
+    fn h(name: &str, value: &str) -> Header {
+        Header {
+            name: name.into(),
+            value: value.as_bytes().to_vec(),
+        }
+    }
+
+    fn exchange(target: &str, status: Option<u16>) -> Exchange {
+        let req_body =
+            r#"{"password":"hunter2","email":"alice@example.com","phone":"+46701234567"}"#;
+        let resp_body = r#"{"id":42,"email":"alice@example.com","phone":"+46 70 123 45 67"}"#;
+        Exchange {
+            request: Request {
+                method: "GET".into(),
+                target: target.into(),
+                minor_version: 1,
+                headers: vec![
+                    h("Host", "api.example.org"),
+                    h("Authorization", "Basic YWxpY2U6aHVudGVyMg=="),
+                    h("Cookie", "session=COOKIEVALUE123; theme=dark"),
+                    h("User-Agent", "Mozilla/5.0 (X11; alice@example.com)"),
+                    h("X-Forwarded-For", "203.0.113.77"),
+                    h("X-Phone", "+46701234567"),
+                    h("Content-Type", "application/json; charset=utf-8"),
+                ],
+                body: Body {
+                    wire_len: req_body.len() as u64,
+                    data: Bytes::from(req_body),
+                    loss: None,
+                    decoded_from: None,
+                },
+                first_ns: 1,
+                last_ns: 2,
+            },
+            response: status.map(|status| Response {
+                status,
+                reason: "OK alice@example.com".into(),
+                minor_version: 1,
+                headers: vec![
+                    h("Set-Cookie", "session=SETCOOKIE999; HttpOnly"),
+                    h("Content-Type", "Application/JSON"),
+                    h("Location", "/mail?to=alice@example.com"),
+                ],
+                body: Body {
+                    wire_len: 1234,
+                    data: Bytes::from(resp_body),
+                    loss: None,
+                    decoded_from: Some("gzip".into()),
+                },
+                first_ns: 3,
+                last_ns: 4,
+            }),
+            completeness: Completeness::Complete,
+            upgraded: false,
+        }
+    }
+
+    fn table() -> RouteTable {
+        RouteTable::new(&[RouteConfig {
+            route: "GET /api/addressbook/persons/{id}".into(),
+            name: "abook.person".into(),
+            query_params: vec!["page".into(), "pageSize".into()],
+        }])
+        .unwrap()
+    }
+
+    fn ctx<'a>(
+        ex: &'a Exchange,
+        route: Option<&'a RouteMatch>,
+        process: &'a ProcessInfo,
+        tls: bool,
+    ) -> RecordContext<'a> {
+        RecordContext {
+            exchange: ex,
+            route,
+            start_unix_ns: 1_700_000_000_123_456_789,
+            duration_ns: 2_500_000,
+            tuple: Some(Tuple {
+                local: "[::ffff:10.0.0.5]:443".parse().unwrap(),
+                peer: "[2001:db8::7]:51234".parse().unwrap(),
+            }),
+            tls,
+            process,
+            service_name: "nginx",
+            host_name: "web-1",
+            conn_id: "1234:7:99".into(),
+            capture: CaptureInfo {
+                complete: true,
+                request_bytes_missing: 0,
+                response_bytes_missing: 0,
+                reasons: vec![],
+            },
+            event_id: "ev-1".into(),
+        }
+    }
+
+    fn proc_info() -> ProcessInfo {
+        ProcessInfo {
+            pid: 1234,
+            name: "nginx".into(),
+            executable: Some("/usr/sbin/nginx".into()),
+        }
+    }
+
+    const TARGET: &str = "/api/addressbook/persons/42?password=hunter2\
+                          &email=alice%40example.com&phone=%2B46701234567&page=2&token=COOKIEVALUE123";
+
+    #[test]
+    fn no_personal_data_or_secrets_in_the_record() {
+        let ex = exchange(TARGET, Some(200));
+        let m = table().match_request("GET", TARGET).unwrap();
+        let p = proc_info();
+        for route in [Some(&m), None] {
+            let rec = build(&ctx(&ex, route, &p, true));
+            check_fields(&rec).unwrap();
+            let text = serde_json::to_string(&rec).unwrap();
+            for secret in [
+                "hunter2",
+                "password",
+                "alice",
+                "example.com",
+                "%40",
+                "46701234567",
+                "+46 70",
+                "phone",
+                "email",
+                "COOKIEVALUE123",
+                "SETCOOKIE999",
+                "session",
+                "YWxpY2U6aHVudGVyMg",
+                "Basic",
+                "Mozilla",
+                "203.0.113.77",
+                "token",
+                "charset",
+            ] {
+                assert!(!text.contains(secret), "{secret:?} leaked into {text}");
+            }
+        }
+    }
+
+    #[test]
+    fn matched_record_fields() {
+        let ex = exchange(TARGET, Some(200));
+        let m = table().match_request("GET", TARGET).unwrap();
+        let p = proc_info();
+        let rec = build(&ctx(&ex, Some(&m), &p, true));
+        let want = json!({
+            "@timestamp": "2023-11-14T22:13:20.123456Z",
+            "event": {
+                "id": "ev-1",
+                "kind": "event",
+                "category": ["web"],
+                "type": ["access"],
+                "dataset": "sparbar.access",
+                "start": "2023-11-14T22:13:20.123456Z",
+                "end": "2023-11-14T22:13:20.125956Z",
+                "duration": 2_500_000,
+                "outcome": "success",
+            },
+            "http": {
+                "version": "1.1",
+                "request": {
+                    "method": "GET",
+                    "body": { "bytes": ex.request.body.wire_len },
+                    "mime_type": "application/json",
+                },
+                "response": {
+                    "status_code": 200,
+                    "body": { "bytes": 1234 },
+                    "mime_type": "application/json",
+                },
+                "route": "/api/addressbook/persons/{id}",
+            },
+            "url": { "path": "/api/addressbook/persons/42", "query": "page=2" },
+            "source": { "ip": "2001:db8::7", "port": 51234 },
+            "server": { "ip": "10.0.0.5", "port": 443 },
+            "network": { "transport": "tcp", "protocol": "http" },
+            "tls": { "established": true },
+            "process": { "pid": 1234, "name": "nginx", "executable": "/usr/sbin/nginx" },
+            "service": { "name": "nginx" },
+            "host": { "name": "web-1" },
+            "sparbar": {
+                "route": { "name": "abook.person", "params": { "id": "42" } },
+                "connection": { "id": "1234:7:99" },
+                "capture": {
+                    "complete": true,
+                    "request_bytes_missing": 0,
+                    "response_bytes_missing": 0,
+                    "reasons": [],
+                },
+                "query": { "dropped": 4 },
+            },
+        });
+        assert_eq!(rec, want);
+        assert!(serde_json::to_string(&rec)
+            .unwrap()
+            .starts_with("{\"@timestamp\":"));
+    }
+
+    #[test]
+    fn unmatched_no_response_plaintext() {
+        let ex = Exchange {
+            request: Request {
+                method: "POST".into(),
+                target: "http://h/a/./b/../c//?x=1&y=2".into(),
+                minor_version: 0,
+                headers: vec![h("Content-Type", "not a mime type")],
+                body: Body::default(),
+                first_ns: 0,
+                last_ns: 0,
+            },
+            response: None,
+            completeness: Completeness::NoResponse,
+            upgraded: false,
+        };
+        let p = ProcessInfo {
+            pid: 9,
+            name: "app".into(),
+            executable: None,
+        };
+        let mut c = ctx(&ex, None, &p, false);
+        c.tuple = None;
+        c.capture = CaptureInfo {
+            complete: false,
+            request_bytes_missing: 0,
+            response_bytes_missing: 0,
+            reasons: vec!["no_response"],
+        };
+        let rec = build(&c);
+        check_fields(&rec).unwrap();
+        assert_eq!(rec["event"]["outcome"], "unknown");
+        assert_eq!(rec["http"]["version"], "1.0");
+        assert!(rec["http"].get("route").is_none());
+        assert!(rec["http"].get("response").is_none());
+        assert!(rec["http"]["request"].get("mime_type").is_none());
+        assert_eq!(rec["url"], json!({ "path": "/a/c/" }));
+        assert!(rec.get("tls").is_none());
+        assert!(rec.get("source").is_none());
+        assert!(rec.get("server").is_none());
+        assert!(rec["process"].get("executable").is_none());
+        assert!(rec["sparbar"].get("route").is_none());
+        assert_eq!(rec["sparbar"]["query"]["dropped"], 2);
+        assert_eq!(rec["sparbar"]["capture"]["complete"], false);
+        assert_eq!(rec["sparbar"]["capture"]["reasons"], json!(["no_response"]));
+    }
+
+    #[test]
+    fn outcome_and_asterisk_target() {
+        let p = proc_info();
+        let mut ex = exchange("*", Some(404));
+        ex.request.method = "OPTIONS".into();
+        let rec = build(&ctx(&ex, None, &p, true));
+        assert_eq!(rec["event"]["outcome"], "failure");
+        assert!(rec.get("url").is_none());
+        assert_eq!(rec["sparbar"]["query"]["dropped"], 0);
+        let ex = exchange("/", Some(399));
+        assert_eq!(
+            build(&ctx(&ex, None, &p, true))["event"]["outcome"],
+            "success"
+        );
+    }
+
+    #[test]
+    fn query_is_rebuilt_encoded() {
+        let t = RouteTable::new(&[RouteConfig {
+            route: "GET /s".into(),
+            name: "s".into(),
+            query_params: vec!["q".into(), "page".into()],
+        }])
+        .unwrap();
+        let target = "/s?q=a+b&page=1&q=%26%3D%C3%A4&other=1";
+        let m = t.match_request("GET", target).unwrap();
+        let ex = exchange(target, Some(200));
+        let p = proc_info();
+        let rec = build(&ctx(&ex, Some(&m), &p, false));
+        assert_eq!(rec["url"]["query"], "page=1&q=a+b&q=%26%3D%C3%A4");
+        assert_eq!(rec["sparbar"]["query"]["dropped"], 1);
+    }
+
+    #[test]
+    fn check_fields_rejects_extras() {
+        assert!(check_fields(&json!({"event": {"id": "x"}})).is_ok());
+        assert_eq!(
+            check_fields(&json!({"user_agent": {"original": "x"}})),
+            Err(RecordError::UnexpectedField {
+                path: "user_agent".into()
+            })
+        );
+        assert!(check_fields(&json!({"http": {"request": {"headers": {}}}})).is_err());
+        assert!(check_fields(&json!({"event": "flat"})).is_err());
+        assert!(check_fields(&json!([])).is_err());
+        assert!(check_fields(&json!({"sparbar": {"route": {"params": {"any": "1"}}}})).is_ok());
+    }
+
+    #[test]
+    fn timestamps() {
+        let cases = [
+            (0, "1970-01-01T00:00:00.000000Z"),
+            (951_782_400_000_000_000, "2000-02-29T00:00:00.000000Z"),
+            (1_709_164_800_000_000_000, "2024-02-29T00:00:00.000000Z"),
+            (1_700_000_000_123_456_789, "2023-11-14T22:13:20.123456Z"),
+            (4_102_444_799_999_999_999, "2099-12-31T23:59:59.999999Z"),
+            (u64::MAX, "2554-07-21T23:34:33.709551Z"),
+        ];
+        for (ns, want) in cases {
+            assert_eq!(rfc3339_micros(ns), want, "{ns}");
+        }
+    }
+
+    #[test]
+    fn timestamps_are_monotonic_by_day() {
+        // Every day boundary over ~600 years moves the date forward by exactly one day.
+        let mut prev = civil_from_days(0);
+        for day in 1..(600 * 366) {
+            let cur = civil_from_days(day);
+            let next_expected = if cur.2 == 1 {
+                cur.1 == prev.1 % 12 + 1 && (cur.1 != 1 || cur.0 == prev.0 + 1)
+            } else {
+                cur == (prev.0, prev.1, prev.2 + 1)
+            };
+            assert!(next_expected, "{prev:?} -> {cur:?}");
+            prev = cur;
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! `cargo xtask demo`: the demo platform behind real nginx/TLS with the incident's flaw switched
+//! on, the agent attached, ordinary users and one abusive pupil, then a summary of what the
+//! agent recorded.
+
+use std::{collections::BTreeMap, path::Path, process::Command};
+
+use anyhow::{Context as _, Result};
+use serde_json::Value;
+use sparbar_tests::{free_port, get, output, read_jsonl, repo_root, Agent, Platform};
+
+use crate::step;
+
+pub fn run(bin: &Path, duration: u64) -> Result<()> {
+    std::env::set_var("SPARBAR_BIN", bin);
+    let dir = repo_root().join("target/demo");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let (tls_port, app_port) = (free_port(), free_port());
+    step(&format!("starting the demo platform: nginx TLS on :{tls_port} → app on :{app_port} (vulnerable schoolId switch ON)"));
+    let platform = Platform::up(&dir.join("platform"), tls_port, app_port, true)?;
+
+    step("starting the agent (sparbar run)");
+    let cfg = std::fs::read_to_string(repo_root().join("tests/demo/sparbar.demo.toml"))?
+        .replace("@APP_PID@", &platform.pid("app_pid").to_string())
+        .replace("@APP_PORT@", &app_port.to_string());
+    let agent = Agent::start(&dir.join("agent"), &cfg)?;
+
+    step(&format!("running {duration} s of traffic: ordinary teachers, pupils, guardians, and one abusive pupil"));
+    let summary_path = dir.join("traffic.json");
+    output(
+        Command::new("python3")
+            .arg(repo_root().join("tests/demo/traffic.py"))
+            .args(["--base", &format!("https://127.0.0.1:{tls_port}"), "--cafile", &platform.cert()])
+            .args(["--data", platform.info["dataset"].as_str().unwrap_or_default()])
+            .args(["--users", "40", "--duration", &duration.to_string(), "--abuser", "--quiet", "--out"])
+            .arg(&summary_path),
+    )?;
+    step("stopping the agent (SIGTERM: drain, flush, detach)");
+    let records_path = agent.records.clone();
+    let stats = agent.stop()?;
+    let records = read_jsonl(&records_path)?;
+    let traffic: Value = serde_json::from_str(&std::fs::read_to_string(&summary_path)?).context("traffic summary")?;
+    drop(platform);
+
+    let sent = traffic["requests"].as_array().map(|a| a.len()).unwrap_or(0);
+    let front: Vec<&Value> = records.iter().filter(|r| get(r, "server.port").as_u64() == Some(tls_port as u64)).collect();
+    let upstream = records.iter().filter(|r| get(r, "server.port").as_u64() == Some(app_port as u64)).count();
+    let mut per_route: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    for r in &front {
+        let name = get(r, "sparbar.route.name").as_str().unwrap_or("(unmatched)").to_string();
+        let e = per_route.entry(name).or_default();
+        e.0 += 1;
+        if get(r, "http.response.status_code").as_u64().unwrap_or(0) >= 400 {
+            e.1 += 1;
+        }
+    }
+    println!();
+    println!("Spårbar demo summary");
+    println!("  requests sent by the traffic generator : {sent}");
+    println!("  exchanges recorded at nginx (TLS)      : {}", front.len());
+    println!("  exchanges recorded at the app (plain)  : {upstream}");
+    println!("  per route (at nginx)                   : records / of which 4xx-5xx");
+    for (k, (n, e)) in &per_route {
+        println!("    {k:<28} {n:>6} / {e}");
+    }
+    let losses = stats.losses();
+    println!("  losses                                 : {}", if losses.is_empty() { "none".to_string() } else { format!("{losses:?}") });
+    println!("  kernel events / payload bytes          : {} / {}", stats.kernel("kernel_events_sent_total"), stats.kernel("kernel_bytes_captured_total"));
+    println!("  records                                : {}", records_path.display());
+    println!("  agent counters                         : {}", dir.join("agent/stats.json").display());
+    println!("  traffic generator's own account        : {}", summary_path.display());
+    Ok(())
+}
