@@ -7,6 +7,10 @@ fn main() -> anyhow::Result<()> {
         .context("workspace root")?
         .join("tracer-ebpf");
     let root = root.to_str().context("utf-8 path")?;
-    let pkg = aya_build::Package { name: "tracer-ebpf", root_dir: root, ..Default::default() };
+    let pkg = aya_build::Package {
+        name: "tracer-ebpf",
+        root_dir: root,
+        ..Default::default()
+    };
     aya_build::build_ebpf([pkg], aya_build::Toolchain::default())
 }

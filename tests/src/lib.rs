@@ -19,7 +19,10 @@ use anyhow::{bail, Context as _, Result};
 use serde_json::Value;
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 /// A fresh scratch directory for one test.
@@ -32,7 +35,10 @@ pub fn scratch(name: &str) -> PathBuf {
 
 /// A TCP port nobody listens on right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 pub fn require_root() -> Result<()> {
@@ -79,7 +85,10 @@ impl Proc {
             }
             if Instant::now() > end {
                 self.child.kill()?;
-                bail!("{} did not stop within {timeout:?} after SIGTERM", self.name);
+                bail!(
+                    "{} did not stop within {timeout:?} after SIGTERM",
+                    self.name
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -97,7 +106,11 @@ impl Drop for Proc {
 
 /// Starts a server that prints `READY <port>` on stdout when it listens.
 pub fn spawn_ready(name: &str, cmd: &mut Command, timeout: Duration) -> Result<Proc> {
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().with_context(|| format!("starting {name}: {cmd:?}"))?;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {name}: {cmd:?}"))?;
     let out = child.stdout.take().context("stdout")?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -111,7 +124,10 @@ pub fn spawn_ready(name: &str, cmd: &mut Command, timeout: Duration) -> Result<P
         let _ = child.kill();
         bail!("{name} did not print READY within {timeout:?}");
     }
-    Ok(Proc { child, name: name.to_string() })
+    Ok(Proc {
+        child,
+        name: name.to_string(),
+    })
 }
 
 /// The agent under test.
@@ -152,24 +168,39 @@ impl Agent {
                 log2.lock().unwrap().push(line);
             }
         });
-        let proc = Proc { child, name: "sparbar".into() };
+        let proc = Proc {
+            child,
+            name: "sparbar".into(),
+        };
         if rx.recv_timeout(Duration::from_secs(60)).is_err() {
-            bail!("the agent did not report running within 60 s; its log:\n{}", log.lock().unwrap().join("\n"));
+            bail!(
+                "the agent did not report running within 60 s; its log:\n{}",
+                log.lock().unwrap().join("\n")
+            );
         }
-        Ok(Agent { proc, dir: dir.to_path_buf(), records: dir.join("access.jsonl"), log })
+        Ok(Agent {
+            proc,
+            dir: dir.to_path_buf(),
+            records: dir.join("access.jsonl"),
+            log,
+        })
     }
 
     /// SIGTERM and wait for the clean exit; returns the final counters.
     pub fn stop(mut self) -> Result<Stats> {
         let st = self.proc.stop(Duration::from_secs(30))?;
         if !st.success() {
-            bail!("agent exited with {st}; log:\n{}", self.log.lock().unwrap().join("\n"));
+            bail!(
+                "agent exited with {st}; log:\n{}",
+                self.log.lock().unwrap().join("\n")
+            );
         }
         self.stats()
     }
 
     pub fn stats(&self) -> Result<Stats> {
-        let text = std::fs::read_to_string(self.dir.join("stats.json")).context("reading stats.json")?;
+        let text =
+            std::fs::read_to_string(self.dir.join("stats.json")).context("reading stats.json")?;
         Ok(Stats(serde_json::from_str(&text)?))
     }
 
@@ -179,8 +210,12 @@ impl Agent {
 }
 
 pub fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    text.lines().filter(|l| !l.is_empty()).map(|l| serde_json::from_str(l).with_context(|| format!("bad record line: {l}"))).collect()
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_str(l).with_context(|| format!("bad record line: {l}")))
+        .collect()
 }
 
 /// The agent's `stats.json`.
@@ -200,7 +235,14 @@ impl Stats {
             if let Some(m) = self.0[side].as_object() {
                 for (k, v) in m {
                     let v = v.as_u64().unwrap_or(0);
-                    if v > 0 && (k.contains("dropped") || k.contains("lost") || k.contains("uncaptured") || k.contains("unknown") || k.contains("incomplete") || k.contains("anomal")) {
+                    if v > 0
+                        && (k.contains("dropped")
+                            || k.contains("lost")
+                            || k.contains("uncaptured")
+                            || k.contains("unknown")
+                            || k.contains("incomplete")
+                            || k.contains("anomal"))
+                    {
                         out.insert(format!("{side}:{k}"), v);
                     }
                 }
@@ -219,7 +261,12 @@ pub fn get<'a>(v: &'a Value, path: &str) -> &'a Value {
 pub fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed ({}):\n{}\n{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{cmd:?} failed ({}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -236,13 +283,22 @@ impl Platform {
         c.arg(repo_root().join("tests/demo/platform.py"))
             .args(["up", "--dir"])
             .arg(dir)
-            .args(["--tls-port", &tls_port.to_string(), "--app-port", &app_port.to_string()]);
+            .args([
+                "--tls-port",
+                &tls_port.to_string(),
+                "--app-port",
+                &app_port.to_string(),
+            ]);
         if vulnerable {
             c.arg("--vulnerable");
         }
         let text = output(&mut c)?;
-        let info: Value = serde_json::from_str(text.lines().last().unwrap_or("")).with_context(|| format!("platform.py up printed: {text}"))?;
-        Ok(Platform { dir: dir.to_path_buf(), info })
+        let info: Value = serde_json::from_str(text.lines().last().unwrap_or(""))
+            .with_context(|| format!("platform.py up printed: {text}"))?;
+        Ok(Platform {
+            dir: dir.to_path_buf(),
+            info,
+        })
     }
 
     pub fn cert(&self) -> String {
@@ -255,16 +311,43 @@ impl Platform {
 
 impl Drop for Platform {
     fn drop(&mut self) {
-        let _ = Command::new("python3").arg(repo_root().join("tests/demo/platform.py")).args(["down", "--dir"]).arg(&self.dir).status();
+        let _ = Command::new("python3")
+            .arg(repo_root().join("tests/demo/platform.py"))
+            .args(["down", "--dir"])
+            .arg(&self.dir)
+            .status();
     }
 }
 
 /// Runs tests/clients/load.py and returns its report.
-pub fn load(url: &str, cafile: Option<&str>, requests: usize, connections: usize, sizes: &[usize], method: &str) -> Result<Value> {
+pub fn load(
+    url: &str,
+    cafile: Option<&str>,
+    requests: usize,
+    connections: usize,
+    sizes: &[usize],
+    method: &str,
+) -> Result<Value> {
     let mut c = Command::new("python3");
     c.arg(repo_root().join("tests/clients/load.py"))
-        .args(["--url", url, "--requests", &requests.to_string(), "--connections", &connections.to_string()])
-        .args(["--sizes", &sizes.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(","), "--method", method]);
+        .args([
+            "--url",
+            url,
+            "--requests",
+            &requests.to_string(),
+            "--connections",
+            &connections.to_string(),
+        ])
+        .args([
+            "--sizes",
+            &sizes
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+            "--method",
+            method,
+        ]);
     if let Some(ca) = cafile {
         c.args(["--cafile", ca]);
     }

@@ -9,7 +9,9 @@ use serde_json::Value;
 use sparbar_tests::*;
 
 /// Response sizes from empty to 1 MiB, around the 16 KiB chunk and TLS record boundaries.
-const SIZES: &[usize] = &[0, 1, 100, 1500, 16383, 16384, 16385, 65536, 262_144, 1_048_576];
+const SIZES: &[usize] = &[
+    0, 1, 100, 1500, 16383, 16384, 16385, 65536, 262_144, 1_048_576,
+];
 
 fn config(targets: &str) -> String {
     format!(
@@ -44,7 +46,11 @@ fn client_side(report: &Value, with_port: bool) -> BTreeMap<Key, usize> {
     let mut m = BTreeMap::new();
     for r in report["requests"].as_array().expect("requests") {
         let k = (
-            if with_port { r["local_port"].as_u64().unwrap() } else { 0 },
+            if with_port {
+                r["local_port"].as_u64().unwrap()
+            } else {
+                0
+            },
             r["method"].as_str().unwrap().to_string(),
             r["path"].as_str().unwrap().to_string(),
             r["status"].as_u64().unwrap(),
@@ -60,12 +66,23 @@ fn agent_side(records: &[&Value], with_port: bool) -> BTreeMap<Key, usize> {
     let mut m = BTreeMap::new();
     for r in records {
         let k = (
-            if with_port { get(r, "source.port").as_u64().unwrap_or(u64::MAX) } else { 0 },
-            get(r, "http.request.method").as_str().unwrap_or("?").to_string(),
+            if with_port {
+                get(r, "source.port").as_u64().unwrap_or(u64::MAX)
+            } else {
+                0
+            },
+            get(r, "http.request.method")
+                .as_str()
+                .unwrap_or("?")
+                .to_string(),
             get(r, "url.path").as_str().unwrap_or("?").to_string(),
             get(r, "http.response.status_code").as_u64().unwrap_or(0),
-            get(r, "http.request.body.bytes").as_u64().unwrap_or(u64::MAX),
-            get(r, "http.response.body.bytes").as_u64().unwrap_or(u64::MAX),
+            get(r, "http.request.body.bytes")
+                .as_u64()
+                .unwrap_or(u64::MAX),
+            get(r, "http.response.body.bytes")
+                .as_u64()
+                .unwrap_or(u64::MAX),
         );
         *m.entry(k).or_insert(0) += 1;
     }
@@ -73,21 +90,53 @@ fn agent_side(records: &[&Value], with_port: bool) -> BTreeMap<Key, usize> {
 }
 
 fn records_on_port(records: &[Value], port: u16) -> Vec<&Value> {
-    records.iter().filter(|r| get(r, "server.port").as_u64() == Some(port as u64)).collect()
+    records
+        .iter()
+        .filter(|r| get(r, "server.port").as_u64() == Some(port as u64))
+        .collect()
 }
 
-fn check_records(what: &str, recs: &[&Value], report: &Value, with_port: bool, tls: bool, route_names: &[&str]) -> Result<()> {
+fn check_records(
+    what: &str,
+    recs: &[&Value],
+    report: &Value,
+    with_port: bool,
+    tls: bool,
+    route_names: &[&str],
+) -> Result<()> {
     let want = report["requests"].as_array().unwrap().len();
-    ensure!(recs.len() == want, "{what}: {} records for {want} requests", recs.len());
+    ensure!(
+        recs.len() == want,
+        "{what}: {} records for {want} requests",
+        recs.len()
+    );
     let (c, a) = (client_side(report, with_port), agent_side(recs, with_port));
-    ensure!(c == a, "{what}: records differ from what the client saw\nclient: {c:?}\nagent:  {a:?}");
+    ensure!(
+        c == a,
+        "{what}: records differ from what the client saw\nclient: {c:?}\nagent:  {a:?}"
+    );
     for r in recs {
-        ensure!(get(r, "tls.established").as_bool().unwrap_or(false) == tls, "{what}: tls.established wrong in {r}");
-        ensure!(get(r, "sparbar.capture.complete").as_bool() == Some(true), "{what}: capture not complete in {r}");
-        ensure!(get(r, "source.ip").as_str() == Some("127.0.0.1"), "{what}: source.ip in {r}");
-        ensure!(get(r, "server.ip").as_str() == Some("127.0.0.1"), "{what}: server.ip in {r}");
+        ensure!(
+            get(r, "tls.established").as_bool().unwrap_or(false) == tls,
+            "{what}: tls.established wrong in {r}"
+        );
+        ensure!(
+            get(r, "sparbar.capture.complete").as_bool() == Some(true),
+            "{what}: capture not complete in {r}"
+        );
+        ensure!(
+            get(r, "source.ip").as_str() == Some("127.0.0.1"),
+            "{what}: source.ip in {r}"
+        );
+        ensure!(
+            get(r, "server.ip").as_str() == Some("127.0.0.1"),
+            "{what}: server.ip in {r}"
+        );
         let name = get(r, "sparbar.route.name").as_str().unwrap_or("");
-        ensure!(route_names.contains(&name), "{what}: route name {name:?} in {r}");
+        ensure!(
+            route_names.contains(&name),
+            "{what}: route name {name:?} in {r}"
+        );
     }
     Ok(())
 }
@@ -113,23 +162,59 @@ fn nginx_tls_front_and_plaintext_upstream() -> Result<()> {
     let agent = Agent::start(&dir.join("agent"), &config(&targets))?;
     let url = format!("https://127.0.0.1:{tls_port}");
     let gets = load(&url, Some(&platform.cert()), 200, 16, SIZES, "GET")?;
-    let posts = load(&url, Some(&platform.cert()), 40, 4, &[0, 10, 70_000, 300_000], "POST")?;
+    let posts = load(
+        &url,
+        Some(&platform.cert()),
+        40,
+        4,
+        &[0, 10, 70_000, 300_000],
+        "POST",
+    )?;
     let stats = agent.stop()?;
     let records = read_jsonl(&dir.join("agent/access.jsonl"))?;
 
     let front = records_on_port(&records, tls_port);
-    let (fg, fp): (Vec<&Value>, Vec<&Value>) = front.into_iter().partition(|r| get(r, "http.request.method") == "GET");
+    let (fg, fp): (Vec<&Value>, Vec<&Value>) = front
+        .into_iter()
+        .partition(|r| get(r, "http.request.method") == "GET");
     check_records("nginx TLS GET", &fg, &gets, true, true, &["test.bytes"])?;
     check_records("nginx TLS POST", &fp, &posts, true, true, &["test.echo"])?;
     for r in &fg {
-        ensure!(get(r, "process.name").as_str() == Some("nginx"), "process.name in {r}");
-        ensure!(get(r, "service.name").as_str() == Some("nginx"), "service.name in {r}");
+        ensure!(
+            get(r, "process.name").as_str() == Some("nginx"),
+            "process.name in {r}"
+        );
+        ensure!(
+            get(r, "service.name").as_str() == Some("nginx"),
+            "service.name in {r}"
+        );
     }
     let up = records_on_port(&records, app_port);
-    let (ug, upo): (Vec<&Value>, Vec<&Value>) = up.into_iter().partition(|r| get(r, "http.request.method") == "GET");
-    check_records("app plaintext GET", &ug, &gets, false, false, &["test.bytes"])?;
-    check_records("app plaintext POST", &upo, &posts, false, false, &["test.echo"])?;
-    ensure!(records.len() == 2 * (200 + 40), "{} records in all, expected {}", records.len(), 2 * 240);
+    let (ug, upo): (Vec<&Value>, Vec<&Value>) = up
+        .into_iter()
+        .partition(|r| get(r, "http.request.method") == "GET");
+    check_records(
+        "app plaintext GET",
+        &ug,
+        &gets,
+        false,
+        false,
+        &["test.bytes"],
+    )?;
+    check_records(
+        "app plaintext POST",
+        &upo,
+        &posts,
+        false,
+        false,
+        &["test.echo"],
+    )?;
+    ensure!(
+        records.len() == 2 * (200 + 40),
+        "{} records in all, expected {}",
+        records.len(),
+        2 * 240
+    );
     no_losses(&stats)?;
     drop(platform);
     Ok(())
@@ -158,12 +243,22 @@ fn cpython_ssl_server() -> Result<()> {
     )?;
     let targets = format!("[[targets]]\npid = {}\nname = \"cpython\"\n", app.pid());
     let agent = Agent::start(&dir.join("agent"), &config(&targets))?;
-    let report = load(&format!("https://127.0.0.1:{port}"), Some(&platform.cert()), 150, 12, SIZES, "GET")?;
+    let report = load(
+        &format!("https://127.0.0.1:{port}"),
+        Some(&platform.cert()),
+        150,
+        12,
+        SIZES,
+        "GET",
+    )?;
     let stats = agent.stop()?;
     let records = read_jsonl(&dir.join("agent/access.jsonl"))?;
     let recs: Vec<&Value> = records.iter().collect();
     check_records("CPython ssl", &recs, &report, true, true, &["test.bytes"])?;
-    ensure!(stats.kernel("kernel_ssl_calls_total") > 0, "no SSL calls counted");
+    ensure!(
+        stats.kernel("kernel_ssl_calls_total") > 0,
+        "no SSL calls counted"
+    );
     no_losses(&stats)?;
     drop(app);
     Ok(())
@@ -188,7 +283,14 @@ fn node_https_server() -> Result<()> {
     )?;
     let targets = format!("[[targets]]\npid = {}\nname = \"node\"\n", node.pid());
     let agent = Agent::start(&dir.join("agent"), &config(&targets))?;
-    let report = load(&format!("https://127.0.0.1:{port}"), Some(&platform.cert()), 150, 12, SIZES, "GET")?;
+    let report = load(
+        &format!("https://127.0.0.1:{port}"),
+        Some(&platform.cert()),
+        150,
+        12,
+        SIZES,
+        "GET",
+    )?;
     let stats = agent.stop()?;
     let records = read_jsonl(&dir.join("agent/access.jsonl"))?;
     let recs: Vec<&Value> = records.iter().collect();
@@ -210,18 +312,27 @@ fn agent_stop_and_kill_leave_servers_serving() -> Result<()> {
 
     let agent = Agent::start(&dir.join("a1"), &config(targets))?;
     let r = load(&url, Some(&platform.cert()), 50, 4, &[10, 20_000], "GET")?;
-    ensure!(r["errors"].as_array().unwrap().is_empty(), "errors with the agent attached: {r}");
+    ensure!(
+        r["errors"].as_array().unwrap().is_empty(),
+        "errors with the agent attached: {r}"
+    );
     agent.proc.signal(libc::SIGKILL);
     std::thread::sleep(Duration::from_millis(300));
     let r = load(&url, Some(&platform.cert()), 50, 4, &[10, 20_000], "GET")?;
-    ensure!(r["requests"].as_array().unwrap().len() == 50, "after SIGKILL: {r}");
+    ensure!(
+        r["requests"].as_array().unwrap().len() == 50,
+        "after SIGKILL: {r}"
+    );
     drop(agent);
 
     let agent = Agent::start(&dir.join("a2"), &config(targets))?;
     load(&url, Some(&platform.cert()), 20, 2, &[10], "GET")?;
     agent.stop()?;
     let r = load(&url, Some(&platform.cert()), 50, 4, &[10, 20_000], "GET")?;
-    ensure!(r["requests"].as_array().unwrap().len() == 50, "after SIGTERM: {r}");
+    ensure!(
+        r["requests"].as_array().unwrap().len() == 50,
+        "after SIGTERM: {r}"
+    );
     drop(platform);
     Ok(())
 }
@@ -237,7 +348,12 @@ fn connections_open_before_the_agent_are_picked_up() -> Result<()> {
     let platform = Platform::up(&dir.join("platform"), tls_port, free_port(), false)?;
     let mut client = std::process::Command::new("python3")
         .arg(repo_root().join("tests/clients/preexisting.py"))
-        .args(["--url", &format!("https://127.0.0.1:{tls_port}"), "--cafile", &platform.cert()])
+        .args([
+            "--url",
+            &format!("https://127.0.0.1:{tls_port}"),
+            "--cafile",
+            &platform.cert(),
+        ])
         .args(["--connections", "4", "--requests", "5", "--size", "3000"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -246,7 +362,10 @@ fn connections_open_before_the_agent_are_picked_up() -> Result<()> {
     let mut line = String::new();
     out.read_line(&mut line)?;
     ensure!(line.trim() == "OPEN", "client said {line:?}");
-    let agent = Agent::start(&dir.join("agent"), &config("[[targets]]\nexe = \"/usr/sbin/nginx\"\nname = \"nginx\"\n"))?;
+    let agent = Agent::start(
+        &dir.join("agent"),
+        &config("[[targets]]\nexe = \"/usr/sbin/nginx\"\nname = \"nginx\"\n"),
+    )?;
     writeln!(client.stdin.as_mut().unwrap())?;
     line.clear();
     out.read_line(&mut line)?;
@@ -255,8 +374,15 @@ fn connections_open_before_the_agent_are_picked_up() -> Result<()> {
     let stats = agent.stop()?;
     let records = read_jsonl(&dir.join("agent/access.jsonl"))?;
     let recs: Vec<&Value> = records.iter().collect();
-    ensure!(recs.len() == 20, "{} records for 20 requests on pre-existing connections", recs.len());
-    ensure!(client_side(&report, true) == agent_side(&recs, true), "records differ from the client's account");
+    ensure!(
+        recs.len() == 20,
+        "{} records for 20 requests on pre-existing connections",
+        recs.len()
+    );
+    ensure!(
+        client_side(&report, true) == agent_side(&recs, true),
+        "records differ from the client's account"
+    );
     ensure!(stats.losses().is_empty(), "losses: {:?}", stats.losses());
     drop(platform);
     Ok(())

@@ -2,7 +2,8 @@
 //! announcement, and the bounded loop that splits one read/write into ring-buffer events.
 
 use aya_ebpf::helpers::{
-    bpf_get_current_cgroup_id, generated::bpf_loop, bpf_ktime_get_ns, bpf_probe_read_user, bpf_probe_read_user_buf,
+    bpf_get_current_cgroup_id, bpf_ktime_get_ns, bpf_probe_read_user, bpf_probe_read_user_buf,
+    generated::bpf_loop,
 };
 use tracer_common::*;
 
@@ -38,7 +39,11 @@ pub fn header(kind: u16, flags: u16, len: u32, pid_tgid: u64) -> EventHeader {
 
 #[inline(always)]
 pub fn conn_id(key: &ConnKey, st: &ConnState) -> ConnId {
-    ConnId { tgid: key.tgid, fd: key.fd, gen: st.gen }
+    ConnId {
+        tgid: key.tgid,
+        fd: key.fd,
+        gen: st.gen,
+    }
 }
 
 /// Sends the connection's open event once, before its first data.
@@ -48,7 +53,12 @@ pub fn announce(key: &ConnKey, st: &mut ConnState, pid_tgid: u64) -> bool {
         return true;
     }
     let ev = ConnOpenEvent {
-        hdr: header(KIND_CONN_OPEN, 0, core::mem::size_of::<ConnOpenEvent>() as u32, pid_tgid),
+        hdr: header(
+            KIND_CONN_OPEN,
+            0,
+            core::mem::size_of::<ConnOpenEvent>() as u32,
+            pid_tgid,
+        ),
         conn: conn_id(key, st),
         tuple: st.tuple,
         origin: st.origin,
@@ -68,7 +78,12 @@ pub fn announce(key: &ConnKey, st: &mut ConnState, pid_tgid: u64) -> bool {
 #[inline(always)]
 pub fn emit_hole(id: ConnId, pid_tgid: u64, dir: u8, flags: u16, pos: u64, len: u64, reason: u8) {
     let ev = HoleEvent {
-        hdr: header(KIND_HOLE, flags, core::mem::size_of::<HoleEvent>() as u32, pid_tgid),
+        hdr: header(
+            KIND_HOLE,
+            flags,
+            core::mem::size_of::<HoleEvent>() as u32,
+            pid_tgid,
+        ),
         conn: id,
         pos,
         len,
@@ -176,17 +191,29 @@ unsafe extern "C" fn emit_step(_i: u64, _ctx: *mut core::ffi::c_void) -> i64 {
     // SAFETY: the per-CPU scratch slot, valid for the whole program run.
     let ev = unsafe { &mut *ev };
     // SAFETY: reading the traced process's buffer into our scratch; failure is handled.
-    let read = unsafe { bpf_probe_read_user_buf((e.seg_base + e.seg_off) as *const u8, &mut ev.data[..n]) };
+    let read = unsafe {
+        bpf_probe_read_user_buf((e.seg_base + e.seg_off) as *const u8, &mut ev.data[..n])
+    };
     if read.is_err() {
         count(C_READ_FAILED_EVENTS, 1);
         count(C_READ_FAILED_BYTES, n as u64);
-        emit_hole(e.id, e.pid_tgid, e.dir, e.flags, e.pos + e.done, n as u64, HOLE_READ_FAILED);
+        emit_hole(
+            e.id,
+            e.pid_tgid,
+            e.dir,
+            e.flags,
+            e.pos + e.done,
+            n as u64,
+            HOLE_READ_FAILED,
+        );
     } else {
         ev.pos = e.pos + e.done;
         ev.cap_len = n as u32;
         ev.hdr.len = (DATA_HDR_LEN + n) as u32;
         // SAFETY: the first DATA_HDR_LEN + n bytes of the scratch event are initialised.
-        let bytes = unsafe { core::slice::from_raw_parts(ev as *const DataEvent as *const u8, DATA_HDR_LEN + n) };
+        let bytes = unsafe {
+            core::slice::from_raw_parts(ev as *const DataEvent as *const u8, DATA_HDR_LEN + n)
+        };
         if EVENTS.output::<[u8]>(bytes, 0).is_ok() {
             count(C_EVENTS_SENT, 1);
             count(C_BYTES_CAPTURED, n as u64);
@@ -205,7 +232,16 @@ unsafe extern "C" fn emit_step(_i: u64, _ctx: *mut core::ffi::c_void) -> i64 {
 /// its reason. Every outcome is counted.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub fn emit_data(id: ConnId, pid_tgid: u64, dir: u8, flags: u16, src: u8, ub: UserBuf, pos: u64, total: u64) {
+pub fn emit_data(
+    id: ConnId,
+    pid_tgid: u64,
+    dir: u8,
+    flags: u16,
+    src: u8,
+    ub: UserBuf,
+    pos: u64,
+    total: u64,
+) {
     let cap = match config() {
         Some(c) => c.max_message_bytes as u64,
         None => DEFAULT_MAX_MESSAGE_BYTES as u64,
@@ -219,7 +255,11 @@ pub fn emit_data(id: ConnId, pid_tgid: u64, dir: u8, flags: u16, src: u8, ub: Us
     let ev = unsafe { &mut *ev };
     ev.hdr = header(KIND_DATA, flags, 0, pid_tgid);
     ev.conn = id;
-    ev.msg_len = if total > u32::MAX as u64 { u32::MAX } else { total as u32 };
+    ev.msg_len = if total > u32::MAX as u64 {
+        u32::MAX
+    } else {
+        total as u32
+    };
     ev.dir = dir;
     ev.src = src;
 
@@ -248,7 +288,12 @@ pub fn emit_data(id: ConnId, pid_tgid: u64, dir: u8, flags: u16, src: u8, ub: Us
     let done = unsafe {
         *slot = e;
         let mut unused: u64 = 0;
-        bpf_loop(MAX_CHUNKS_PER_CALL, emit_step as *mut core::ffi::c_void, &mut unused as *mut u64 as *mut core::ffi::c_void, 0);
+        bpf_loop(
+            MAX_CHUNKS_PER_CALL,
+            emit_step as *mut core::ffi::c_void,
+            &mut unused as *mut u64 as *mut core::ffi::c_void,
+            0,
+        );
         (*slot).done
     };
     if done < total {
@@ -256,10 +301,26 @@ pub fn emit_data(id: ConnId, pid_tgid: u64, dir: u8, flags: u16, src: u8, ub: Us
         if done >= cap {
             count(C_CAP_TRUNCATED_CALLS, 1);
             count(C_CAP_TRUNCATED_BYTES, rest);
-            emit_hole(id, pid_tgid, dir, flags | DATA_F_TRUNCATED, pos + done, rest, HOLE_CAP);
+            emit_hole(
+                id,
+                pid_tgid,
+                dir,
+                flags | DATA_F_TRUNCATED,
+                pos + done,
+                rest,
+                HOLE_CAP,
+            );
         } else {
             count(C_TOO_MANY_CHUNKS_BYTES, rest);
-            emit_hole(id, pid_tgid, dir, flags, pos + done, rest, HOLE_TOO_MANY_CHUNKS);
+            emit_hole(
+                id,
+                pid_tgid,
+                dir,
+                flags,
+                pos + done,
+                rest,
+                HOLE_TOO_MANY_CHUNKS,
+            );
         }
     }
 }

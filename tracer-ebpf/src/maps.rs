@@ -5,9 +5,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use tracer_common::{
-    ConnKey, DataEvent, KernelConfig, SslKey, Tuple, COMM_LEN, COUNTER_MAX,
-};
+use tracer_common::{ConnKey, DataEvent, KernelConfig, SslKey, Tuple, COMM_LEN, COUNTER_MAX};
 
 /// Overridden by the agent from `capture.ring_buffer_size`.
 #[map(name = "EVENTS")]

@@ -20,9 +20,9 @@ use crate::{
     config::{Config, TargetMatch, Unmatched},
     discovery::{Discovery, TargetSpec},
     http::ParserLimits,
-    routes::RouteTable,
     loader::{self, Kernel, LoadSettings},
     pipeline::{self, Pipeline, Services},
+    routes::RouteTable,
     sink::{JsonlFile, Sink, Stdout},
     source,
     stats::{self, Stats},
@@ -33,9 +33,15 @@ pub enum AgentError {
     #[error(transparent)]
     Load(#[from] loader::LoadError),
     #[error("opening the record file {path}: {source}")]
-    Sink { path: PathBuf, source: crate::sink::SinkError },
+    Sink {
+        path: PathBuf,
+        source: crate::sink::SinkError,
+    },
     #[error("creating the state directory {path}: {source}")]
-    StateDir { path: PathBuf, source: std::io::Error },
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
     #[error("ring buffer reader: {0}")]
@@ -58,7 +64,11 @@ impl Plan {
     /// Derives the run plan from a validated config. Fails only on what needs the host to
     /// check (a cgroup path that does not exist).
     pub fn from_config(cfg: &Config) -> Result<Plan, String> {
-        let mut ports: Vec<u16> = cfg.targets.iter().flat_map(|t| t.plaintext_ports.iter().copied()).collect();
+        let mut ports: Vec<u16> = cfg
+            .targets
+            .iter()
+            .flat_map(|t| t.plaintext_ports.iter().copied())
+            .collect();
         ports.sort_unstable();
         ports.dedup();
         let mut comms = Vec::new();
@@ -78,7 +88,10 @@ impl Plan {
             }
         }
         let routes = RouteTable::new(&cfg.routes).map_err(|e| e.to_string())?;
-        let limits = ParserLimits { body_keep_bytes: cfg.capture.body_keep_bytes, ..ParserLimits::default() };
+        let limits = ParserLimits {
+            body_keep_bytes: cfg.capture.body_keep_bytes,
+            ..ParserLimits::default()
+        };
         Ok(Plan {
             load: LoadSettings {
                 ring_buffer_size: cfg.capture.ring_buffer_size,
@@ -91,7 +104,11 @@ impl Plan {
             targets: cfg
                 .targets
                 .iter()
-                .map(|t| TargetSpec { matcher: t.matcher.clone(), tls: t.tls, name: t.name.clone() })
+                .map(|t| TargetSpec {
+                    matcher: t.matcher.clone(),
+                    tls: t.tls,
+                    name: t.name.clone(),
+                })
                 .collect(),
             pipeline: pipeline::Settings {
                 limits,
@@ -122,7 +139,10 @@ fn cgroup_id(path: &str) -> Result<u64, String> {
             }
         }
     }
-    Err(format!("targets: cgroup {path:?} does not exist under the cgroup v2 mount ({})", mounts.join(" or ")))
+    Err(format!(
+        "targets: cgroup {path:?} does not exist under the cgroup v2 mount ({})",
+        mounts.join(" or ")
+    ))
 }
 
 pub struct RunOptions {
@@ -141,11 +161,26 @@ impl Sinks {
         for r in records.drain(..) {
             for s in self.sinks.iter_mut() {
                 match s.write(&r) {
-                    Ok(()) => self.stats.add(&format!("records_written_total{{sink=\"{}\"}}", s.name()), 1),
+                    Ok(()) => self.stats.add(
+                        &format!("records_written_total{{sink=\"{}\"}}", s.name()),
+                        1,
+                    ),
                     Err(e) => {
-                        self.stats.add(&format!("records_dropped_total{{reason=\"sink_error\",sink=\"{}\"}}", s.name()), 1);
-                        if self.last_error_log.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                            error!("sink {}: {e}; records are being dropped (counted)", s.name());
+                        self.stats.add(
+                            &format!(
+                                "records_dropped_total{{reason=\"sink_error\",sink=\"{}\"}}",
+                                s.name()
+                            ),
+                            1,
+                        );
+                        if self
+                            .last_error_log
+                            .is_none_or(|t| t.elapsed() > Duration::from_secs(10))
+                        {
+                            error!(
+                                "sink {}: {e}; records are being dropped (counted)",
+                                s.name()
+                            );
                             self.last_error_log = Some(Instant::now());
                         }
                     }
@@ -158,7 +193,8 @@ impl Sinks {
         for s in self.sinks.iter_mut() {
             if let Err(e) = s.flush() {
                 error!("flushing sink {}: {e}", s.name());
-                self.stats.add_reason("sink_flush_errors_total", s.name(), 1);
+                self.stats
+                    .add_reason("sink_flush_errors_total", s.name(), 1);
             }
         }
     }
@@ -166,15 +202,25 @@ impl Sinks {
 
 pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
     let started = Instant::now();
-    std::fs::create_dir_all(&plan.state_dir).map_err(|e| AgentError::StateDir { path: plan.state_dir.clone(), source: e })?;
+    std::fs::create_dir_all(&plan.state_dir).map_err(|e| AgentError::StateDir {
+        path: plan.state_dir.clone(),
+        source: e,
+    })?;
     let stats = Arc::new(Stats::default());
     let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(
-        JsonlFile::open(&plan.output_file).map_err(|e| AgentError::Sink { path: plan.output_file.clone(), source: e })?,
+        JsonlFile::open(&plan.output_file).map_err(|e| AgentError::Sink {
+            path: plan.output_file.clone(),
+            source: e,
+        })?,
     )];
     if plan.stdout {
         sinks.push(Box::new(Stdout::new()));
     }
-    let mut sinks = Sinks { sinks, stats: stats.clone(), last_error_log: None };
+    let mut sinks = Sinks {
+        sinks,
+        stats: stats.clone(),
+        last_error_log: None,
+    };
 
     let mut kernel = loader::load(&plan.load)?;
     let mut discovery = Discovery::new(plan.targets.clone());
@@ -196,7 +242,10 @@ pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
     let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
     let mut stopping = false;
     let mut scans = 0u64;
-    info!("sparbar running: records go to {}", plan.output_file.display());
+    info!(
+        "sparbar running: records go to {}",
+        plan.output_file.display()
+    );
 
     loop {
         tokio::select! {
@@ -244,7 +293,15 @@ pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
     pipeline.finish();
     sinks.write_all(&mut pipeline.out);
     sinks.flush();
-    report(&kernel, &discovery, &stats, &plan.state_dir, started, 0, true);
+    report(
+        &kernel,
+        &discovery,
+        &stats,
+        &plan.state_dir,
+        started,
+        0,
+        true,
+    );
     info!("sparbar stopped; probes detached");
     Ok(())
 }
@@ -261,7 +318,15 @@ fn publish_services(d: &Discovery, services: &Services) {
 }
 
 /// Logs the counters (one line, drops called out) and writes `<state_dir>/stats.json`.
-fn report(kernel: &Kernel, d: &Discovery, stats: &Stats, state_dir: &std::path::Path, started: Instant, open_conns: usize, last: bool) {
+fn report(
+    kernel: &Kernel,
+    d: &Discovery,
+    stats: &Stats,
+    state_dir: &std::path::Path,
+    started: Instant,
+    open_conns: usize,
+    last: bool,
+) {
     let k = kernel.counters();
     let mut kernel_map = BTreeMap::new();
     for (i, v) in k.iter().enumerate() {
@@ -275,8 +340,17 @@ fn report(kernel: &Kernel, d: &Discovery, stats: &Stats, state_dir: &std::path::
         .filter(|&&i| k[i as usize] > 0)
         .map(|&i| format!("{}={}", COUNTER_NAMES[i as usize], k[i as usize]))
         .collect();
-    losses.extend(agent.iter().filter(|(n, v)| **v > 0 && stats::is_loss(n)).map(|(n, v)| format!("{n}={v}")));
-    let records: u64 = agent.iter().filter(|(n, _)| n.starts_with("records_written_total")).map(|(_, v)| *v).sum();
+    losses.extend(
+        agent
+            .iter()
+            .filter(|(n, v)| **v > 0 && stats::is_loss(n))
+            .map(|(n, v)| format!("{n}={v}")),
+    );
+    let records: u64 = agent
+        .iter()
+        .filter(|(n, _)| n.starts_with("records_written_total"))
+        .map(|(_, v)| *v)
+        .sum();
     info!(
         "{}stats: kernel events {} ({} payload bytes), exchanges {}, records {}, open connections {}, losses: {}",
         if last { "final " } else { "" },
@@ -303,7 +377,8 @@ fn report(kernel: &Kernel, d: &Discovery, stats: &Stats, state_dir: &std::path::
     });
     let path = state_dir.join("stats.json");
     let tmp = state_dir.join("stats.json.tmp");
-    let res = std::fs::write(&tmp, serde_json::to_vec_pretty(&doc).unwrap_or_default()).and_then(|_| std::fs::rename(&tmp, &path));
+    let res = std::fs::write(&tmp, serde_json::to_vec_pretty(&doc).unwrap_or_default())
+        .and_then(|_| std::fs::rename(&tmp, &path));
     if let Err(e) = res {
         warn!("writing {}: {e}", path.display());
     }

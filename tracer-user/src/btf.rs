@@ -9,13 +9,15 @@ pub const DEFAULT_V6_OFFSETS: (u16, u16) = (56, 72);
 /// (`skc_v6_daddr`, `skc_v6_rcv_saddr`) byte offsets.
 pub fn sock_common_v6_offsets() -> (u16, u16) {
     match std::fs::read("/sys/kernel/btf/vmlinux") {
-        Ok(b) => match struct_member_offsets(&b, "sock_common", &["skc_v6_daddr", "skc_v6_rcv_saddr"]) {
-            Some(v) if v.len() == 2 => (v[0], v[1]),
-            _ => {
-                warn!("struct sock_common has no IPv6 address fields in BTF; using offsets {DEFAULT_V6_OFFSETS:?}");
-                DEFAULT_V6_OFFSETS
+        Ok(b) => {
+            match struct_member_offsets(&b, "sock_common", &["skc_v6_daddr", "skc_v6_rcv_saddr"]) {
+                Some(v) if v.len() == 2 => (v[0], v[1]),
+                _ => {
+                    warn!("struct sock_common has no IPv6 address fields in BTF; using offsets {DEFAULT_V6_OFFSETS:?}");
+                    DEFAULT_V6_OFFSETS
+                }
             }
-        },
+        }
         Err(e) => {
             warn!("cannot read /sys/kernel/btf/vmlinux ({e}); using sock_common offsets {DEFAULT_V6_OFFSETS:?}");
             DEFAULT_V6_OFFSETS
@@ -80,15 +82,28 @@ pub fn struct_member_offsets(b: &[u8], name: &str, members: &[&str]) -> Option<V
 mod tests {
     #[test]
     fn garbage_is_none() {
-        assert_eq!(super::struct_member_offsets(b"nope", "sock_common", &["a"]), None);
-        assert_eq!(super::struct_member_offsets(&[0x9f, 0xeb, 1, 0, 24, 0, 0, 0], "x", &["a"]), None);
+        assert_eq!(
+            super::struct_member_offsets(b"nope", "sock_common", &["a"]),
+            None
+        );
+        assert_eq!(
+            super::struct_member_offsets(&[0x9f, 0xeb, 1, 0, 24, 0, 0, 0], "x", &["a"]),
+            None
+        );
     }
 
     #[test]
     fn this_kernel_if_readable() {
         if let Ok(b) = std::fs::read("/sys/kernel/btf/vmlinux") {
-            let v = super::struct_member_offsets(&b, "sock_common", &["skc_daddr", "skc_num"]).unwrap();
-            assert_eq!(v, vec![0, 14]);
+            // Direct members only (skc_daddr and skc_num sit inside anonymous unions).
+            let v = super::struct_member_offsets(
+                &b,
+                "sock_common",
+                &["skc_v6_daddr", "skc_v6_rcv_saddr"],
+            )
+            .unwrap();
+            assert_eq!(v[1], v[0] + 16, "{v:?}");
+            assert!(v[0] >= 16, "{v:?}");
         }
     }
 }

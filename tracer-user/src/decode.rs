@@ -93,11 +93,21 @@ fn u64_at(b: &[u8], o: usize) -> u64 {
 }
 
 fn header(b: &[u8]) -> EventHeader {
-    EventHeader { kind: u16_at(b, 0), flags: u16_at(b, 2), len: u32_at(b, 4), ts_ns: u64_at(b, 8), pid_tgid: u64_at(b, 16) }
+    EventHeader {
+        kind: u16_at(b, 0),
+        flags: u16_at(b, 2),
+        len: u32_at(b, 4),
+        ts_ns: u64_at(b, 8),
+        pid_tgid: u64_at(b, 16),
+    }
 }
 
 fn conn(b: &[u8], o: usize) -> ConnId {
-    ConnId { tgid: u32_at(b, o), fd: u32_at(b, o + 4), gen: u64_at(b, o + 8) }
+    ConnId {
+        tgid: u32_at(b, o),
+        fd: u32_at(b, o + 4),
+        gen: u64_at(b, o + 8),
+    }
 }
 
 fn need(b: &[u8], n: usize) -> Result<(), DecodeError> {
@@ -133,7 +143,14 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
         }
         KIND_HOLE => {
             need(b, size_of::<HoleEvent>())?;
-            Ok(Event::Hole { hdr, conn: conn(b, 24), pos: u64_at(b, 40), len: u64_at(b, 48), dir: b[56], reason: b[57] })
+            Ok(Event::Hole {
+                hdr,
+                conn: conn(b, 24),
+                pos: u64_at(b, 40),
+                len: u64_at(b, 48),
+                dir: b[56],
+                reason: b[57],
+            })
         }
         KIND_CONN_OPEN => {
             need(b, size_of::<ConnOpenEvent>())?;
@@ -145,11 +162,22 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
             };
             tuple.local_addr.copy_from_slice(&b[48..64]);
             tuple.peer_addr.copy_from_slice(&b[64..80]);
-            Ok(Event::ConnOpen { hdr, conn: conn(b, 24), tuple, origin: b[80], tls: b[81] != 0 })
+            Ok(Event::ConnOpen {
+                hdr,
+                conn: conn(b, 24),
+                tuple,
+                origin: b[80],
+                tls: b[81] != 0,
+            })
         }
         KIND_CONN_CLOSE => {
             need(b, size_of::<ConnCloseEvent>())?;
-            Ok(Event::ConnClose { hdr, conn: conn(b, 24), pos_in: u64_at(b, 40), pos_out: u64_at(b, 48) })
+            Ok(Event::ConnClose {
+                hdr,
+                conn: conn(b, 24),
+                pos_in: u64_at(b, 40),
+                pos_out: u64_at(b, 48),
+            })
         }
         KIND_PROC_EXEC | KIND_PROC_EXIT => {
             need(b, size_of::<ProcEvent>())?;
@@ -177,8 +205,18 @@ mod tests {
     #[test]
     fn data_event_round_trip() {
         let mut ev = DataEvent {
-            hdr: EventHeader { kind: KIND_DATA, flags: DATA_F_TLS, len: 0, ts_ns: 7, pid_tgid: (42 << 32) | 43 },
-            conn: ConnId { tgid: 42, fd: 5, gen: 99 },
+            hdr: EventHeader {
+                kind: KIND_DATA,
+                flags: DATA_F_TLS,
+                len: 0,
+                ts_ns: 7,
+                pid_tgid: (42 << 32) | 43,
+            },
+            conn: ConnId {
+                tgid: 42,
+                fd: 5,
+                gen: 99,
+            },
             pos: 1000,
             msg_len: 3,
             cap_len: 3,
@@ -191,10 +229,25 @@ mod tests {
         ev.hdr.len = (DATA_HDR_LEN + 3) as u32;
         let raw = &as_bytes(&ev)[..DATA_HDR_LEN + 3];
         match decode(raw).unwrap() {
-            Event::Data { hdr, conn, pos, msg_len, dir, src, payload } => {
+            Event::Data {
+                hdr,
+                conn,
+                pos,
+                msg_len,
+                dir,
+                src,
+                payload,
+            } => {
                 assert_eq!(hdr.flags, DATA_F_TLS);
                 assert_eq!(hdr.ts_ns, 7);
-                assert_eq!(conn, ConnId { tgid: 42, fd: 5, gen: 99 });
+                assert_eq!(
+                    conn,
+                    ConnId {
+                        tgid: 42,
+                        fd: 5,
+                        gen: 99
+                    }
+                );
                 assert_eq!((pos, msg_len, dir, src), (1000, 3, DIR_OUT, SRC_TLS));
                 assert_eq!(&payload[..], b"abc");
             }
@@ -204,11 +257,24 @@ mod tests {
 
     #[test]
     fn conn_open_and_close() {
-        let mut t = Tuple { family: AF_INET, local_port: 443, peer_port: 5555, ..Default::default() };
+        let mut t = Tuple {
+            family: AF_INET,
+            local_port: 443,
+            peer_port: 5555,
+            ..Default::default()
+        };
         t.local_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
         let ev = ConnOpenEvent {
-            hdr: EventHeader { kind: KIND_CONN_OPEN, len: 88, ..Default::default() },
-            conn: ConnId { tgid: 1, fd: 2, gen: 3 },
+            hdr: EventHeader {
+                kind: KIND_CONN_OPEN,
+                len: 88,
+                ..Default::default()
+            },
+            conn: ConnId {
+                tgid: 1,
+                fd: 2,
+                gen: 3,
+            },
             tuple: t,
             origin: ORIGIN_ACCEPT,
             tls: 1,
@@ -216,10 +282,33 @@ mod tests {
         };
         assert_eq!(
             decode(as_bytes(&ev)).unwrap(),
-            Event::ConnOpen { hdr: ev.hdr, conn: ev.conn, tuple: t, origin: ORIGIN_ACCEPT, tls: true }
+            Event::ConnOpen {
+                hdr: ev.hdr,
+                conn: ev.conn,
+                tuple: t,
+                origin: ORIGIN_ACCEPT,
+                tls: true
+            }
         );
-        let c = ConnCloseEvent { hdr: EventHeader { kind: KIND_CONN_CLOSE, len: 56, ..Default::default() }, conn: ev.conn, pos_in: 10, pos_out: 20 };
-        assert_eq!(decode(as_bytes(&c)).unwrap(), Event::ConnClose { hdr: c.hdr, conn: ev.conn, pos_in: 10, pos_out: 20 });
+        let c = ConnCloseEvent {
+            hdr: EventHeader {
+                kind: KIND_CONN_CLOSE,
+                len: 56,
+                ..Default::default()
+            },
+            conn: ev.conn,
+            pos_in: 10,
+            pos_out: 20,
+        };
+        assert_eq!(
+            decode(as_bytes(&c)).unwrap(),
+            Event::ConnClose {
+                hdr: c.hdr,
+                conn: ev.conn,
+                pos_in: 10,
+                pos_out: 20
+            }
+        );
     }
 
     #[test]

@@ -52,21 +52,37 @@ pub struct Discovery {
 }
 
 pub fn read_proc_info(pid: u32) -> ProcInfo {
-    let name = fs::read_to_string(format!("/proc/{pid}/comm")).map(|s| s.trim_end().to_string()).unwrap_or_default();
-    let executable = fs::read_link(format!("/proc/{pid}/exe"))
-        .ok()
-        .map(|p| p.to_string_lossy().trim_end_matches(" (deleted)").to_string());
-    ProcInfo { pid, name, executable, target: None }
+    let name = fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim_end().to_string())
+        .unwrap_or_default();
+    let executable = fs::read_link(format!("/proc/{pid}/exe")).ok().map(|p| {
+        p.to_string_lossy()
+            .trim_end_matches(" (deleted)")
+            .to_string()
+    });
+    ProcInfo {
+        pid,
+        name,
+        executable,
+        target: None,
+    }
 }
 
 fn cgroup_of(pid: u32) -> Option<String> {
     let s = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    s.lines().find_map(|l| l.strip_prefix("0::").map(str::to_string))
+    s.lines()
+        .find_map(|l| l.strip_prefix("0::").map(str::to_string))
 }
 
 impl Discovery {
     pub fn new(targets: Vec<TargetSpec>) -> Self {
-        Discovery { targets, self_pid: std::process::id(), libs: HashMap::new(), procs: HashMap::new(), warned_missing: HashSet::new() }
+        Discovery {
+            targets,
+            self_pid: std::process::id(),
+            libs: HashMap::new(),
+            procs: HashMap::new(),
+            warned_missing: HashSet::new(),
+        }
     }
 
     pub fn targets(&self) -> &[TargetSpec] {
@@ -82,7 +98,9 @@ impl Discovery {
             TargetMatch::Exe(p) => info.executable.as_deref() == Some(&*p.to_string_lossy()),
             TargetMatch::Comm(c) => &info.name == c,
             TargetMatch::Pid(p) => *p == info.pid,
-            TargetMatch::Cgroup(c) => cgroup_of(info.pid).is_some_and(|g| g == *c || g.starts_with(&format!("{c}/"))),
+            TargetMatch::Cgroup(c) => {
+                cgroup_of(info.pid).is_some_and(|g| g == *c || g.starts_with(&format!("{c}/")))
+            }
         })
     }
 
@@ -92,9 +110,13 @@ impl Discovery {
     pub fn scan(&mut self, kernel: &mut Kernel) {
         let mut alive = HashSet::new();
         let kernel_targets: HashSet<u32> = kernel.targets().into_iter().collect();
-        let Ok(dir) = fs::read_dir("/proc") else { return };
+        let Ok(dir) = fs::read_dir("/proc") else {
+            return;
+        };
         for e in dir.flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
             alive.insert(pid);
             if self.procs.contains_key(&pid) {
                 continue;
@@ -103,7 +125,9 @@ impl Discovery {
             let mut t = self.classify(&info);
             if t.is_none() && kernel_targets.contains(&pid) && pid != self.self_pid {
                 // Added by the kernel (child of a target): inherit the parent's target.
-                t = parent_of(pid).and_then(|pp| self.procs.get(&pp)).and_then(|p| p.target);
+                t = parent_of(pid)
+                    .and_then(|pp| self.procs.get(&pp))
+                    .and_then(|p| p.target);
                 if t.is_none() {
                     kernel.remove_target(pid);
                     continue;
@@ -115,7 +139,12 @@ impl Discovery {
                 warn!("cannot trace pid {pid} ({}): {e}", info.name);
                 continue;
             }
-            info!("tracing pid {pid} ({}, {}) as target {:?}", info.name, info.executable.as_deref().unwrap_or("?"), self.targets[t].name);
+            info!(
+                "tracing pid {pid} ({}, {}) as target {:?}",
+                info.name,
+                info.executable.as_deref().unwrap_or("?"),
+                self.targets[t].name
+            );
             if self.targets[t].tls {
                 self.attach_tls(kernel, pid);
             }
@@ -148,7 +177,9 @@ impl Discovery {
     fn attach_tls(&mut self, kernel: &mut Kernel, pid: u32) {
         for (path, kind) in tls_images(pid) {
             let host_path = format!("/proc/{pid}/root{path}");
-            let Ok(md) = fs::metadata(&host_path) else { continue };
+            let Ok(md) = fs::metadata(&host_path) else {
+                continue;
+            };
             let key = (md.dev(), md.ino());
             if self.libs.contains_key(&key) {
                 continue;
@@ -157,7 +188,10 @@ impl Discovery {
             if la.attached.is_empty() {
                 warn!("could not attach OpenSSL probes to {path} ({kind}) used by pid {pid}: {}; TLS traffic of this process is not captured", la.errors.join("; "));
             } else {
-                info!("attached OpenSSL probes to {path} ({kind}): {}", la.attached.join(", "));
+                info!(
+                    "attached OpenSSL probes to {path} ({kind}): {}",
+                    la.attached.join(", ")
+                );
                 for e in &la.errors {
                     info!("  {path}: {e}");
                 }
@@ -185,7 +219,9 @@ pub fn tls_images(pid: u32) -> Vec<(String, &'static str)> {
     let mut out = BTreeMap::new();
     if let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) {
         for line in maps.lines() {
-            let Some(path) = line.split_whitespace().nth(5) else { continue };
+            let Some(path) = line.split_whitespace().nth(5) else {
+                continue;
+            };
             let base = path.rsplit('/').next().unwrap_or("");
             if base.starts_with("libssl.so") {
                 out.insert(path.to_string(), "libssl");
@@ -193,7 +229,10 @@ pub fn tls_images(pid: u32) -> Vec<(String, &'static str)> {
         }
     }
     if let Ok(exe) = fs::read_link(format!("/proc/{pid}/exe")) {
-        let exe = exe.to_string_lossy().trim_end_matches(" (deleted)").to_string();
+        let exe = exe
+            .to_string_lossy()
+            .trim_end_matches(" (deleted)")
+            .to_string();
         if exports_ssl(Path::new(&format!("/proc/{pid}/root{exe}"))) {
             out.insert(exe, "static OpenSSL in executable");
         }
@@ -204,17 +243,30 @@ pub fn tls_images(pid: u32) -> Vec<(String, &'static str)> {
 /// Does this ELF file define (not just import) SSL_read in its dynamic symbol table?
 pub fn exports_ssl(path: &Path) -> bool {
     use object::{Object, ObjectSymbol};
-    let Ok(data) = fs::read(path) else { return false };
-    let Ok(file) = object::File::parse(&*data) else { return false };
-    file.dynamic_symbols().any(|s| s.name() == Ok("SSL_read") && !s.is_undefined())
+    let Ok(data) = fs::read(path) else {
+        return false;
+    };
+    let Ok(file) = object::File::parse(&*data) else {
+        return false;
+    };
+    file.dynamic_symbols()
+        .any(|s| s.name() == Ok("SSL_read") && !s.is_undefined())
 }
 
 fn attach_ssl(kernel: &mut Kernel, host_path: &str, path: &str, kind: &'static str) -> LibAttach {
-    let mut la = LibAttach { path: path.to_string(), kind, attached: Vec::new(), errors: Vec::new() };
+    let mut la = LibAttach {
+        path: path.to_string(),
+        kind,
+        attached: Vec::new(),
+        errors: Vec::new(),
+    };
     for (prog, sym, _ret, required) in SSL_PROBES {
         let res = program::<UProbe>(&mut kernel.ebpf, prog)
             .map_err(|e| e.to_string())
-            .and_then(|p| p.attach(*sym, host_path, UProbeScope::AllProcesses).map_err(|e| e.to_string()));
+            .and_then(|p| {
+                p.attach(*sym, host_path, UProbeScope::AllProcesses)
+                    .map_err(|e| e.to_string())
+            });
         match res {
             Ok(_) => {
                 if !la.attached.contains(sym) {
@@ -222,7 +274,9 @@ fn attach_ssl(kernel: &mut Kernel, host_path: &str, path: &str, kind: &'static s
                 }
             }
             Err(e) if *required => la.errors.push(format!("{sym} ({prog}): {e}")),
-            Err(e) => la.errors.push(format!("optional {sym} ({prog}) not attached: {e}")),
+            Err(e) => la
+                .errors
+                .push(format!("optional {sym} ({prog}) not attached: {e}")),
         }
     }
     la

@@ -24,7 +24,9 @@ pub struct ParserLimits {
 }
 impl Default for ParserLimits {
     fn default() -> Self {
-        ParserLimits { body_keep_bytes: 1 << 20 }
+        ParserLimits {
+            body_keep_bytes: 1 << 20,
+        }
     }
 }
 #[derive(Debug)]
@@ -52,23 +54,38 @@ pub struct ConnParser {
     head_methods: VecDeque<String>,
 }
 
-fn parse_msg(buf: &[u8], is_req: bool, head: bool) -> Option<(usize, Vec<Header>, String, String, u16, u64, Bytes)> {
+fn parse_msg(
+    buf: &[u8],
+    is_req: bool,
+    head: bool,
+) -> Option<(usize, Vec<Header>, String, String, u16, u64, Bytes)> {
     let mut hs = [httparse::EMPTY_HEADER; 64];
     let (hlen, method, target, status, headers) = if is_req {
         let mut r = httparse::Request::new(&mut hs);
         match r.parse(buf).ok()? {
-            httparse::Status::Complete(n) => (n, r.method?.to_string(), r.path?.to_string(), 0, conv(r.headers)),
+            httparse::Status::Complete(n) => (
+                n,
+                r.method?.to_string(),
+                r.path?.to_string(),
+                0,
+                conv(r.headers),
+            ),
             _ => return None,
         }
     } else {
         let mut r = httparse::Response::new(&mut hs);
         match r.parse(buf).ok()? {
-            httparse::Status::Complete(n) => (n, String::new(), String::new(), r.code?, conv(r.headers)),
+            httparse::Status::Complete(n) => {
+                (n, String::new(), String::new(), r.code?, conv(r.headers))
+            }
             _ => return None,
         }
     };
-    let cl = header(&headers, "content-length").and_then(|h| h.value_str()?.trim().parse::<u64>().ok());
-    let chunked = header(&headers, "transfer-encoding").and_then(|h| h.value_str()).is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+    let cl =
+        header(&headers, "content-length").and_then(|h| h.value_str()?.trim().parse::<u64>().ok());
+    let chunked = header(&headers, "transfer-encoding")
+        .and_then(|h| h.value_str())
+        .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
     let nobody = !is_req && (head || status / 100 == 1 || status == 204 || status == 304);
     if nobody {
         return Some((hlen, headers, method, target, status, 0, Bytes::new()));
@@ -78,7 +95,15 @@ fn parse_msg(buf: &[u8], is_req: bool, head: bool) -> Option<(usize, Vec<Header>
         let mut body = Vec::new();
         loop {
             let line_end = buf[p..].windows(2).position(|w| w == b"\r\n")? + p;
-            let size = usize::from_str_radix(std::str::from_utf8(&buf[p..line_end]).ok()?.split(';').next()?.trim(), 16).ok()?;
+            let size = usize::from_str_radix(
+                std::str::from_utf8(&buf[p..line_end])
+                    .ok()?
+                    .split(';')
+                    .next()?
+                    .trim(),
+                16,
+            )
+            .ok()?;
             p = line_end + 2;
             if size == 0 {
                 let end = buf[p..].windows(2).position(|w| w == b"\r\n")? + p;
@@ -98,19 +123,43 @@ fn parse_msg(buf: &[u8], is_req: bool, head: bool) -> Option<(usize, Vec<Header>
     if buf.len() < hlen + n {
         return None;
     }
-    Some((hlen + n, headers, method, target, status, n as u64, Bytes::copy_from_slice(&buf[hlen..hlen + n])))
+    Some((
+        hlen + n,
+        headers,
+        method,
+        target,
+        status,
+        n as u64,
+        Bytes::copy_from_slice(&buf[hlen..hlen + n]),
+    ))
 }
 
 fn conv(h: &[httparse::Header]) -> Vec<Header> {
-    h.iter().map(|h| Header { name: h.name.to_string(), value: h.value.to_vec() }).collect()
+    h.iter()
+        .map(|h| Header {
+            name: h.name.to_string(),
+            value: h.value.to_vec(),
+        })
+        .collect()
 }
 
 impl ConnParser {
     pub fn new(_role: Role, _midstream: bool, _limits: ParserLimits) -> Self {
-        ConnParser { reqs: Side::default(), resps: Side::default(), pending: VecDeque::new(), out: Vec::new(), anomalies: Vec::new(), head_methods: VecDeque::new() }
+        ConnParser {
+            reqs: Side::default(),
+            resps: Side::default(),
+            pending: VecDeque::new(),
+            out: Vec::new(),
+            anomalies: Vec::new(),
+            head_methods: VecDeque::new(),
+        }
     }
     pub fn data(&mut self, dir: Dir, pos: u64, ts_ns: u64, bytes: &[u8]) {
-        let side = if dir == Dir::Inbound { &mut self.reqs } else { &mut self.resps };
+        let side = if dir == Dir::Inbound {
+            &mut self.reqs
+        } else {
+            &mut self.resps
+        };
         if let Some(np) = side.next_pos {
             if np != pos {
                 side.buf.clear();
@@ -126,31 +175,72 @@ impl ConnParser {
         self.drive();
     }
     pub fn hole(&mut self, dir: Dir, pos: u64, len: u64, _ts: u64) {
-        let side = if dir == Dir::Inbound { &mut self.reqs } else { &mut self.resps };
+        let side = if dir == Dir::Inbound {
+            &mut self.reqs
+        } else {
+            &mut self.resps
+        };
         side.buf.clear();
         side.next_pos = Some(pos + len);
         self.anomalies.push(Anomaly("gap_resync"));
     }
     fn drive(&mut self) {
-        while let Some((n, headers, method, target, _, blen, body)) = parse_msg(&self.reqs.buf, true, false) {
+        while let Some((n, headers, method, target, _, blen, body)) =
+            parse_msg(&self.reqs.buf, true, false)
+        {
             self.head_methods.push_back(method.clone());
-            self.pending.push_back(Request { method, target, minor_version: 1, headers, body: Body { wire_len: blen, data: body, loss: None, decoded_from: None }, first_ns: self.reqs.first_ns, last_ns: self.reqs.last_ns });
+            self.pending.push_back(Request {
+                method,
+                target,
+                minor_version: 1,
+                headers,
+                body: Body {
+                    wire_len: blen,
+                    data: body,
+                    loss: None,
+                    decoded_from: None,
+                },
+                first_ns: self.reqs.first_ns,
+                last_ns: self.reqs.last_ns,
+            });
             self.reqs.buf.drain(..n);
             self.reqs.first_ns = self.reqs.last_ns;
         }
         loop {
             let head = self.head_methods.front().is_some_and(|m| m == "HEAD");
-            let Some((n, headers, _, _, status, blen, body)) = parse_msg(&self.resps.buf, false, head) else { break };
+            let Some((n, headers, _, _, status, blen, body)) =
+                parse_msg(&self.resps.buf, false, head)
+            else {
+                break;
+            };
             self.resps.buf.drain(..n);
             if status / 100 == 1 {
                 continue;
             }
-            let resp = Response { status, reason: String::new(), minor_version: 1, headers, body: Body { wire_len: blen, data: body, loss: None, decoded_from: None }, first_ns: self.resps.first_ns, last_ns: self.resps.last_ns };
+            let resp = Response {
+                status,
+                reason: String::new(),
+                minor_version: 1,
+                headers,
+                body: Body {
+                    wire_len: blen,
+                    data: body,
+                    loss: None,
+                    decoded_from: None,
+                },
+                first_ns: self.resps.first_ns,
+                last_ns: self.resps.last_ns,
+            };
             self.resps.first_ns = self.resps.last_ns;
             match self.pending.pop_front() {
                 Some(req) => {
                     self.head_methods.pop_front();
-                    self.out.push(Exchange { request: req, response: Some(resp), completeness: Completeness::Complete, upgraded: false })
+                    self.out.push(Exchange {
+                        request: req,
+                        response: Some(resp),
+                        completeness: Completeness::Complete,
+                        upgraded: false,
+                    })
                 }
                 None => self.anomalies.push(Anomaly("response_without_request")),
             }
@@ -158,7 +248,12 @@ impl ConnParser {
     }
     pub fn close(&mut self, _ts: u64) {
         for req in self.pending.drain(..) {
-            self.out.push(Exchange { request: req, response: None, completeness: Completeness::NoResponse, upgraded: false });
+            self.out.push(Exchange {
+                request: req,
+                response: None,
+                completeness: Completeness::NoResponse,
+                upgraded: false,
+            });
         }
     }
     pub fn take_exchanges(&mut self) -> Vec<Exchange> {

@@ -16,11 +16,19 @@ impl Default for EventIds {
 impl EventIds {
     pub fn new() -> Self {
         let mut seed = [0u8; 8];
-        if std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed)).is_err() {
-            let t = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
+        if std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed))
+            .is_err()
+        {
+            let t = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1);
             seed = (t ^ (std::process::id() as u64) << 32).to_le_bytes();
         }
-        EventIds { state: u64::from_le_bytes(seed) | 1 }
+        EventIds {
+            state: u64::from_le_bytes(seed) | 1,
+        }
     }
 
     fn rand(&mut self) -> u64 {
@@ -32,7 +40,10 @@ impl EventIds {
     }
 
     pub fn next(&mut self) -> String {
-        let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
         let (a, b) = (self.rand(), self.rand());
         let hi = (ms << 16) | 0x7000 | (a & 0x0fff);
         let lo = (b & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;

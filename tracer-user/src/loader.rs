@@ -20,9 +20,15 @@ pub enum LoadError {
     #[error("eBPF map {0} is missing from the object: the build is broken")]
     MissingMap(&'static str),
     #[error("eBPF map {name}: {source}")]
-    Map { name: &'static str, source: aya::maps::MapError },
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
     #[error("eBPF program {name}: {source}")]
-    Program { name: &'static str, source: aya::programs::ProgramError },
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
     #[error("no tracepoint could be attached; see the errors above")]
     NothingAttached,
 }
@@ -96,7 +102,15 @@ pub fn ensure_tracefs() {
     }
     let target = c"/sys/kernel/tracing";
     // SAFETY: mount(2) with valid NUL-terminated strings and no data.
-    let rc = unsafe { libc::mount(c"tracefs".as_ptr(), target.as_ptr(), c"tracefs".as_ptr(), 0, std::ptr::null()) };
+    let rc = unsafe {
+        libc::mount(
+            c"tracefs".as_ptr(),
+            target.as_ptr(),
+            c"tracefs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
     if rc == 0 {
         info!("tracefs was not mounted; mounted it at /sys/kernel/tracing");
     } else {
@@ -108,7 +122,10 @@ pub fn ensure_tracefs() {
 }
 
 fn raise_memlock() {
-    let lim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let lim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: setrlimit with a valid struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) } != 0 {
         debug!("raising RLIMIT_MEMLOCK failed ({}); harmless where BPF memory is charged to the memory cgroup", std::io::Error::last_os_error());
@@ -128,30 +145,46 @@ pub fn load(s: &LoadSettings) -> Result<Kernel, LoadError> {
     let kcfg = KernelConfig {
         agent_tgid: std::process::id(),
         max_message_bytes: s.max_message_bytes,
-        flags: if s.cgroup_ids.is_empty() { 0 } else { CFG_F_CGROUP_TARGETS },
+        flags: if s.cgroup_ids.is_empty() {
+            0
+        } else {
+            CFG_F_CGROUP_TARGETS
+        },
         off_v6_daddr: off_daddr,
         off_v6_rcv_saddr: off_saddr,
     };
     {
         let mut a: Array<_, KernelConfig> = map(&mut ebpf, MAP_CONFIG)?;
-        a.set(0, kcfg, 0).map_err(|e| LoadError::Map { name: MAP_CONFIG, source: e })?;
+        a.set(0, kcfg, 0).map_err(|e| LoadError::Map {
+            name: MAP_CONFIG,
+            source: e,
+        })?;
     }
     {
         let mut m: BpfHashMap<_, u16, u32> = map(&mut ebpf, MAP_PLAIN_PORTS)?;
         for p in &s.plaintext_ports {
-            m.insert(p, 1, 0).map_err(|e| LoadError::Map { name: MAP_PLAIN_PORTS, source: e })?;
+            m.insert(p, 1, 0).map_err(|e| LoadError::Map {
+                name: MAP_PLAIN_PORTS,
+                source: e,
+            })?;
         }
     }
     {
         let mut m: BpfHashMap<_, [u8; COMM_LEN], u32> = map(&mut ebpf, MAP_TARGET_COMMS)?;
         for c in &s.comms {
-            m.insert(comm_key(c), 1, 0).map_err(|e| LoadError::Map { name: MAP_TARGET_COMMS, source: e })?;
+            m.insert(comm_key(c), 1, 0).map_err(|e| LoadError::Map {
+                name: MAP_TARGET_COMMS,
+                source: e,
+            })?;
         }
     }
     {
         let mut m: BpfHashMap<_, u64, u32> = map(&mut ebpf, MAP_TARGET_CGRPS)?;
         for id in &s.cgroup_ids {
-            m.insert(id, 1, 0).map_err(|e| LoadError::Map { name: MAP_TARGET_CGRPS, source: e })?;
+            m.insert(id, 1, 0).map_err(|e| LoadError::Map {
+                name: MAP_TARGET_CGRPS,
+                source: e,
+            })?;
         }
     }
 
@@ -159,7 +192,9 @@ pub fn load(s: &LoadSettings) -> Result<Kernel, LoadError> {
     for (prog, category, name) in TRACEPOINTS {
         let res = attach_tracepoint(&mut ebpf, prog, category, name);
         if let Err(e) = &res {
-            warn!("could not attach tracepoint {category}:{name}: {e}; what it sees is not captured");
+            warn!(
+                "could not attach tracepoint {category}:{name}: {e}; what it sees is not captured"
+            );
         }
         tracepoints.insert(format!("{category}:{name}"), res.err());
     }
@@ -169,16 +204,25 @@ pub fn load(s: &LoadSettings) -> Result<Kernel, LoadError> {
     for (prog, ..) in SSL_PROBES {
         let p: &mut UProbe = program(&mut ebpf, prog)?;
         if p.fd().is_err() {
-            p.load().map_err(|e| LoadError::Program { name: prog, source: e })?;
+            p.load().map_err(|e| LoadError::Program {
+                name: prog,
+                source: e,
+            })?;
         }
     }
     Ok(Kernel { ebpf, tracepoints })
 }
 
-fn attach_tracepoint(ebpf: &mut Ebpf, prog: &'static str, category: &str, name: &str) -> Result<(), String> {
+fn attach_tracepoint(
+    ebpf: &mut Ebpf,
+    prog: &'static str,
+    category: &str,
+    name: &str,
+) -> Result<(), String> {
     let p: &mut TracePoint = program(ebpf, prog).map_err(|e| e.to_string())?;
     p.load().map_err(|e| format!("load: {e}"))?;
-    p.attach(category, name).map_err(|e| format!("attach: {e}"))?;
+    p.attach(category, name)
+        .map_err(|e| format!("attach: {e}"))?;
     Ok(())
 }
 
@@ -190,7 +234,8 @@ where
         name,
         source: aya::programs::ProgramError::UnexpectedProgramType,
     })?;
-    p.try_into().map_err(|e| LoadError::Program { name, source: e })
+    p.try_into()
+        .map_err(|e| LoadError::Program { name, source: e })
 }
 
 pub fn map<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<T, LoadError>
@@ -211,15 +256,25 @@ pub fn comm_key(c: &str) -> [u8; COMM_LEN] {
 
 impl Kernel {
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, LoadError> {
-        let m = self.ebpf.take_map(MAP_EVENTS).ok_or(LoadError::MissingMap(MAP_EVENTS))?;
-        RingBuf::try_from(m).map_err(|e| LoadError::Map { name: MAP_EVENTS, source: e })
+        let m = self
+            .ebpf
+            .take_map(MAP_EVENTS)
+            .ok_or(LoadError::MissingMap(MAP_EVENTS))?;
+        RingBuf::try_from(m).map_err(|e| LoadError::Map {
+            name: MAP_EVENTS,
+            source: e,
+        })
     }
 
     /// The kernel counters summed over CPUs, indexed as in tracer-common.
     pub fn counters(&self) -> Vec<u64> {
         let mut out = vec![0u64; COUNTER_MAX as usize];
-        let Some(m) = self.ebpf.map(MAP_COUNTERS) else { return out };
-        let Ok(a) = PerCpuArray::<_, u64>::try_from(m) else { return out };
+        let Some(m) = self.ebpf.map(MAP_COUNTERS) else {
+            return out;
+        };
+        let Ok(a) = PerCpuArray::<_, u64>::try_from(m) else {
+            return out;
+        };
         for (i, slot) in out.iter_mut().enumerate() {
             if let Ok(v) = a.get(&(i as u32), 0) {
                 *slot = v.iter().sum();
@@ -230,7 +285,11 @@ impl Kernel {
 
     pub fn add_target(&mut self, tgid: u32) -> Result<(), LoadError> {
         let mut m: BpfHashMap<_, u32, u32> = map(&mut self.ebpf, MAP_TARGET_TGIDS)?;
-        m.insert(tgid, TARGET_FROM_AGENT, 0).map_err(|e| LoadError::Map { name: MAP_TARGET_TGIDS, source: e })
+        m.insert(tgid, TARGET_FROM_AGENT, 0)
+            .map_err(|e| LoadError::Map {
+                name: MAP_TARGET_TGIDS,
+                source: e,
+            })
     }
 
     pub fn remove_target(&mut self, tgid: u32) {
@@ -249,8 +308,14 @@ impl Kernel {
 
     /// Removes connection-table entries of processes that no longer exist.
     pub fn prune_conns(&mut self, alive: impl Fn(u32) -> bool) -> usize {
-        let Ok(mut m) = map::<BpfHashMap<_, ConnKey, [u8; 72]>>(&mut self.ebpf, MAP_CONNS) else { return 0 };
-        let dead: Vec<ConnKey> = m.keys().filter_map(Result::ok).filter(|k| !alive(k.tgid)).collect();
+        let Ok(mut m) = map::<BpfHashMap<_, ConnKey, [u8; 72]>>(&mut self.ebpf, MAP_CONNS) else {
+            return 0;
+        };
+        let dead: Vec<ConnKey> = m
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !alive(k.tgid))
+            .collect();
         for k in &dead {
             let _ = m.remove(k);
         }

@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 use sparbar::{agent, config};
 
 #[derive(Parser)]
-#[command(name = "sparbar", version, about = "Traces who read whose personal data through a platform's HTTP APIs, from eBPF")]
+#[command(
+    name = "sparbar",
+    version,
+    about = "Traces who read whose personal data through a platform's HTTP APIs, from eBPF"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -30,7 +34,9 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).format_target(false).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_target(false)
+        .init();
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::CheckConfig { config } => match config::load(&config) {
@@ -58,14 +64,23 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("cannot start the async runtime: {e}");
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(agent::run(plan, agent::RunOptions { duration: duration.map(Duration::from_secs) })) {
+            match rt.block_on(agent::run(
+                plan,
+                agent::RunOptions {
+                    duration: duration.map(Duration::from_secs),
+                },
+            )) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     log::error!("{e}");

@@ -105,7 +105,13 @@ impl Pipeline {
         self.conns.len()
     }
 
-    fn conn(&mut self, id: ConnId, origin: u8, tuple: Option<record::Tuple>, tls: bool) -> &mut Conn {
+    fn conn(
+        &mut self,
+        id: ConnId,
+        origin: u8,
+        tuple: Option<record::Tuple>,
+        tls: bool,
+    ) -> &mut Conn {
         let limits = self.s.limits.clone();
         let stats = &self.stats;
         self.conns.entry(id).or_insert_with(|| {
@@ -115,41 +121,87 @@ impl Pipeline {
                 ORIGIN_CONNECT => Role::Client,
                 _ => Role::Unknown,
             };
-            Conn { parser: ConnParser::new(role, origin == ORIGIN_MIDSTREAM, limits), tuple, tls, hole_reasons: BTreeSet::new() }
+            Conn {
+                parser: ConnParser::new(role, origin == ORIGIN_MIDSTREAM, limits),
+                tuple,
+                tls,
+                hole_reasons: BTreeSet::new(),
+            }
         })
     }
 
     pub fn handle(&mut self, ev: Event) {
         match ev {
-            Event::ConnOpen { conn, tuple, origin, tls, .. } => {
+            Event::ConnOpen {
+                conn,
+                tuple,
+                origin,
+                tls,
+                ..
+            } => {
                 let mut t = tuple_addrs(&tuple);
                 if t.is_none() && conn.fd & 0x8000_0000 == 0 {
                     t = crate::procfs::socket_tuple(conn.tgid, conn.fd);
-                    self.stats.add(if t.is_some() { "tuples_resolved_total{source=\"procfs\"}" } else { "tuples_unknown_total" }, 1);
+                    self.stats.add(
+                        if t.is_some() {
+                            "tuples_resolved_total{source=\"procfs\"}"
+                        } else {
+                            "tuples_unknown_total"
+                        },
+                        1,
+                    );
                 }
                 if self.conns.contains_key(&conn) {
-                    self.stats.add_reason("events_anomalous_total", "duplicate_conn_open", 1);
+                    self.stats
+                        .add_reason("events_anomalous_total", "duplicate_conn_open", 1);
                 }
                 let c = self.conn(conn, origin, t, tls);
                 c.tls |= tls;
             }
-            Event::Data { hdr, conn, pos, dir, payload, .. } => {
+            Event::Data {
+                hdr,
+                conn,
+                pos,
+                dir,
+                payload,
+                ..
+            } => {
                 if !self.conns.contains_key(&conn) {
-                    self.stats.add_reason("events_anomalous_total", "data_before_conn_open", 1);
+                    self.stats
+                        .add_reason("events_anomalous_total", "data_before_conn_open", 1);
                 }
                 let tls = hdr.flags & DATA_F_TLS != 0;
-                self.stats.add("payload_bytes_received_total", payload.len() as u64);
+                self.stats
+                    .add("payload_bytes_received_total", payload.len() as u64);
                 let c = self.conn(conn, ORIGIN_MIDSTREAM, None, tls);
-                let d = if dir == DIR_IN { Dir::Inbound } else { Dir::Outbound };
+                let d = if dir == DIR_IN {
+                    Dir::Inbound
+                } else {
+                    Dir::Outbound
+                };
                 c.parser.data(d, pos, hdr.ts_ns, &payload);
                 self.collect(conn);
             }
-            Event::Hole { hdr, conn, pos, len, dir, reason } => {
+            Event::Hole {
+                hdr,
+                conn,
+                pos,
+                len,
+                dir,
+                reason,
+            } => {
                 let r = hole_reason(reason);
-                self.stats.add(&format!("stream_bytes_uncaptured_total{{reason=\"{r}\"}}"), len);
+                self.stats.add(
+                    &format!("stream_bytes_uncaptured_total{{reason=\"{r}\"}}"),
+                    len,
+                );
                 let c = self.conn(conn, ORIGIN_MIDSTREAM, None, hdr.flags & DATA_F_TLS != 0);
                 c.hole_reasons.insert(r);
-                let d = if dir == DIR_IN { Dir::Inbound } else { Dir::Outbound };
+                let d = if dir == DIR_IN {
+                    Dir::Inbound
+                } else {
+                    Dir::Outbound
+                };
                 c.parser.hole(d, pos, len, hdr.ts_ns);
                 self.collect(conn);
             }
@@ -170,14 +222,20 @@ impl Pipeline {
                 self.exits.push(tgid);
                 // Connections of a dead process end here; their fds were closed by the kernel
                 // without a close(2) we could see.
-                let ids: Vec<ConnId> = self.conns.keys().filter(|k| k.tgid == tgid).copied().collect();
+                let ids: Vec<ConnId> = self
+                    .conns
+                    .keys()
+                    .filter(|k| k.tgid == tgid)
+                    .copied()
+                    .collect();
                 for id in ids {
                     if let Some(c) = self.conns.get_mut(&id) {
                         c.parser.close(0);
                     }
                     self.collect(id);
                     self.conns.remove(&id);
-                    self.stats.add("connections_closed_total{reason=\"process_exit\"}", 1);
+                    self.stats
+                        .add("connections_closed_total{reason=\"process_exit\"}", 1);
                 }
             }
         }
@@ -206,13 +264,22 @@ impl Pipeline {
             .ok()
             .and_then(|m| m.get(&tgid).cloned())
             .unwrap_or_else(|| info.name.clone());
-        let p = (ProcessInfo { pid: tgid, name: info.name, executable: info.executable }, service);
+        let p = (
+            ProcessInfo {
+                pid: tgid,
+                name: info.name,
+                executable: info.executable,
+            },
+            service,
+        );
         self.procs.insert(tgid, p.clone());
         p
     }
 
     fn collect(&mut self, id: ConnId) {
-        let Some(c) = self.conns.get_mut(&id) else { return };
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
         let exchanges = c.parser.take_exchanges();
         for a in c.parser.take_anomalies() {
             self.stats.add_reason("http_anomalies_total", a.reason(), 1);
@@ -227,11 +294,24 @@ impl Pipeline {
         }
     }
 
-    fn record(&mut self, id: ConnId, ex: &Exchange, tuple: Option<record::Tuple>, tls: bool, reasons: &[&'static str]) {
+    fn record(
+        &mut self,
+        id: ConnId,
+        ex: &Exchange,
+        tuple: Option<record::Tuple>,
+        tls: bool,
+        reasons: &[&'static str],
+    ) {
         self.stats.add("exchanges_parsed_total", 1);
-        let route = self.s.routes.match_request(&ex.request.method, &ex.request.target);
+        let route = self
+            .s
+            .routes
+            .match_request(&ex.request.method, &ex.request.target);
         match &route {
-            Some(m) => self.stats.add(&format!("exchanges_matched_total{{route=\"{}\"}}", m.name), 1),
+            Some(m) => self.stats.add(
+                &format!("exchanges_matched_total{{route=\"{}\"}}", m.name),
+                1,
+            ),
             None => {
                 self.stats.add("exchanges_unmatched_total", 1);
                 if !self.s.record_unmatched {
@@ -242,7 +322,9 @@ impl Pipeline {
         let (proc_info, service) = self.process(id.tgid);
         let missing = |b: &crate::exchange::Body| -> u64 {
             match b.loss {
-                Some(BodyLoss::NotCaptured) | Some(BodyLoss::Incomplete) if b.decoded_from.is_none() => {
+                Some(BodyLoss::NotCaptured) | Some(BodyLoss::Incomplete)
+                    if b.decoded_from.is_none() =>
+                {
                     b.wire_len.saturating_sub(b.data.len() as u64)
                 }
                 _ => 0,
@@ -254,12 +336,17 @@ impl Pipeline {
         if ex.completeness == Completeness::NoResponse {
             reasons.push("no_response");
         }
-        let complete = ex.completeness == Completeness::Complete && req_missing == 0 && resp_missing == 0;
+        let complete =
+            ex.completeness == Completeness::Complete && req_missing == 0 && resp_missing == 0;
         if !complete {
             self.stats.add("exchanges_incomplete_total", 1);
         }
         let first = ex.request.first_ns;
-        let last = ex.response.as_ref().map(|r| r.last_ns).unwrap_or(ex.request.last_ns);
+        let last = ex
+            .response
+            .as_ref()
+            .map(|r| r.last_ns)
+            .unwrap_or(ex.request.last_ns);
         let start_unix_ns = (first as i128 + self.s.mono_to_unix_ns).max(0) as u64;
         let ctx = RecordContext {
             exchange: ex,
@@ -272,7 +359,12 @@ impl Pipeline {
             service_name: &service,
             host_name: &self.s.host_name,
             conn_id: format!("{}:{}:{}", id.tgid, id.fd, id.gen),
-            capture: CaptureInfo { complete, request_bytes_missing: req_missing, response_bytes_missing: resp_missing, reasons },
+            capture: CaptureInfo {
+                complete,
+                request_bytes_missing: req_missing,
+                response_bytes_missing: resp_missing,
+                reasons,
+            },
             event_id: self.ids.next(),
         };
         self.out.push(record::build(&ctx));
@@ -282,7 +374,10 @@ impl Pipeline {
 /// CLOCK_REALTIME − CLOCK_MONOTONIC now, in ns.
 pub fn mono_to_unix_ns() -> i128 {
     let read = |clock| {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
         // SAFETY: clock_gettime with a valid timespec.
         unsafe { libc::clock_gettime(clock, &mut ts) };
         ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128

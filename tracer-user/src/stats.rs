@@ -1,10 +1,7 @@
 //! The agent's own counters: named `<noun>_<verb>_total`, a drop always with its reason. Printed
 //! periodically and at exit, and written as JSON to the state directory for operators and tests.
 
-use std::{
-    collections::BTreeMap,
-    sync::Mutex,
-};
+use std::{collections::BTreeMap, sync::Mutex};
 
 #[derive(Default)]
 pub struct Stats {
@@ -37,11 +34,16 @@ impl Stats {
     }
 
     pub fn snapshot(&self) -> BTreeMap<String, u64> {
-        self.counters.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
 /// Is this counter a loss (something dropped, cut or not captured)?
 pub fn is_loss(name: &str) -> bool {
-    name.contains("_dropped_total") || name.contains("_lost_total") || name.contains("reason=\"cap\"")
+    name.contains("_dropped_total")
+        || name.contains("_lost_total")
+        || name.contains("reason=\"cap\"")
 }

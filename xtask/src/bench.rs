@@ -30,12 +30,21 @@ pub enum Which {
 
 pub fn run(bin: &Path, which: Which) -> Result<()> {
     match which {
-        Which::Capture { seconds, rounds, connections } => capture(bin, seconds, rounds, connections),
+        Which::Capture {
+            seconds,
+            rounds,
+            connections,
+        } => capture(bin, seconds, rounds, connections),
     }
 }
 
 fn wrk(url: &str, seconds: u64, connections: u32) -> Result<(f64, u64)> {
-    let out = output(Command::new("wrk").args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), url]))?;
+    let out = output(Command::new("wrk").args([
+        "-t1",
+        &format!("-c{connections}"),
+        &format!("-d{seconds}s"),
+        url,
+    ]))?;
     let rps = out
         .lines()
         .find_map(|l| l.strip_prefix("Requests/sec:"))
@@ -51,10 +60,13 @@ fn wrk(url: &str, seconds: u64, connections: u32) -> Result<(f64, u64)> {
 }
 
 fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
     let rest = &s[s.rfind(')').map(|i| i + 2).unwrap_or(0)..];
     let f: Vec<&str> = rest.split(' ').collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
     // SAFETY: sysconf has no preconditions.
     ticks / unsafe { libc_sysconf(2) } as f64
 }
@@ -104,8 +116,14 @@ fn capture(bin: &Path, seconds: u64, rounds: u32, connections: u32) -> Result<()
     println!("  without agent      : {:.0} req/s", mean(&base));
     println!("  with agent         : {:.0} req/s", mean(&with));
     println!("  throughput ratio   : {:.2}", mean(&with) / mean(&base));
-    println!("  agent CPU          : {:.0}% of one core while loaded", 100.0 * agent_cpu / agent_wall.max(1e-9));
-    println!("  records / requests : {recorded} / {served} ({:.4})", recorded as f64 / served.max(1) as f64);
+    println!(
+        "  agent CPU          : {:.0}% of one core while loaded",
+        100.0 * agent_cpu / agent_wall.max(1e-9)
+    );
+    println!(
+        "  records / requests : {recorded} / {served} ({:.4})",
+        recorded as f64 / served.max(1) as f64
+    );
     drop(platform);
     Ok(())
 }

@@ -8,7 +8,16 @@ use crate::{run_cmd, step};
 
 /// Debian packages: the LLVM that bpf-linker links against, the servers and clients the
 /// end-to-end tests and the demo drive, and the tools the benchmarks use.
-const APT_PACKAGES: &[&str] = &["llvm-22-dev", "nginx", "wrk", "curl", "openssl", "bpftool", "procps", "iproute2"];
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "nginx",
+    "wrk",
+    "curl",
+    "openssl",
+    "bpftool",
+    "procps",
+    "iproute2",
+];
 
 fn installed(pkg: &str) -> bool {
     Command::new("dpkg-query")
@@ -19,11 +28,19 @@ fn installed(pkg: &str) -> bool {
 }
 
 fn have(cmd: &str, arg: &str) -> bool {
-    Command::new(cmd).arg(arg).output().map(|o| o.status.success()).unwrap_or(false)
+    Command::new(cmd)
+        .arg(arg)
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
 }
 
 pub fn run() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !installed(p))
+        .collect();
     if missing.is_empty() {
         step("apt packages: all present");
     } else {
@@ -40,13 +57,23 @@ pub fn run() -> Result<()> {
     let rust_src = Command::new("rustup")
         .args(["component", "list", "--installed", "--toolchain", "nightly"])
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("rust-src")))
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.starts_with("rust-src"))
+        })
         .unwrap_or(false);
     if rust_src {
         step("rust-src for the nightly toolchain: present");
     } else {
         step("rust-src for the nightly toolchain: installing (the eBPF build uses -Z build-std=core)");
-        run_cmd(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run_cmd(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
 
     if have("bpf-linker", "--version") {
@@ -55,7 +82,16 @@ pub fn run() -> Result<()> {
         step("bpf-linker: installing 0.13.0 against Debian's LLVM 22 (about a minute)");
         run_cmd(
             Command::new("cargo")
-                .args(["install", "bpf-linker", "--version", "0.13.0", "--locked", "--no-default-features", "--features", "llvm-22"])
+                .args([
+                    "install",
+                    "bpf-linker",
+                    "--version",
+                    "0.13.0",
+                    "--locked",
+                    "--no-default-features",
+                    "--features",
+                    "llvm-22",
+                ])
                 .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
         )?;
     }

@@ -30,24 +30,50 @@ pub fn run(bin: &Path, duration: u64) -> Result<()> {
     output(
         Command::new("python3")
             .arg(repo_root().join("tests/demo/traffic.py"))
-            .args(["--base", &format!("https://127.0.0.1:{tls_port}"), "--cafile", &platform.cert()])
-            .args(["--data", platform.info["dataset"].as_str().unwrap_or_default()])
-            .args(["--users", "40", "--duration", &duration.to_string(), "--abuser", "--quiet", "--out"])
+            .args([
+                "--base",
+                &format!("https://127.0.0.1:{tls_port}"),
+                "--cafile",
+                &platform.cert(),
+            ])
+            .args([
+                "--data",
+                platform.info["dataset"].as_str().unwrap_or_default(),
+            ])
+            .args([
+                "--users",
+                "40",
+                "--duration",
+                &duration.to_string(),
+                "--abuser",
+                "--quiet",
+                "--out",
+            ])
             .arg(&summary_path),
     )?;
     step("stopping the agent (SIGTERM: drain, flush, detach)");
     let records_path = agent.records.clone();
     let stats = agent.stop()?;
     let records = read_jsonl(&records_path)?;
-    let traffic: Value = serde_json::from_str(&std::fs::read_to_string(&summary_path)?).context("traffic summary")?;
+    let traffic: Value = serde_json::from_str(&std::fs::read_to_string(&summary_path)?)
+        .context("traffic summary")?;
     drop(platform);
 
     let sent = traffic["requests"].as_array().map(|a| a.len()).unwrap_or(0);
-    let front: Vec<&Value> = records.iter().filter(|r| get(r, "server.port").as_u64() == Some(tls_port as u64)).collect();
-    let upstream = records.iter().filter(|r| get(r, "server.port").as_u64() == Some(app_port as u64)).count();
+    let front: Vec<&Value> = records
+        .iter()
+        .filter(|r| get(r, "server.port").as_u64() == Some(tls_port as u64))
+        .collect();
+    let upstream = records
+        .iter()
+        .filter(|r| get(r, "server.port").as_u64() == Some(app_port as u64))
+        .count();
     let mut per_route: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     for r in &front {
-        let name = get(r, "sparbar.route.name").as_str().unwrap_or("(unmatched)").to_string();
+        let name = get(r, "sparbar.route.name")
+            .as_str()
+            .unwrap_or("(unmatched)")
+            .to_string();
         let e = per_route.entry(name).or_default();
         e.0 += 1;
         if get(r, "http.response.status_code").as_u64().unwrap_or(0) >= 400 {
@@ -64,10 +90,30 @@ pub fn run(bin: &Path, duration: u64) -> Result<()> {
         println!("    {k:<28} {n:>6} / {e}");
     }
     let losses = stats.losses();
-    println!("  losses                                 : {}", if losses.is_empty() { "none".to_string() } else { format!("{losses:?}") });
-    println!("  kernel events / payload bytes          : {} / {}", stats.kernel("kernel_events_sent_total"), stats.kernel("kernel_bytes_captured_total"));
-    println!("  records                                : {}", records_path.display());
-    println!("  agent counters                         : {}", dir.join("agent/stats.json").display());
-    println!("  traffic generator's own account        : {}", summary_path.display());
+    println!(
+        "  losses                                 : {}",
+        if losses.is_empty() {
+            "none".to_string()
+        } else {
+            format!("{losses:?}")
+        }
+    );
+    println!(
+        "  kernel events / payload bytes          : {} / {}",
+        stats.kernel("kernel_events_sent_total"),
+        stats.kernel("kernel_bytes_captured_total")
+    );
+    println!(
+        "  records                                : {}",
+        records_path.display()
+    );
+    println!(
+        "  agent counters                         : {}",
+        dir.join("agent/stats.json").display()
+    );
+    println!(
+        "  traffic generator's own account        : {}",
+        summary_path.display()
+    );
     Ok(())
 }

@@ -28,7 +28,14 @@ fn ssl_enter(ctx: &ProbeContext, op: u8, ex: bool) -> u32 {
     if ssl == 0 || (ex && len_ptr == 0) {
         return 0;
     }
-    let call = SslCall { ssl, buf, len_ptr, fd: NO_FD, op, _pad: [0; 3] };
+    let call = SslCall {
+        ssl,
+        buf,
+        len_ptr,
+        fd: NO_FD,
+        op,
+        _pad: [0; 3],
+    };
     if SSL_ACTIVE.insert(pid_tgid, call, 0).is_err() {
         count(C_INFLIGHT_FULL, 1);
     }
@@ -90,7 +97,11 @@ pub fn openssl_ssl_rw_ret(ctx: RetProbeContext) -> u32 {
     }
     count(C_SSL_CALLS, 1);
     let tgid = (pid_tgid >> 32) as u32;
-    let skey = SslKey { tgid, _pad: 0, ssl: call.ssl };
+    let skey = SslKey {
+        tgid,
+        _pad: 0,
+        ssl: call.ssl,
+    };
     // SAFETY: value copied.
     let cached = unsafe { SSL_FDS.get(skey) }.copied();
     let mut flags = DATA_F_TLS;
@@ -141,7 +152,19 @@ pub fn openssl_ssl_rw_ret(ctx: RetProbeContext) -> u32 {
         st.pos_out += n;
         (DIR_OUT, p)
     };
-    emit_data(id, pid_tgid, dir, flags, SRC_TLS, UserBuf { ptr: call.buf, iovcnt: 0 }, pos, n);
+    emit_data(
+        id,
+        pid_tgid,
+        dir,
+        flags,
+        SRC_TLS,
+        UserBuf {
+            ptr: call.buf,
+            iovcnt: 0,
+        },
+        pos,
+        n,
+    );
     0
 }
 
@@ -172,12 +195,20 @@ pub fn openssl_ssl_free(ctx: ProbeContext) -> u32 {
     }
     let ssl: u64 = ctx.arg(0).unwrap_or(0);
     let _ = SSL_FDS.remove(SslKey { tgid, _pad: 0, ssl });
-    let key = ConnKey { tgid, fd: 0x8000_0000 | ((ssl >> 4) as u32 & 0x7fff_ffff) };
+    let key = ConnKey {
+        tgid,
+        fd: 0x8000_0000 | ((ssl >> 4) as u32 & 0x7fff_ffff),
+    };
     // SAFETY: value copied before removal.
     if let Some(st) = unsafe { CONNS.get(key) }.copied() {
         if st.flags & CONN_F_UNMAPPED != 0 {
             let ev = ConnCloseEvent {
-                hdr: header(KIND_CONN_CLOSE, 0, core::mem::size_of::<ConnCloseEvent>() as u32, pid_tgid),
+                hdr: header(
+                    KIND_CONN_CLOSE,
+                    0,
+                    core::mem::size_of::<ConnCloseEvent>() as u32,
+                    pid_tgid,
+                ),
                 conn: conn_id(&key, &st),
                 pos_in: st.pos_in,
                 pos_out: st.pos_out,

@@ -50,7 +50,10 @@ pub fn process_fork(ctx: TracePointContext) -> u32 {
             return 0;
         }
     }
-    if TARGET_TGIDS.insert(child as u32, TARGET_FROM_FORK, 0).is_err() {
+    if TARGET_TGIDS
+        .insert(child as u32, TARGET_FROM_FORK, 0)
+        .is_err()
+    {
         count(C_TARGETS_FULL, 1);
     }
     0

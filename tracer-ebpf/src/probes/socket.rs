@@ -36,7 +36,14 @@ fn enter(ctx: &TracePointContext, op: u8, buf: u64, iovcnt: u32) {
         return;
     }
     let fd: u64 = arg(ctx, ARG0);
-    let inf = Inflight { buf, iovcnt, fd: fd as u32, op, capture: 0, _pad: [0; 6] };
+    let inf = Inflight {
+        buf,
+        iovcnt,
+        fd: fd as u32,
+        op,
+        capture: 0,
+        _pad: [0; 6],
+    };
     if INFLIGHT.insert(pid_tgid, inf, 0).is_err() {
         count(C_INFLIGHT_FULL, 1);
     }
@@ -53,7 +60,16 @@ fn enter_buf(ctx: &TracePointContext, op: u8) -> u32 {
 fn enter_iov(ctx: &TracePointContext, op: u8) -> u32 {
     let iov: u64 = arg(ctx, ARG1);
     let cnt: u64 = arg(ctx, ARG2);
-    enter(ctx, op, iov, if cnt > u32::MAX as u64 { u32::MAX } else { cnt as u32 });
+    enter(
+        ctx,
+        op,
+        iov,
+        if cnt > u32::MAX as u64 {
+            u32::MAX
+        } else {
+            cnt as u32
+        },
+    );
     0
 }
 
@@ -77,7 +93,16 @@ fn enter_msg(ctx: &TracePointContext, op: u8) -> u32 {
     let Ok(h) = (unsafe { bpf_probe_read_user(msg as *const MsgHdrHead) }) else {
         return 0;
     };
-    enter(ctx, op, h.iov, if h.iovlen > u32::MAX as u64 { u32::MAX } else { h.iovlen as u32 });
+    enter(
+        ctx,
+        op,
+        h.iov,
+        if h.iovlen > u32::MAX as u64 {
+            u32::MAX
+        } else {
+            h.iovlen as u32
+        },
+    );
     0
 }
 
@@ -96,7 +121,10 @@ fn exit(ctx: &TracePointContext) -> u32 {
     if ret <= 0 {
         return 0;
     }
-    let key = ConnKey { tgid: (pid_tgid >> 32) as u32, fd: inf.fd };
+    let key = ConnKey {
+        tgid: (pid_tgid >> 32) as u32,
+        fd: inf.fd,
+    };
     let Some(st) = CONNS.get_ptr_mut(key) else {
         return 0;
     };
@@ -119,7 +147,19 @@ fn exit(ctx: &TracePointContext) -> u32 {
         count(C_SENDFILE_BYTES, n);
         emit_hole(id, pid_tgid, dir, 0, pos, n, HOLE_SENDFILE);
     } else {
-        emit_data(id, pid_tgid, dir, 0, SRC_SYSCALL, UserBuf { ptr: inf.buf, iovcnt: inf.iovcnt }, pos, n);
+        emit_data(
+            id,
+            pid_tgid,
+            dir,
+            0,
+            SRC_SYSCALL,
+            UserBuf {
+                ptr: inf.buf,
+                iovcnt: inf.iovcnt,
+            },
+            pos,
+            n,
+        );
     }
     0
 }
@@ -139,12 +179,27 @@ macro_rules! syscall_pair {
 
 syscall_pair!(socket_enter_read, socket_exit_read, enter_buf, OP_READ);
 syscall_pair!(socket_enter_write, socket_exit_write, enter_buf, OP_WRITE);
-syscall_pair!(socket_enter_recvfrom, socket_exit_recvfrom, enter_buf, OP_READ);
+syscall_pair!(
+    socket_enter_recvfrom,
+    socket_exit_recvfrom,
+    enter_buf,
+    OP_READ
+);
 syscall_pair!(socket_enter_sendto, socket_exit_sendto, enter_buf, OP_WRITE);
 syscall_pair!(socket_enter_readv, socket_exit_readv, enter_iov, OP_READ);
 syscall_pair!(socket_enter_writev, socket_exit_writev, enter_iov, OP_WRITE);
-syscall_pair!(socket_enter_recvmsg, socket_exit_recvmsg, enter_msg, OP_READ);
-syscall_pair!(socket_enter_sendmsg, socket_exit_sendmsg, enter_msg, OP_WRITE);
+syscall_pair!(
+    socket_enter_recvmsg,
+    socket_exit_recvmsg,
+    enter_msg,
+    OP_READ
+);
+syscall_pair!(
+    socket_enter_sendmsg,
+    socket_exit_sendmsg,
+    enter_msg,
+    OP_WRITE
+);
 
 /// sys_enter_sendfile64: the bytes are counted and announced as a hole, never copied.
 #[tracepoint]
@@ -188,7 +243,12 @@ pub fn new_conn(key: &ConnKey, origin: u8, pid_tgid: u64) -> Option<*mut ConnSta
 #[inline(always)]
 fn send_close(key: &ConnKey, st: &ConnState, pid_tgid: u64) {
     let ev = ConnCloseEvent {
-        hdr: header(KIND_CONN_CLOSE, 0, core::mem::size_of::<ConnCloseEvent>() as u32, pid_tgid),
+        hdr: header(
+            KIND_CONN_CLOSE,
+            0,
+            core::mem::size_of::<ConnCloseEvent>() as u32,
+            pid_tgid,
+        ),
         conn: conn_id(key, st),
         pos_in: st.pos_in,
         pos_out: st.pos_out,
@@ -211,7 +271,14 @@ fn accepted(ctx: &TracePointContext) -> u32 {
     if ret < 0 {
         return 0;
     }
-    new_conn(&ConnKey { tgid, fd: ret as u32 }, ORIGIN_ACCEPT, pid_tgid);
+    new_conn(
+        &ConnKey {
+            tgid,
+            fd: ret as u32,
+        },
+        ORIGIN_ACCEPT,
+        pid_tgid,
+    );
     0
 }
 
@@ -233,7 +300,14 @@ pub fn socket_enter_connect(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let fd: u64 = arg(&ctx, ARG0);
-    new_conn(&ConnKey { tgid, fd: fd as u32 }, ORIGIN_CONNECT, pid_tgid);
+    new_conn(
+        &ConnKey {
+            tgid,
+            fd: fd as u32,
+        },
+        ORIGIN_CONNECT,
+        pid_tgid,
+    );
     0
 }
 
@@ -245,7 +319,10 @@ pub fn socket_enter_close(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let fd: u64 = arg(&ctx, ARG0);
-    let key = ConnKey { tgid, fd: fd as u32 };
+    let key = ConnKey {
+        tgid,
+        fd: fd as u32,
+    };
     // SAFETY: value copied before removal.
     if let Some(st) = unsafe { CONNS.get(key) } {
         if st.flags & CONN_F_ANNOUNCED != 0 {
@@ -271,17 +348,25 @@ fn fill_tuple(st: &mut ConnState, sk: u64, family: u16) {
     let Ok(h) = (unsafe { bpf_probe_read_kernel(sk as *const Head) }) else {
         return;
     };
-    let mut t = Tuple { family, local_port: h.num, peer_port: u16::from_be(h.dport), ..Tuple::default() };
+    let mut t = Tuple {
+        family,
+        local_port: h.num,
+        peer_port: u16::from_be(h.dport),
+        ..Tuple::default()
+    };
     if family == AF_INET {
         t.local_addr[..4].copy_from_slice(&h.rcv_saddr);
         t.peer_addr[..4].copy_from_slice(&h.daddr);
     } else if let Some(cfg) = config() {
         // SAFETY: as above, at offsets read from the kernel's BTF by the agent.
         unsafe {
-            if let Ok(a) = bpf_probe_read_kernel((sk + cfg.off_v6_rcv_saddr as u64) as *const [u8; 16]) {
+            if let Ok(a) =
+                bpf_probe_read_kernel((sk + cfg.off_v6_rcv_saddr as u64) as *const [u8; 16])
+            {
                 t.local_addr = a;
             }
-            if let Ok(a) = bpf_probe_read_kernel((sk + cfg.off_v6_daddr as u64) as *const [u8; 16]) {
+            if let Ok(a) = bpf_probe_read_kernel((sk + cfg.off_v6_daddr as u64) as *const [u8; 16])
+            {
                 t.peer_addr = a;
             }
         }
@@ -309,7 +394,10 @@ fn on_sock(ctx: &TracePointContext) -> u32 {
         return 0;
     }
     let sk: u64 = arg(ctx, 8);
-    let key = ConnKey { tgid: (pid_tgid >> 32) as u32, fd: inf.fd };
+    let key = ConnKey {
+        tgid: (pid_tgid >> 32) as u32,
+        fd: inf.fd,
+    };
     let st = match CONNS.get_ptr_mut(key) {
         Some(p) => p,
         None => match new_conn(&key, ORIGIN_MIDSTREAM, pid_tgid) {
