@@ -271,8 +271,15 @@ pub struct KernelConfig {
     /// Offsets of `skc_v6_daddr` / `skc_v6_rcv_saddr` in `struct sock_common`, read from BTF.
     pub off_v6_daddr: u16,
     pub off_v6_rcv_saddr: u16,
+    /// Events are written without waking the reader (it polls on a short timer) until this
+    /// many bytes wait in the ring buffer; then every write wakes it.
+    pub wakeup_bytes: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<KernelConfig>() == 16);
+const _: () = assert!(size_of::<KernelConfig>() == 24);
+
+/// How often the agent polls the ring buffer when the kernel did not wake it.
+pub const POLL_INTERVAL_MS: u64 = 5;
 
 /// Key of the connection table.
 #[repr(C)]

@@ -25,6 +25,25 @@ pub fn is_target(tgid: u32) -> bool {
     }
 }
 
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+
+/// Wake the reader only when enough is waiting: it polls on a short timer anyway, and a wakeup
+/// per event costs the traced server an irq_work and the agent a context switch.
+#[inline(always)]
+pub fn rb_flags() -> u64 {
+    let threshold = match config() {
+        Some(c) => c.wakeup_bytes as u64,
+        None => 0,
+    };
+    if EVENTS.query(BPF_RB_AVAIL_DATA) >= threshold {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
+}
+
 #[inline(always)]
 pub fn header(kind: u16, flags: u16, len: u32, pid_tgid: u64) -> EventHeader {
     EventHeader {
@@ -65,7 +84,7 @@ pub fn announce(key: &ConnKey, st: &mut ConnState, pid_tgid: u64) -> bool {
         tls: (st.flags & CONN_F_TLS != 0) as u8,
         _pad: [0; 6],
     };
-    if EVENTS.output::<ConnOpenEvent>(&ev, 0).is_ok() {
+    if EVENTS.output::<ConnOpenEvent>(&ev, rb_flags()).is_ok() {
         st.flags |= CONN_F_ANNOUNCED;
         count(C_EVENTS_SENT, 1);
         true
@@ -91,7 +110,7 @@ pub fn emit_hole(id: ConnId, pid_tgid: u64, dir: u8, flags: u16, pos: u64, len: 
         reason,
         _pad: [0; 6],
     };
-    if EVENTS.output::<HoleEvent>(&ev, 0).is_ok() {
+    if EVENTS.output::<HoleEvent>(&ev, rb_flags()).is_ok() {
         count(C_EVENTS_SENT, 1);
     } else {
         count(C_RINGBUF_FULL_EVENTS, 1);
@@ -214,7 +233,7 @@ unsafe extern "C" fn emit_step(_i: u64, _ctx: *mut core::ffi::c_void) -> i64 {
         let bytes = unsafe {
             core::slice::from_raw_parts(ev as *const DataEvent as *const u8, DATA_HDR_LEN + n)
         };
-        if EVENTS.output::<[u8]>(bytes, 0).is_ok() {
+        if EVENTS.output::<[u8]>(bytes, rb_flags()).is_ok() {
             count(C_EVENTS_SENT, 1);
             count(C_BYTES_CAPTURED, n as u64);
         } else {

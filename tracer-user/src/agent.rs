@@ -152,27 +152,20 @@ pub struct RunOptions {
 
 struct Sinks {
     sinks: Vec<Box<dyn Sink>>,
+    /// Per sink: the counter names for written and dropped records, built once.
+    names: Vec<(String, String)>,
     stats: Arc<Stats>,
     last_error_log: Option<Instant>,
 }
 
 impl Sinks {
-    fn write_all(&mut self, records: &mut Vec<serde_json::Value>) {
+    fn write_all(&mut self, records: &mut Vec<Vec<u8>>) {
         for r in records.drain(..) {
-            for s in self.sinks.iter_mut() {
-                match s.write(&r) {
-                    Ok(()) => self.stats.add(
-                        &format!("records_written_total{{sink=\"{}\"}}", s.name()),
-                        1,
-                    ),
+            for (s, (written, dropped)) in self.sinks.iter_mut().zip(&self.names) {
+                match s.write_line(&r) {
+                    Ok(()) => self.stats.add(written, 1),
                     Err(e) => {
-                        self.stats.add(
-                            &format!(
-                                "records_dropped_total{{reason=\"sink_error\",sink=\"{}\"}}",
-                                s.name()
-                            ),
-                            1,
-                        );
+                        self.stats.add(dropped, 1);
                         if self
                             .last_error_log
                             .is_none_or(|t| t.elapsed() > Duration::from_secs(10))
@@ -216,11 +209,16 @@ pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
     if plan.stdout {
         sinks.push(Box::new(Stdout::new()));
     }
-    let mut sinks = Sinks {
-        sinks,
-        stats: stats.clone(),
-        last_error_log: None,
-    };
+    let names = sinks
+        .iter()
+        .map(|s| {
+            (
+                format!("records_written_total{{sink=\"{}\"}}", s.name()),
+                format!("records_dropped_total{{reason=\"sink_error\",sink=\"{}\"}}", s.name()),
+            )
+        })
+        .collect();
+    let mut sinks = Sinks { sinks, names, stats: stats.clone(), last_error_log: None };
 
     let mut kernel = loader::load(&plan.load)?;
     let mut discovery = Discovery::new(plan.targets.clone());

@@ -152,6 +152,8 @@ pub fn load(s: &LoadSettings) -> Result<Kernel, LoadError> {
         },
         off_v6_daddr: off_daddr,
         off_v6_rcv_saddr: off_saddr,
+        wakeup_bytes: s.ring_buffer_size / 8,
+        _pad: 0,
     };
     {
         let mut a: Array<_, KernelConfig> = map(&mut ebpf, MAP_CONFIG)?;

@@ -48,10 +48,13 @@ pub struct Pipeline {
     stats: Arc<Stats>,
     ids: EventIds,
     /// Records ready for the sinks.
-    pub out: Vec<serde_json::Value>,
+    /// Records ready for the sinks, one compact JSON line each.
+    pub out: Vec<Vec<u8>>,
     /// Processes that exec'd, for discovery to re-check.
     pub execs: Vec<u32>,
     pub exits: Vec<u32>,
+    /// Counter names per route index, built once.
+    route_counters: Vec<String>,
 }
 
 fn hole_reason(r: u8) -> &'static str {
@@ -98,6 +101,7 @@ impl Pipeline {
             out: Vec::new(),
             execs: Vec::new(),
             exits: Vec::new(),
+            route_counters: Vec::new(),
         }
     }
 
@@ -308,10 +312,15 @@ impl Pipeline {
             .routes
             .match_request(&ex.request.method, &ex.request.target);
         match &route {
-            Some(m) => self.stats.add(
-                &format!("exchanges_matched_total{{route=\"{}\"}}", m.name),
-                1,
-            ),
+            Some(m) => {
+                if self.route_counters.len() <= m.index {
+                    self.route_counters.resize(m.index + 1, String::new());
+                }
+                if self.route_counters[m.index].is_empty() {
+                    self.route_counters[m.index] = format!("exchanges_matched_total{{route=\"{}\"}}", m.name);
+                }
+                self.stats.add(&self.route_counters[m.index], 1);
+            }
             None => {
                 self.stats.add("exchanges_unmatched_total", 1);
                 if !self.s.record_unmatched {
@@ -367,7 +376,9 @@ impl Pipeline {
             },
             event_id: self.ids.next(),
         };
-        self.out.push(record::build(&ctx));
+        let mut line = Vec::with_capacity(1024);
+        record::write_line(&ctx, &mut line);
+        self.out.push(line);
     }
 }
 

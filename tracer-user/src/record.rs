@@ -15,7 +15,8 @@
 
 use std::net::SocketAddr;
 
-use serde_json::{json, Map, Value};
+use serde::Serialize;
+use serde_json::{Map, Value};
 use thiserror::Error;
 
 use crate::exchange::{header, Exchange, Header};
@@ -41,7 +42,7 @@ pub struct ProcessInfo {
 }
 
 /// What the capture knows about the completeness of this exchange (the caller works it out).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
 pub struct CaptureInfo {
     pub complete: bool,
     pub request_bytes_missing: u64,
@@ -132,126 +133,209 @@ pub const FIELDS: &[&str] = &[
 ///
 /// `user_agent` is left out on purpose: a user agent string identifies people (it is one of the
 /// strongest browser fingerprints) and says nothing about which data was read.
-pub fn build(ctx: &RecordContext) -> Value {
+/// The record as typed, borrowed fields: serialized straight to a line without building a
+/// JSON tree (this is the hot path: one per exchange).
+#[derive(Serialize)]
+pub struct Record<'a> {
+    #[serde(rename = "@timestamp")]
+    timestamp: String,
+    event: EventFields<'a>,
+    http: HttpFields<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    url: Option<UrlFields>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source: Option<Endpoint>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server: Option<Endpoint>,
+    network: Network,
+    // Only when the plaintext came from OpenSSL. Plaintext from socket calls may still have been
+    // TLS between the client and a terminating proxy, so `false` would be a claim we cannot make.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls: Option<Tls>,
+    process: Process<'a>,
+    service: Name<'a>,
+    host: Name<'a>,
+    sparbar: SparbarFields<'a>,
+}
+
+#[derive(Serialize)]
+struct EventFields<'a> {
+    id: &'a str,
+    kind: &'static str,
+    category: [&'static str; 1],
+    #[serde(rename = "type")]
+    type_: [&'static str; 1],
+    dataset: &'static str,
+    start: String,
+    end: String,
+    duration: u64,
+    outcome: &'static str,
+}
+
+#[derive(Serialize)]
+struct HttpFields<'a> {
+    version: &'static str,
+    request: HttpRequest<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response: Option<HttpResponse>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    route: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct Bytes_ {
+    bytes: u64,
+}
+
+#[derive(Serialize)]
+struct HttpRequest<'a> {
+    method: &'a str,
+    body: Bytes_,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mime_type: Option<String>,
+}
+
+#[derive(Serialize)]
+struct HttpResponse {
+    status_code: u16,
+    body: Bytes_,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mime_type: Option<String>,
+}
+
+#[derive(Serialize)]
+struct UrlFields {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    query: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Endpoint {
+    ip: String,
+    port: u16,
+}
+
+#[derive(Serialize)]
+struct Network {
+    transport: &'static str,
+    protocol: &'static str,
+}
+
+#[derive(Serialize)]
+struct Tls {
+    established: bool,
+}
+
+#[derive(Serialize)]
+struct Process<'a> {
+    pid: u32,
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    executable: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct Name<'a> {
+    name: &'a str,
+}
+
+#[derive(Serialize)]
+struct SparbarFields<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    route: Option<SparbarRoute<'a>>,
+    connection: ConnectionId<'a>,
+    capture: &'a CaptureInfo,
+    query: Dropped,
+}
+
+#[derive(Serialize)]
+struct SparbarRoute<'a> {
+    name: &'a str,
+    params: &'a std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Serialize)]
+struct ConnectionId<'a> {
+    id: &'a str,
+}
+
+#[derive(Serialize)]
+struct Dropped {
+    dropped: usize,
+}
+
+/// The typed record of one exchange.
+pub fn record<'a>(ctx: &'a RecordContext<'a>) -> Record<'a> {
     let ex = ctx.exchange;
     let req = &ex.request;
     let end_ns = ctx.start_unix_ns.saturating_add(ctx.duration_ns);
-
     let outcome = match &ex.response {
         Some(r) if r.status < 400 => "success",
         Some(_) => "failure",
         None => "unknown",
     };
-    let event = json!({
-        "id": ctx.event_id,
-        "kind": "event",
-        "category": ["web"],
-        "type": ["access"],
-        "dataset": "sparbar.access",
-        "start": rfc3339_micros(ctx.start_unix_ns),
-        "end": rfc3339_micros(end_ns),
-        "duration": ctx.duration_ns,
-        "outcome": outcome,
-    });
-
-    let mut request = Map::new();
-    request.insert("method".into(), json!(req.method));
-    request.insert("body".into(), json!({ "bytes": req.body.wire_len }));
-    if let Some(mt) = mime_type(&req.headers) {
-        request.insert("mime_type".into(), json!(mt));
-    }
-    let mut http = Map::new();
-    http.insert("version".into(), json!(format!("1.{}", req.minor_version)));
-    http.insert("request".into(), Value::Object(request));
-    if let Some(resp) = &ex.response {
-        let mut response = Map::new();
-        response.insert("status_code".into(), json!(resp.status));
-        response.insert("body".into(), json!({ "bytes": resp.body.wire_len }));
-        if let Some(mt) = mime_type(&resp.headers) {
-            response.insert("mime_type".into(), json!(mt));
-        }
-        http.insert("response".into(), Value::Object(response));
-    }
-    if let Some(r) = ctx.route {
-        http.insert("route".into(), json!(r.template));
-    }
-
+    let start = rfc3339_micros(ctx.start_unix_ns);
     let target = routes::normalize_target(&req.target);
-    let mut url = Map::new();
-    if let Some(t) = &target {
-        url.insert("path".into(), json!(t.path));
-    }
-    if let Some(q) = ctx.route.map(allowed_query).filter(|q| !q.is_empty()) {
-        url.insert("query".into(), json!(q));
-    }
+    let query = ctx.route.map(allowed_query).filter(|q| !q.is_empty());
     let query_dropped = match (ctx.route, &target) {
         (Some(r), _) => r.query_dropped,
         (None, Some(t)) => t.query_pairs,
         (None, None) => 0,
     };
+    let path = target.map(|t| t.path);
+    let url = (path.is_some() || query.is_some()).then_some(UrlFields { path, query });
+    let endpoint = |a: SocketAddr| Endpoint { ip: a.ip().to_canonical().to_string(), port: a.port() };
+    Record {
+        timestamp: start.clone(),
+        event: EventFields {
+            id: &ctx.event_id,
+            kind: "event",
+            category: ["web"],
+            type_: ["access"],
+            dataset: "sparbar.access",
+            start,
+            end: rfc3339_micros(end_ns),
+            duration: ctx.duration_ns,
+            outcome,
+        },
+        http: HttpFields {
+            version: if req.minor_version == 0 { "1.0" } else { "1.1" },
+            request: HttpRequest { method: &req.method, body: Bytes_ { bytes: req.body.wire_len }, mime_type: mime_type(&req.headers) },
+            response: ex.response.as_ref().map(|r| HttpResponse {
+                status_code: r.status,
+                body: Bytes_ { bytes: r.body.wire_len },
+                mime_type: mime_type(&r.headers),
+            }),
+            route: ctx.route.map(|r| r.template.as_str()),
+        },
+        url,
+        source: ctx.tuple.map(|t| endpoint(t.peer)),
+        server: ctx.tuple.map(|t| endpoint(t.local)),
+        network: Network { transport: "tcp", protocol: "http" },
+        tls: ctx.tls.then_some(Tls { established: true }),
+        process: Process { pid: ctx.process.pid, name: &ctx.process.name, executable: ctx.process.executable.as_deref() },
+        service: Name { name: ctx.service_name },
+        host: Name { name: ctx.host_name },
+        sparbar: SparbarFields {
+            route: ctx.route.map(|r| SparbarRoute { name: &r.name, params: &r.params }),
+            connection: ConnectionId { id: &ctx.conn_id },
+            capture: &ctx.capture,
+            query: Dropped { dropped: query_dropped },
+        },
+    }
+}
 
-    let mut sparbar = Map::new();
-    if let Some(r) = ctx.route {
-        sparbar.insert(
-            "route".into(),
-            json!({ "name": r.name, "params": r.params }),
-        );
-    }
-    sparbar.insert("connection".into(), json!({ "id": ctx.conn_id }));
-    sparbar.insert(
-        "capture".into(),
-        json!({
-            "complete": ctx.capture.complete,
-            "request_bytes_missing": ctx.capture.request_bytes_missing,
-            "response_bytes_missing": ctx.capture.response_bytes_missing,
-            "reasons": ctx.capture.reasons,
-        }),
-    );
-    sparbar.insert("query".into(), json!({ "dropped": query_dropped }));
+/// The record as one compact JSON line (no trailing newline), appended to `out`.
+pub fn write_line(ctx: &RecordContext, out: &mut Vec<u8>) {
+    // Serializing plain structs of strings and integers into a Vec cannot fail.
+    let _ = serde_json::to_writer(out, &record(ctx));
+}
 
-    let mut process = Map::new();
-    process.insert("pid".into(), json!(ctx.process.pid));
-    process.insert("name".into(), json!(ctx.process.name));
-    if let Some(exe) = &ctx.process.executable {
-        process.insert("executable".into(), json!(exe));
-    }
-
-    let mut rec = Map::new();
-    rec.insert(
-        "@timestamp".into(),
-        json!(rfc3339_micros(ctx.start_unix_ns)),
-    );
-    rec.insert("event".into(), event);
-    rec.insert("http".into(), Value::Object(http));
-    if !url.is_empty() {
-        rec.insert("url".into(), Value::Object(url));
-    }
-    if let Some(t) = ctx.tuple {
-        let peer = t.peer.ip().to_canonical();
-        let local = t.local.ip().to_canonical();
-        rec.insert(
-            "source".into(),
-            json!({ "ip": peer.to_string(), "port": t.peer.port() }),
-        );
-        rec.insert(
-            "server".into(),
-            json!({ "ip": local.to_string(), "port": t.local.port() }),
-        );
-    }
-    rec.insert(
-        "network".into(),
-        json!({ "transport": "tcp", "protocol": "http" }),
-    );
-    // Only when the plaintext came from OpenSSL. Plaintext from socket calls may still have been
-    // TLS between the client and a terminating proxy, so `false` would be a claim we cannot make.
-    if ctx.tls {
-        rec.insert("tls".into(), json!({ "established": true }));
-    }
-    rec.insert("process".into(), Value::Object(process));
-    rec.insert("service".into(), json!({ "name": ctx.service_name }));
-    rec.insert("host".into(), json!({ "name": ctx.host_name }));
-    rec.insert("sparbar".into(), Value::Object(sparbar));
-    Value::Object(rec)
+/// The record as a JSON tree (tests and tools; the agent writes lines with [`write_line`]).
+pub fn build(ctx: &RecordContext) -> Value {
+    serde_json::to_value(record(ctx)).unwrap_or(Value::Null)
 }
 
 /// Checks that `record` holds nothing but [`FIELDS`] (defence in depth for tests and debug
@@ -348,6 +432,7 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
     use crate::config::RouteConfig;
     use crate::exchange::{Body, Completeness, Request, Response};
     use crate::routes::RouteTable;

@@ -81,8 +81,14 @@ pub struct SinkStats {
 
 /// A destination for records.
 pub trait Sink {
+    /// Appends one record, already serialized as compact JSON without a newline, as one
+    /// `\n`-terminated line (buffered).
+    fn write_line(&mut self, line: &[u8]) -> Result<(), SinkError>;
     /// Appends `record` as one `\n`-terminated line (buffered).
-    fn write(&mut self, record: &Value) -> Result<(), SinkError>;
+    fn write(&mut self, record: &Value) -> Result<(), SinkError> {
+        let line = serde_json::to_vec(record).map_err(|source| SinkError::Encode { path: PathBuf::from(self.name()), source })?;
+        self.write_line(&line)
+    }
     /// Hands buffered records to the OS, and makes them durable where that means something.
     fn flush(&mut self) -> Result<(), SinkError>;
     /// A name for logs and stats: the file's path, or `stdout`.
@@ -115,21 +121,14 @@ impl<W: Write> Lines<W> {
         }
     }
 
-    fn write(&mut self, record: &Value) -> Result<(), SinkError> {
+    fn write_line(&mut self, line: &[u8]) -> Result<(), SinkError> {
         if self.broken_line {
             // End the half-written line so this record starts clean.
             self.buf.push(b'\n');
             self.broken_line = false;
         }
-        let mark = self.buf.len();
         // Compact serde_json output escapes control characters, so it never holds a newline.
-        if let Err(source) = serde_json::to_writer(&mut self.buf, record) {
-            self.buf.truncate(mark);
-            return Err(SinkError::Encode {
-                path: self.path.clone(),
-                source,
-            });
-        }
+        self.buf.extend_from_slice(line);
         self.buf.push(b'\n');
         self.buffered_records += 1;
         if self.buf.len() >= BUF_CAP {
@@ -267,8 +266,8 @@ fn open_append(path: &Path) -> Result<File, SinkError> {
 }
 
 impl Sink for JsonlFile {
-    fn write(&mut self, record: &Value) -> Result<(), SinkError> {
-        self.lines.write(record)
+    fn write_line(&mut self, line: &[u8]) -> Result<(), SinkError> {
+        self.lines.write_line(line)
     }
 
     /// Writes the buffer, then `fdatasync`s the file.
@@ -321,8 +320,8 @@ impl Default for Stdout {
 }
 
 impl Sink for Stdout {
-    fn write(&mut self, record: &Value) -> Result<(), SinkError> {
-        self.lines.write(record)
+    fn write_line(&mut self, line: &[u8]) -> Result<(), SinkError> {
+        self.lines.write_line(line)
     }
 
     fn flush(&mut self) -> Result<(), SinkError> {
@@ -516,15 +515,15 @@ mod tests {
             },
             PathBuf::from("flaky"),
         );
-        l.write(&json!({"n": 1})).unwrap();
-        l.write(&json!({"n": 2})).unwrap();
-        l.write(&json!({"n": 3})).unwrap();
+        l.write_line(&serde_json::to_vec(&json!({"n": 1})).unwrap()).unwrap();
+        l.write_line(&serde_json::to_vec(&json!({"n": 2})).unwrap()).unwrap();
+        l.write_line(&serde_json::to_vec(&json!({"n": 3})).unwrap()).unwrap();
         let err = l.flush().unwrap_err();
         assert_eq!(err.records_lost(), 2);
         assert_eq!(l.stats.records, 1);
         assert!(l.broken_line);
         l.out.budget = usize::MAX;
-        l.write(&json!({"n": 4})).unwrap();
+        l.write_line(&serde_json::to_vec(&json!({"n": 4})).unwrap()).unwrap();
         l.flush().unwrap();
         assert_eq!(l.stats.records, 2);
         let text = String::from_utf8(l.out.data.clone()).unwrap();

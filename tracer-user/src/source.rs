@@ -26,8 +26,16 @@ pub async fn read_loop(
     // lives, which is as long as this AsyncFd.
     let mut afd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let mut poll = tokio::time::interval(std::time::Duration::from_millis(tracer_common::POLL_INTERVAL_MS));
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            // The kernel wakes us only when the ring buffer fills up; otherwise we poll.
+            _ = poll.tick() => {
+                if !drain(afd.get_mut(), &tx, &stats).await {
+                    return Ok(());
+                }
+            }
             guard = afd.readable_mut() => {
                 let mut guard = guard?;
                 if !drain(guard.get_inner_mut(), &tx, &stats).await {

@@ -213,7 +213,7 @@ pub fn openssl_ssl_free(ctx: ProbeContext) -> u32 {
                 pos_in: st.pos_in,
                 pos_out: st.pos_out,
             };
-            let _ = EVENTS.output::<ConnCloseEvent>(&ev, 0);
+            let _ = EVENTS.output::<ConnCloseEvent>(&ev, rb_flags());
             let _ = CONNS.remove(key);
         }
     }

@@ -29,7 +29,7 @@ fn proc_event(kind: u16, pid_tgid: u64, comm: [u8; COMM_LEN]) {
         _pad: 0,
         comm,
     };
-    if EVENTS.output::<ProcEvent>(&ev, 0).is_ok() {
+    if EVENTS.output::<ProcEvent>(&ev, rb_flags()).is_ok() {
         count(C_EVENTS_SENT, 1);
     } else {
         count(C_RINGBUF_FULL_EVENTS, 1);

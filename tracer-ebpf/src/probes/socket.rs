@@ -253,7 +253,7 @@ fn send_close(key: &ConnKey, st: &ConnState, pid_tgid: u64) {
         pos_in: st.pos_in,
         pos_out: st.pos_out,
     };
-    if EVENTS.output::<ConnCloseEvent>(&ev, 0).is_ok() {
+    if EVENTS.output::<ConnCloseEvent>(&ev, rb_flags()).is_ok() {
         count(C_EVENTS_SENT, 1);
     } else {
         count(C_RINGBUF_FULL_EVENTS, 1);
