@@ -8,7 +8,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
     net::{TcpListener, TcpStream},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -231,7 +231,6 @@ fn exchanges(url: &str, cafile: Option<&str>, extra: &[&str]) -> Result<Value> {
 /// and kills, by pid, any worker of it still alive after that.
 struct Nginx {
     child: Child,
-    dir: PathBuf,
 }
 
 impl Nginx {
@@ -274,10 +273,7 @@ impl Nginx {
             .stderr(log)
             .spawn()
             .context("starting /usr/sbin/nginx")?;
-        let mut n = Nginx {
-            child,
-            dir: dir.to_path_buf(),
-        };
+        let mut n = Nginx { child };
         let master = n.master();
         wait_for(
             &format!("the test's nginx (pid {master}) to listen on {port} with 2 workers"),
@@ -332,7 +328,6 @@ impl Drop for Nginx {
                 unsafe { libc::kill(w as i32, libc::SIGKILL) };
             }
         }
-        let _ = &self.dir;
     }
 }
 
@@ -1030,9 +1025,9 @@ fn gzip_and_chunked_through_nginx() -> Result<()> {
         })
         .count();
     ensure!(
-        gz_chunked == 3 * 2 * 4,
-        "{gz_chunked} chunked gzip responses, expected 24 (is gzip on in the platform's nginx?): \
-         {report}"
+        gz_chunked == 3 * 2 * 3,
+        "{gz_chunked} chunked gzip responses, expected 18 (3 of the 5 paths answer with more \
+         than gzip_min_length bytes of JSON; is gzip on in the platform's nginx?): {report}"
     );
     ensure!(
         reqs.iter().filter(|r| r["status"] == 403).count() == 6
