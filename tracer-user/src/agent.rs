@@ -266,6 +266,9 @@ pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
                 publish_services(&discovery, &services);
                 scans += 1;
                 if scans % 30 == 0 {
+                    // Keep-alive connections idle for 15 minutes whose close we never saw.
+                    pipeline.expire_idle(pipeline::monotonic_ns(), 15 * 60 * 1_000_000_000);
+                    sinks.write_all(&mut pipeline.out);
                     let pruned = kernel.prune_conns(|tgid| std::path::Path::new(&format!("/proc/{tgid}")).exists());
                     stats.add("kernel_connections_pruned_total", pruned as u64);
                 }

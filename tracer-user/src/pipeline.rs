@@ -38,6 +38,8 @@ struct Conn {
     tls: bool,
     /// Reasons of holes seen since the last exchange was recorded.
     hole_reasons: BTreeSet<&'static str>,
+    /// Kernel timestamp of the last event seen on this connection.
+    last_ns: u64,
 }
 
 pub struct Pipeline {
@@ -130,6 +132,7 @@ impl Pipeline {
                 tuple,
                 tls,
                 hole_reasons: BTreeSet::new(),
+                last_ns: 0,
             }
         })
     }
@@ -201,6 +204,7 @@ impl Pipeline {
                 );
                 let c = self.conn(conn, ORIGIN_MIDSTREAM, None, hdr.flags & DATA_F_TLS != 0);
                 c.hole_reasons.insert(r);
+                c.last_ns = hdr.ts_ns;
                 let d = if dir == DIR_IN {
                     Dir::Inbound
                 } else {
@@ -242,6 +246,25 @@ impl Pipeline {
                         .add("connections_closed_total{reason=\"process_exit\"}", 1);
                 }
             }
+        }
+    }
+
+    /// Ends connections with no event for `idle_ns` (their close was never seen, e.g. lost in a
+    /// full ring buffer): what can be finished is recorded, and the expiry is counted.
+    pub fn expire_idle(&mut self, now_ns: u64, idle_ns: u64) {
+        let idle: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.last_ns != 0 && now_ns.saturating_sub(c.last_ns) > idle_ns)
+            .map(|(k, _)| *k)
+            .collect();
+        for id in idle {
+            if let Some(c) = self.conns.get_mut(&id) {
+                c.parser.close(now_ns);
+            }
+            self.collect(id);
+            self.conns.remove(&id);
+            self.stats.add("connections_closed_total{reason=\"idle_expired\"}", 1);
         }
     }
 
@@ -380,6 +403,14 @@ impl Pipeline {
         record::write_line(&ctx, &mut line);
         self.out.push(line);
     }
+}
+
+/// CLOCK_MONOTONIC now, in ns (the clock of the kernel's timestamps).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime with a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// CLOCK_REALTIME − CLOCK_MONOTONIC now, in ns.

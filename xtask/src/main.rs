@@ -132,15 +132,7 @@ fn test(unit_only: bool, filter: Option<String>) -> Result<()> {
     let bin = build_release()?;
     step("privileged end-to-end tests (real kernel, nginx, CPython ssl, node, plaintext hop)");
     let mut c = cargo();
-    c.args([
-        "test",
-        "--release",
-        "--package",
-        "sparbar-tests",
-        "--test",
-        "e2e",
-        "--",
-    ]);
+    c.args(["test", "--release", "--package", "sparbar-tests", "--"]);
     c.arg("--test-threads=1").arg("--nocapture");
     if let Some(f) = filter {
         c.arg(f);
