@@ -253,6 +253,7 @@ pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
                     pipeline.handle(ev);
                 }
                 sinks.write_all(&mut pipeline.out);
+                pipeline.flush_stats();
                 for pid in std::mem::take(&mut pipeline.execs) {
                     discovery.on_exec(&mut kernel, pid);
                     publish_services(&discovery, &services);
@@ -292,6 +293,7 @@ pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
         Err(e) => warn!("ring buffer reader task ended abnormally: {e}"),
     }
     pipeline.finish();
+    pipeline.flush_stats();
     sinks.write_all(&mut pipeline.out);
     sinks.flush();
     report(

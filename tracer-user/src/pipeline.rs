@@ -57,6 +57,8 @@ pub struct Pipeline {
     pub exits: Vec<u32>,
     /// Counter names per route index, built once.
     route_counters: Vec<String>,
+    /// Payload bytes since the last `flush_stats`.
+    payload_bytes: u64,
 }
 
 fn hole_reason(r: u8) -> &'static str {
@@ -104,6 +106,7 @@ impl Pipeline {
             execs: Vec::new(),
             exits: Vec::new(),
             route_counters: Vec::new(),
+            payload_bytes: 0,
         }
     }
 
@@ -178,8 +181,7 @@ impl Pipeline {
                         .add_reason("events_anomalous_total", "data_before_conn_open", 1);
                 }
                 let tls = hdr.flags & DATA_F_TLS != 0;
-                self.stats
-                    .add("payload_bytes_received_total", payload.len() as u64);
+                self.payload_bytes += payload.len() as u64;
                 let c = self.conn(conn, ORIGIN_MIDSTREAM, None, tls);
                 let d = if dir == DIR_IN {
                     Dir::Inbound
@@ -246,6 +248,13 @@ impl Pipeline {
                         .add("connections_closed_total{reason=\"process_exit\"}", 1);
                 }
             }
+        }
+    }
+
+    /// Hands the counters kept locally on the hot path to the shared stats.
+    pub fn flush_stats(&mut self) {
+        if self.payload_bytes > 0 {
+            self.stats.add("payload_bytes_received_total", std::mem::take(&mut self.payload_bytes));
         }
     }
 

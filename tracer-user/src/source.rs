@@ -56,13 +56,17 @@ pub async fn read_loop(
 async fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<Vec<Event>>, stats: &Stats) -> bool {
     loop {
         let mut batch = Vec::with_capacity(BATCH);
+        let mut read = 0u64;
         while batch.len() < BATCH {
             let Some(item) = ring.next() else { break };
-            stats.add("ringbuf_records_read_total", 1);
+            read += 1;
             match decode(&item) {
                 Ok(ev) => batch.push(ev),
                 Err(e) => stats.add_reason("events_dropped_total", e.reason(), 1),
             }
+        }
+        if read > 0 {
+            stats.add("ringbuf_records_read_total", read);
         }
         if batch.is_empty() {
             return true;
