@@ -387,3 +387,46 @@ fn connections_open_before_the_agent_are_picked_up() -> Result<()> {
     drop(platform);
     Ok(())
 }
+
+/// Targets chosen by cgroup (the kernel checks the cgroup id) and by process name.
+#[test]
+fn cgroup_and_comm_targets() -> Result<()> {
+    require_root()?;
+    let dir = scratch("cgroup");
+    let tls_port = free_port();
+    let platform = Platform::up(&dir.join("platform"), tls_port, free_port(), false)?;
+    let cg_root = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .into_iter()
+        .find(|m| std::path::Path::new(&format!("{m}/cgroup.controllers")).exists())
+        .ok_or_else(|| anyhow::anyhow!("no cgroup v2 mount at /sys/fs/cgroup/unified or /sys/fs/cgroup"))?;
+    let name = format!("sparbar-e2e-{}", std::process::id());
+    let cg = format!("{cg_root}/{name}");
+    std::fs::create_dir_all(&cg)?;
+    let master = platform.pid("nginx_master_pid");
+    let mut pids = vec![master];
+    pids.extend(
+        output(Command::new("pgrep").args(["-P", &master.to_string()]))?
+            .lines()
+            .filter_map(|l| l.trim().parse::<u32>().ok()),
+    );
+    for p in &pids {
+        std::fs::write(format!("{cg}/cgroup.procs"), p.to_string())?;
+    }
+    let url = format!("https://127.0.0.1:{tls_port}");
+    for (i, targets) in [format!("[[targets]]\ncgroup = \"/{name}\"\nname = \"nginx\"\n"), "[[targets]]\ncomm = \"nginx\"\nname = \"nginx\"\n".to_string()]
+        .iter()
+        .enumerate()
+    {
+        let agent = Agent::start(&dir.join(format!("agent{i}")), &config(targets))?;
+        let report = load(&url, Some(&platform.cert()), 60, 6, &[0, 5000, 70_000], "GET")?;
+        let stats = agent.stop()?;
+        let records = read_jsonl(&dir.join(format!("agent{i}/access.jsonl")))?;
+        let recs: Vec<&Value> = records.iter().collect();
+        check_records(&format!("target {targets:?}"), &recs, &report, true, true, &["test.bytes"])?;
+        no_losses(&stats)?;
+    }
+    drop(platform);
+    // Empty now: its processes are gone with the platform.
+    let _ = std::fs::remove_dir(&cg);
+    Ok(())
+}

@@ -306,6 +306,7 @@ impl Nginx {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
+        let master = self.master();
         let workers = self.workers();
         if let Ok(None) = self.child.try_wait() {
             // SAFETY: kill(2) on our own child's pid.
@@ -321,8 +322,11 @@ impl Drop for Nginx {
             let _ = self.child.wait();
         }
         for w in workers {
+            // Still alive after its master is gone: orphaned (reparented to init), and still
+            // nginx (not a reused pid).
             let comm = fs::read_to_string(format!("/proc/{w}/comm")).unwrap_or_default();
-            if comm.trim() == "nginx" {
+            let ppid = ppid_of(w);
+            if comm.trim() == "nginx" && (ppid == Some(1) || ppid == Some(master)) {
                 // SAFETY: kill(2) on a worker forked by our own nginx master.
                 unsafe { libc::kill(w as i32, libc::SIGKILL) };
             }
