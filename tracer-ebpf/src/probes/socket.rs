@@ -415,9 +415,13 @@ fn on_sock(ctx: &TracePointContext) -> u32 {
         unsafe { (*call).fd = inf.fd };
         st.flags |= CONN_F_TLS;
         inf.capture = 0;
-    } else if st.flags & CONN_F_TLS == 0 && st.flags & CONN_F_PLAIN != 0 {
+        return 0;
+    }
+    if st.flags & CONN_F_TLS == 0 && st.flags & CONN_F_PLAIN != 0 {
         inf.capture = 1;
     }
+    // Only reads outside an SSL call matter here: they are how memory-BIO users (node) fetch
+    // the ciphertext that their next SSL_read decrypts.
     if inf.op == OP_READ {
         let _ = LAST_RFD.insert(pid_tgid, inf.fd, 0);
     }
