@@ -148,6 +148,8 @@ fn cgroup_id(path: &str) -> Result<u64, String> {
 pub struct RunOptions {
     /// Stop by itself after this long (tests, demo).
     pub duration: Option<Duration>,
+    /// Also copy every raw ring-buffer record to this file (replay fixtures, debugging).
+    pub tap_events: Option<PathBuf>,
 }
 
 struct Sinks {
@@ -229,7 +231,21 @@ pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
     let ring = kernel.take_events()?;
     let (tx, mut rx) = mpsc::channel(plan.queue_capacity.div_ceil(512).max(4));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let reader = tokio::spawn(source::read_loop(ring, tx, stats.clone(), stop_rx));
+    let tap = match &opts.tap_events {
+        // The tap holds captured payload: readable by root only.
+        Some(p) => Some(std::io::BufWriter::new({
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(p)
+                .map_err(|e| AgentError::StateDir { path: p.clone(), source: e })?
+        })),
+        None => None,
+    };
+    let reader = tokio::spawn(source::read_loop(ring, tx, stats.clone(), stop_rx, tap));
 
     let mut pipeline = Pipeline::new(plan.pipeline, services.clone(), stats.clone());
     let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;

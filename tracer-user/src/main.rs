@@ -25,6 +25,10 @@ enum Cmd {
         /// Stop by itself after this many seconds (for demos and tests).
         #[arg(long, value_name = "SECONDS")]
         duration: Option<u64>,
+        /// Also copy every raw kernel event to FILE (for replay fixtures and debugging; the
+        /// file holds captured payload, so keep it private).
+        #[arg(long, value_name = "FILE", hide = true)]
+        tap_events: Option<PathBuf>,
     },
     /// Validate a configuration file and explain every problem; nothing else.
     CheckConfig {
@@ -49,7 +53,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Cmd::Run { config, duration } => {
+        Cmd::Run { config, duration, tap_events } => {
             let cfg = match config::load(&config) {
                 Ok(c) => c,
                 Err(e) => {
@@ -79,6 +83,7 @@ fn main() -> ExitCode {
                 plan,
                 agent::RunOptions {
                     duration: duration.map(Duration::from_secs),
+                    tap_events,
                 },
             )) {
                 Ok(()) => ExitCode::SUCCESS,
