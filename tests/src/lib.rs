@@ -354,3 +354,127 @@ pub fn load(
     let text = output(&mut c)?;
     Ok(serde_json::from_str(&text)?)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Comparing records with what a client saw.
+// ---------------------------------------------------------------------------------------------
+
+/// (client port or 0, method, path, status, request bytes, response bytes).
+pub type Key = (u64, String, String, u64, u64, u64);
+
+/// The client's account (load.py's report) as a multiset of keys.
+pub fn client_side(report: &Value, with_port: bool) -> BTreeMap<Key, usize> {
+    let mut m = BTreeMap::new();
+    for r in report["requests"].as_array().expect("requests") {
+        let k = (
+            if with_port {
+                r["local_port"].as_u64().unwrap()
+            } else {
+                0
+            },
+            r["method"].as_str().unwrap().to_string(),
+            r["path"].as_str().unwrap().to_string(),
+            r["status"].as_u64().unwrap(),
+            r["request_bytes"].as_u64().unwrap(),
+            r["response_bytes"].as_u64().unwrap(),
+        );
+        *m.entry(k).or_insert(0) += 1;
+    }
+    m
+}
+
+/// The agent's records as the same multiset.
+pub fn agent_side(records: &[&Value], with_port: bool) -> BTreeMap<Key, usize> {
+    let mut m = BTreeMap::new();
+    for r in records {
+        let k = (
+            if with_port {
+                get(r, "source.port").as_u64().unwrap_or(u64::MAX)
+            } else {
+                0
+            },
+            get(r, "http.request.method")
+                .as_str()
+                .unwrap_or("?")
+                .to_string(),
+            get(r, "url.path").as_str().unwrap_or("?").to_string(),
+            get(r, "http.response.status_code").as_u64().unwrap_or(0),
+            get(r, "http.request.body.bytes")
+                .as_u64()
+                .unwrap_or(u64::MAX),
+            get(r, "http.response.body.bytes")
+                .as_u64()
+                .unwrap_or(u64::MAX),
+        );
+        *m.entry(k).or_insert(0) += 1;
+    }
+    m
+}
+
+pub fn records_on_port(records: &[Value], port: u16) -> Vec<&Value> {
+    records
+        .iter()
+        .filter(|r| get(r, "server.port").as_u64() == Some(port as u64))
+        .collect()
+}
+
+/// What every record of a comparison must also carry.
+pub struct Expect<'a> {
+    /// Compare client ports with `source.port` (false behind a proxy).
+    pub with_port: bool,
+    pub tls: bool,
+    /// `source.ip` and `server.ip`.
+    pub ip: &'a str,
+    /// Allowed `sparbar.route.name`s; empty: any.
+    pub routes: &'a [&'a str],
+}
+
+/// Exactly one record per request the client made, equal field by field, each complete.
+pub fn check_records(what: &str, recs: &[&Value], report: &Value, e: &Expect) -> Result<()> {
+    let want = report["requests"].as_array().map(Vec::len).unwrap_or(0);
+    if recs.len() != want {
+        bail!("{what}: {} records for {want} requests", recs.len());
+    }
+    let (c, a) = (
+        client_side(report, e.with_port),
+        agent_side(recs, e.with_port),
+    );
+    if c != a {
+        bail!("{what}: records differ from what the client saw\nclient: {c:?}\nagent:  {a:?}");
+    }
+    for r in recs {
+        let checks = [
+            (
+                get(r, "tls.established").as_bool().unwrap_or(false) == e.tls,
+                "tls.established",
+            ),
+            (
+                get(r, "sparbar.capture.complete").as_bool() == Some(true),
+                "sparbar.capture.complete",
+            ),
+            (get(r, "source.ip").as_str() == Some(e.ip), "source.ip"),
+            (get(r, "server.ip").as_str() == Some(e.ip), "server.ip"),
+            (
+                e.routes.is_empty()
+                    || e.routes
+                        .contains(&get(r, "sparbar.route.name").as_str().unwrap_or("")),
+                "sparbar.route.name",
+            ),
+        ];
+        for (ok, field) in checks {
+            if !ok {
+                bail!("{what}: {field} wrong in {r}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every loss counter is zero.
+pub fn no_losses(stats: &Stats) -> Result<()> {
+    let l = stats.losses();
+    if !l.is_empty() {
+        bail!("loss counters are not zero: {l:?}");
+    }
+    Ok(())
+}

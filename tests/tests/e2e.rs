@@ -2,7 +2,7 @@
 //! Each test compares the agent's records with what the client sent and received, field by
 //! field and count for count, and requires every loss counter to be zero.
 
-use std::{collections::BTreeMap, process::Command, time::Duration};
+use std::{process::Command, time::Duration};
 
 use anyhow::{ensure, Result};
 use serde_json::Value;
@@ -39,114 +39,6 @@ file = "@DIR@/access.jsonl"
     )
 }
 
-type Key = (u64, String, String, u64, u64, u64);
-
-/// (client port or 0, method, path, status, request bytes, response bytes) → count.
-fn client_side(report: &Value, with_port: bool) -> BTreeMap<Key, usize> {
-    let mut m = BTreeMap::new();
-    for r in report["requests"].as_array().expect("requests") {
-        let k = (
-            if with_port {
-                r["local_port"].as_u64().unwrap()
-            } else {
-                0
-            },
-            r["method"].as_str().unwrap().to_string(),
-            r["path"].as_str().unwrap().to_string(),
-            r["status"].as_u64().unwrap(),
-            r["request_bytes"].as_u64().unwrap(),
-            r["response_bytes"].as_u64().unwrap(),
-        );
-        *m.entry(k).or_insert(0) += 1;
-    }
-    m
-}
-
-fn agent_side(records: &[&Value], with_port: bool) -> BTreeMap<Key, usize> {
-    let mut m = BTreeMap::new();
-    for r in records {
-        let k = (
-            if with_port {
-                get(r, "source.port").as_u64().unwrap_or(u64::MAX)
-            } else {
-                0
-            },
-            get(r, "http.request.method")
-                .as_str()
-                .unwrap_or("?")
-                .to_string(),
-            get(r, "url.path").as_str().unwrap_or("?").to_string(),
-            get(r, "http.response.status_code").as_u64().unwrap_or(0),
-            get(r, "http.request.body.bytes")
-                .as_u64()
-                .unwrap_or(u64::MAX),
-            get(r, "http.response.body.bytes")
-                .as_u64()
-                .unwrap_or(u64::MAX),
-        );
-        *m.entry(k).or_insert(0) += 1;
-    }
-    m
-}
-
-fn records_on_port(records: &[Value], port: u16) -> Vec<&Value> {
-    records
-        .iter()
-        .filter(|r| get(r, "server.port").as_u64() == Some(port as u64))
-        .collect()
-}
-
-fn check_records(
-    what: &str,
-    recs: &[&Value],
-    report: &Value,
-    with_port: bool,
-    tls: bool,
-    route_names: &[&str],
-) -> Result<()> {
-    let want = report["requests"].as_array().unwrap().len();
-    ensure!(
-        recs.len() == want,
-        "{what}: {} records for {want} requests",
-        recs.len()
-    );
-    let (c, a) = (client_side(report, with_port), agent_side(recs, with_port));
-    ensure!(
-        c == a,
-        "{what}: records differ from what the client saw\nclient: {c:?}\nagent:  {a:?}"
-    );
-    for r in recs {
-        ensure!(
-            get(r, "tls.established").as_bool().unwrap_or(false) == tls,
-            "{what}: tls.established wrong in {r}"
-        );
-        ensure!(
-            get(r, "sparbar.capture.complete").as_bool() == Some(true),
-            "{what}: capture not complete in {r}"
-        );
-        ensure!(
-            get(r, "source.ip").as_str() == Some("127.0.0.1"),
-            "{what}: source.ip in {r}"
-        );
-        ensure!(
-            get(r, "server.ip").as_str() == Some("127.0.0.1"),
-            "{what}: server.ip in {r}"
-        );
-        let name = get(r, "sparbar.route.name").as_str().unwrap_or("");
-        ensure!(
-            route_names.contains(&name),
-            "{what}: route name {name:?} in {r}"
-        );
-    }
-    Ok(())
-}
-
-fn no_losses(stats: &Stats) -> Result<()> {
-    let l = stats.losses();
-    ensure!(l.is_empty(), "loss counters are not zero: {l:?}");
-    Ok(())
-}
-
 /// nginx terminating TLS (OpenSSL uprobes) in front of the app (plaintext socket capture on the
 /// upstream hop): every request appears exactly once on each hop.
 #[test]
@@ -177,8 +69,28 @@ fn nginx_tls_front_and_plaintext_upstream() -> Result<()> {
     let (fg, fp): (Vec<&Value>, Vec<&Value>) = front
         .into_iter()
         .partition(|r| get(r, "http.request.method") == "GET");
-    check_records("nginx TLS GET", &fg, &gets, true, true, &["test.bytes"])?;
-    check_records("nginx TLS POST", &fp, &posts, true, true, &["test.echo"])?;
+    check_records(
+        "nginx TLS GET",
+        &fg,
+        &gets,
+        &Expect {
+            with_port: true,
+            tls: true,
+            ip: "127.0.0.1",
+            routes: &["test.bytes"],
+        },
+    )?;
+    check_records(
+        "nginx TLS POST",
+        &fp,
+        &posts,
+        &Expect {
+            with_port: true,
+            tls: true,
+            ip: "127.0.0.1",
+            routes: &["test.echo"],
+        },
+    )?;
     for r in &fg {
         ensure!(
             get(r, "process.name").as_str() == Some("nginx"),
@@ -197,17 +109,23 @@ fn nginx_tls_front_and_plaintext_upstream() -> Result<()> {
         "app plaintext GET",
         &ug,
         &gets,
-        false,
-        false,
-        &["test.bytes"],
+        &Expect {
+            with_port: false,
+            tls: false,
+            ip: "127.0.0.1",
+            routes: &["test.bytes"],
+        },
     )?;
     check_records(
         "app plaintext POST",
         &upo,
         &posts,
-        false,
-        false,
-        &["test.echo"],
+        &Expect {
+            with_port: false,
+            tls: false,
+            ip: "127.0.0.1",
+            routes: &["test.echo"],
+        },
     )?;
     ensure!(
         records.len() == 2 * (200 + 40),
@@ -254,7 +172,17 @@ fn cpython_ssl_server() -> Result<()> {
     let stats = agent.stop()?;
     let records = read_jsonl(&dir.join("agent/access.jsonl"))?;
     let recs: Vec<&Value> = records.iter().collect();
-    check_records("CPython ssl", &recs, &report, true, true, &["test.bytes"])?;
+    check_records(
+        "CPython ssl",
+        &recs,
+        &report,
+        &Expect {
+            with_port: true,
+            tls: true,
+            ip: "127.0.0.1",
+            routes: &["test.bytes"],
+        },
+    )?;
     ensure!(
         stats.kernel("kernel_ssl_calls_total") > 0,
         "no SSL calls counted"
@@ -294,7 +222,17 @@ fn node_https_server() -> Result<()> {
     let stats = agent.stop()?;
     let records = read_jsonl(&dir.join("agent/access.jsonl"))?;
     let recs: Vec<&Value> = records.iter().collect();
-    check_records("node https", &recs, &report, true, true, &["test.bytes"])?;
+    check_records(
+        "node https",
+        &recs,
+        &report,
+        &Expect {
+            with_port: true,
+            tls: true,
+            ip: "127.0.0.1",
+            routes: &["test.bytes"],
+        },
+    )?;
     no_losses(&stats)?;
     drop(node);
     Ok(())
@@ -398,7 +336,9 @@ fn cgroup_and_comm_targets() -> Result<()> {
     let cg_root = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
         .into_iter()
         .find(|m| std::path::Path::new(&format!("{m}/cgroup.controllers")).exists())
-        .ok_or_else(|| anyhow::anyhow!("no cgroup v2 mount at /sys/fs/cgroup/unified or /sys/fs/cgroup"))?;
+        .ok_or_else(|| {
+            anyhow::anyhow!("no cgroup v2 mount at /sys/fs/cgroup/unified or /sys/fs/cgroup")
+        })?;
     let name = format!("sparbar-e2e-{}", std::process::id());
     let cg = format!("{cg_root}/{name}");
     std::fs::create_dir_all(&cg)?;
@@ -413,16 +353,36 @@ fn cgroup_and_comm_targets() -> Result<()> {
         std::fs::write(format!("{cg}/cgroup.procs"), p.to_string())?;
     }
     let url = format!("https://127.0.0.1:{tls_port}");
-    for (i, targets) in [format!("[[targets]]\ncgroup = \"/{name}\"\nname = \"nginx\"\n"), "[[targets]]\ncomm = \"nginx\"\nname = \"nginx\"\n".to_string()]
-        .iter()
-        .enumerate()
+    for (i, targets) in [
+        format!("[[targets]]\ncgroup = \"/{name}\"\nname = \"nginx\"\n"),
+        "[[targets]]\ncomm = \"nginx\"\nname = \"nginx\"\n".to_string(),
+    ]
+    .iter()
+    .enumerate()
     {
         let agent = Agent::start(&dir.join(format!("agent{i}")), &config(targets))?;
-        let report = load(&url, Some(&platform.cert()), 60, 6, &[0, 5000, 70_000], "GET")?;
+        let report = load(
+            &url,
+            Some(&platform.cert()),
+            60,
+            6,
+            &[0, 5000, 70_000],
+            "GET",
+        )?;
         let stats = agent.stop()?;
         let records = read_jsonl(&dir.join(format!("agent{i}/access.jsonl")))?;
         let recs: Vec<&Value> = records.iter().collect();
-        check_records(&format!("target {targets:?}"), &recs, &report, true, true, &["test.bytes"])?;
+        check_records(
+            &format!("target {targets:?}"),
+            &recs,
+            &report,
+            &Expect {
+                with_port: true,
+                tls: true,
+                ip: "127.0.0.1",
+                routes: &["test.bytes"],
+            },
+        )?;
         no_losses(&stats)?;
     }
     drop(platform);

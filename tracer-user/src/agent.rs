@@ -216,11 +216,19 @@ pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
         .map(|s| {
             (
                 format!("records_written_total{{sink=\"{}\"}}", s.name()),
-                format!("records_dropped_total{{reason=\"sink_error\",sink=\"{}\"}}", s.name()),
+                format!(
+                    "records_dropped_total{{reason=\"sink_error\",sink=\"{}\"}}",
+                    s.name()
+                ),
             )
         })
         .collect();
-    let mut sinks = Sinks { sinks, names, stats: stats.clone(), last_error_log: None };
+    let mut sinks = Sinks {
+        sinks,
+        names,
+        stats: stats.clone(),
+        last_error_log: None,
+    };
 
     let mut kernel = loader::load(&plan.load)?;
     let mut discovery = Discovery::new(plan.targets.clone());
@@ -241,7 +249,10 @@ pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
                 .truncate(true)
                 .mode(0o600)
                 .open(p)
-                .map_err(|e| AgentError::StateDir { path: p.clone(), source: e })?
+                .map_err(|e| AgentError::StateDir {
+                    path: p.clone(),
+                    source: e,
+                })?
         })),
         None => None,
     };

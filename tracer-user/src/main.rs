@@ -53,7 +53,11 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Cmd::Run { config, duration, tap_events } => {
+        Cmd::Run {
+            config,
+            duration,
+            tap_events,
+        } => {
             let cfg = match config::load(&config) {
                 Ok(c) => c,
                 Err(e) => {

@@ -254,7 +254,10 @@ impl Pipeline {
     /// Hands the counters kept locally on the hot path to the shared stats.
     pub fn flush_stats(&mut self) {
         if self.payload_bytes > 0 {
-            self.stats.add("payload_bytes_received_total", std::mem::take(&mut self.payload_bytes));
+            self.stats.add(
+                "payload_bytes_received_total",
+                std::mem::take(&mut self.payload_bytes),
+            );
         }
     }
 
@@ -273,7 +276,8 @@ impl Pipeline {
             }
             self.collect(id);
             self.conns.remove(&id);
-            self.stats.add("connections_closed_total{reason=\"idle_expired\"}", 1);
+            self.stats
+                .add("connections_closed_total{reason=\"idle_expired\"}", 1);
         }
     }
 
@@ -349,7 +353,8 @@ impl Pipeline {
                     self.route_counters.resize(m.index + 1, String::new());
                 }
                 if self.route_counters[m.index].is_empty() {
-                    self.route_counters[m.index] = format!("exchanges_matched_total{{route=\"{}\"}}", m.name);
+                    self.route_counters[m.index] =
+                        format!("exchanges_matched_total{{route=\"{}\"}}", m.name);
                 }
                 self.stats.add(&self.route_counters[m.index], 1);
             }
@@ -416,7 +421,10 @@ impl Pipeline {
 
 /// CLOCK_MONOTONIC now, in ns (the clock of the kernel's timestamps).
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime with a valid timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64

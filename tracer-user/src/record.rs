@@ -286,7 +286,10 @@ pub fn record<'a>(ctx: &'a RecordContext<'a>) -> Record<'a> {
     };
     let path = target.map(|t| t.path);
     let url = (path.is_some() || query.is_some()).then_some(UrlFields { path, query });
-    let endpoint = |a: SocketAddr| Endpoint { ip: a.ip().to_canonical().to_string(), port: a.port() };
+    let endpoint = |a: SocketAddr| Endpoint {
+        ip: a.ip().to_canonical().to_string(),
+        port: a.port(),
+    };
     Record {
         timestamp: start.clone(),
         event: EventFields {
@@ -302,10 +305,18 @@ pub fn record<'a>(ctx: &'a RecordContext<'a>) -> Record<'a> {
         },
         http: HttpFields {
             version: if req.minor_version == 0 { "1.0" } else { "1.1" },
-            request: HttpRequest { method: &req.method, body: Bytes_ { bytes: req.body.wire_len }, mime_type: mime_type(&req.headers) },
+            request: HttpRequest {
+                method: &req.method,
+                body: Bytes_ {
+                    bytes: req.body.wire_len,
+                },
+                mime_type: mime_type(&req.headers),
+            },
             response: ex.response.as_ref().map(|r| HttpResponse {
                 status_code: r.status,
-                body: Bytes_ { bytes: r.body.wire_len },
+                body: Bytes_ {
+                    bytes: r.body.wire_len,
+                },
                 mime_type: mime_type(&r.headers),
             }),
             route: ctx.route.map(|r| r.template.as_str()),
@@ -313,16 +324,32 @@ pub fn record<'a>(ctx: &'a RecordContext<'a>) -> Record<'a> {
         url,
         source: ctx.tuple.map(|t| endpoint(t.peer)),
         server: ctx.tuple.map(|t| endpoint(t.local)),
-        network: Network { transport: "tcp", protocol: "http" },
+        network: Network {
+            transport: "tcp",
+            protocol: "http",
+        },
         tls: ctx.tls.then_some(Tls { established: true }),
-        process: Process { pid: ctx.process.pid, name: &ctx.process.name, executable: ctx.process.executable.as_deref() },
-        service: Name { name: ctx.service_name },
-        host: Name { name: ctx.host_name },
+        process: Process {
+            pid: ctx.process.pid,
+            name: &ctx.process.name,
+            executable: ctx.process.executable.as_deref(),
+        },
+        service: Name {
+            name: ctx.service_name,
+        },
+        host: Name {
+            name: ctx.host_name,
+        },
         sparbar: SparbarFields {
-            route: ctx.route.map(|r| SparbarRoute { name: &r.name, params: &r.params }),
+            route: ctx.route.map(|r| SparbarRoute {
+                name: &r.name,
+                params: &r.params,
+            }),
             connection: ConnectionId { id: &ctx.conn_id },
             capture: &ctx.capture,
-            query: Dropped { dropped: query_dropped },
+            query: Dropped {
+                dropped: query_dropped,
+            },
         },
     }
 }
@@ -432,11 +459,11 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
     use crate::config::RouteConfig;
     use crate::exchange::{Body, Completeness, Request, Response};
     use crate::routes::RouteTable;
     use bytes::Bytes;
+    use serde_json::json;
 
     fn h(name: &str, value: &str) -> Header {
         Header {

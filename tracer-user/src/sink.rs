@@ -86,7 +86,10 @@ pub trait Sink {
     fn write_line(&mut self, line: &[u8]) -> Result<(), SinkError>;
     /// Appends `record` as one `\n`-terminated line (buffered).
     fn write(&mut self, record: &Value) -> Result<(), SinkError> {
-        let line = serde_json::to_vec(record).map_err(|source| SinkError::Encode { path: PathBuf::from(self.name()), source })?;
+        let line = serde_json::to_vec(record).map_err(|source| SinkError::Encode {
+            path: PathBuf::from(self.name()),
+            source,
+        })?;
         self.write_line(&line)
     }
     /// Hands buffered records to the OS, and makes them durable where that means something.
@@ -515,15 +518,19 @@ mod tests {
             },
             PathBuf::from("flaky"),
         );
-        l.write_line(&serde_json::to_vec(&json!({"n": 1})).unwrap()).unwrap();
-        l.write_line(&serde_json::to_vec(&json!({"n": 2})).unwrap()).unwrap();
-        l.write_line(&serde_json::to_vec(&json!({"n": 3})).unwrap()).unwrap();
+        l.write_line(&serde_json::to_vec(&json!({"n": 1})).unwrap())
+            .unwrap();
+        l.write_line(&serde_json::to_vec(&json!({"n": 2})).unwrap())
+            .unwrap();
+        l.write_line(&serde_json::to_vec(&json!({"n": 3})).unwrap())
+            .unwrap();
         let err = l.flush().unwrap_err();
         assert_eq!(err.records_lost(), 2);
         assert_eq!(l.stats.records, 1);
         assert!(l.broken_line);
         l.out.budget = usize::MAX;
-        l.write_line(&serde_json::to_vec(&json!({"n": 4})).unwrap()).unwrap();
+        l.write_line(&serde_json::to_vec(&json!({"n": 4})).unwrap())
+            .unwrap();
         l.flush().unwrap();
         assert_eq!(l.stats.records, 2);
         let text = String::from_utf8(l.out.data.clone()).unwrap();

@@ -31,7 +31,9 @@ pub async fn read_loop(
     // lives, which is as long as this AsyncFd.
     let mut afd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| std::io::Error::other(e.to_string()))?;
-    let mut poll = tokio::time::interval(std::time::Duration::from_millis(tracer_common::POLL_INTERVAL_MS));
+    let mut poll = tokio::time::interval(std::time::Duration::from_millis(
+        tracer_common::POLL_INTERVAL_MS,
+    ));
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -62,7 +64,12 @@ pub async fn read_loop(
 }
 
 /// Reads everything available; false when the pipeline is gone.
-async fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<Vec<Event>>, stats: &Stats, tap: &mut Tap) -> bool {
+async fn drain(
+    ring: &mut RingBuf<MapData>,
+    tx: &mpsc::Sender<Vec<Event>>,
+    stats: &Stats,
+    tap: &mut Tap,
+) -> bool {
     loop {
         let mut batch = Vec::with_capacity(BATCH);
         let mut read = 0u64;
@@ -71,7 +78,9 @@ async fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<Vec<Event>>, stats
             read += 1;
             if let Some(w) = tap.as_mut() {
                 use std::io::Write as _;
-                let ok = w.write_all(&(item.len() as u32).to_le_bytes()).and_then(|_| w.write_all(&item));
+                let ok = w
+                    .write_all(&(item.len() as u32).to_le_bytes())
+                    .and_then(|_| w.write_all(&item));
                 if let Err(e) = ok {
                     log::warn!("event tap: {e}; tapping stopped");
                     *tap = None;

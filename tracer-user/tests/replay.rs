@@ -11,7 +11,9 @@ use serde_json::{json, Value};
 use sparbar::{agent::Plan, config, decode, pipeline::Pipeline, stats::Stats};
 
 fn fixture(name: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 fn events() -> Vec<decode::Event> {
@@ -32,12 +34,20 @@ fn run(events: impl IntoIterator<Item = decode::Event>) -> (Vec<Value>, Arc<Stat
     let cfg = config::parse(&text, "nginx-demo.toml").unwrap();
     let plan = Plan::from_config(&cfg).unwrap();
     let stats = Arc::new(Stats::default());
-    let mut p = Pipeline::new(plan.pipeline, Arc::new(RwLock::new(Default::default())), stats.clone());
+    let mut p = Pipeline::new(
+        plan.pipeline,
+        Arc::new(RwLock::new(Default::default())),
+        stats.clone(),
+    );
     for ev in events {
         p.handle(ev);
     }
     p.finish();
-    let recs = p.out.iter().map(|l| serde_json::from_slice(l).unwrap()).collect();
+    let recs = p
+        .out
+        .iter()
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect();
     (recs, stats)
 }
 
@@ -63,7 +73,10 @@ fn project(recs: &[Value]) -> Vec<Value> {
 }
 
 fn expected() -> Vec<Value> {
-    let mut v: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(fixture("nginx-demo.expected.json")).unwrap()).unwrap();
+    let mut v: Vec<Value> = serde_json::from_str(
+        &std::fs::read_to_string(fixture("nginx-demo.expected.json")).unwrap(),
+    )
+    .unwrap();
     v.sort_by_key(|x| x.to_string());
     v
 }
