@@ -1069,3 +1069,106 @@ fn gzip_and_chunked_through_nginx() -> Result<()> {
     drop(platform);
     Ok(())
 }
+
+/// nginx serving static files with `sendfile on` over a plaintext port: the body bytes never pass
+/// through user memory, so they are counted (kernel and record) but not copied, and the
+/// exchanges after them on the same keep-alive connection are still parsed.
+#[test]
+fn sendfile_is_counted_not_copied() -> Result<()> {
+    require_root()?;
+    let dir = scratch("sendfile");
+    let port = free_port();
+    let root = dir.join("static");
+    fs::create_dir_all(&root)?;
+    let sizes = [1000u64, 30_000, 200_000];
+    for n in sizes {
+        fs::write(root.join(format!("f{n}.bin")), vec![b'x'; n as usize])?;
+    }
+    let nginx = Nginx::start(
+        &dir.join("nginx"),
+        &format!("    server {{\n        listen 127.0.0.1:{port};\n        root {};\n        sendfile on;\n        keepalive_requests 1000;\n    }}", root.display()),
+        port,
+    )?;
+    let targets = format!(
+        "[[targets]]\npid = {}\ntls = false\nplaintext_ports = [{port}]\nname = \"nginx-static\"\n",
+        nginx.master()
+    );
+    let routes = "[[routes]]\nroute = \"GET /{file}\"\nname = \"static\"\n";
+    let agent = Agent::start(&dir.join("agent"), &config("", &targets, routes, "count"))?;
+    // 4 rounds over the 3 files on one keep-alive connection.
+    let urls: Vec<String> = (0..4)
+        .flat_map(|_| {
+            sizes
+                .iter()
+                .map(|n| format!("http://127.0.0.1:{port}/f{n}.bin"))
+        })
+        .collect();
+    let out = output(
+        Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code} %{size_download} %{num_connects}\\n",
+            ])
+            .args(&urls),
+    )?;
+    let lines: Vec<&str> = out.lines().collect();
+    ensure!(lines.len() == 12, "curl reported {lines:?}");
+    ensure!(
+        lines.iter().skip(1).all(|l| l.ends_with(" 0")),
+        "curl did not reuse its connection: {lines:?}"
+    );
+    let stats = agent.stop()?;
+    let records = read_jsonl(&dir.join("agent/access.jsonl"))?;
+    ensure!(
+        records.len() == 12,
+        "{} records for 12 requests",
+        records.len()
+    );
+    let mut got: Vec<(String, u64, u64, bool, u64)> = records
+        .iter()
+        .map(|r| {
+            (
+                get(r, "url.path").as_str().unwrap_or("").to_string(),
+                get(r, "http.response.status_code").as_u64().unwrap_or(0),
+                get(r, "http.response.body.bytes").as_u64().unwrap_or(0),
+                get(r, "sparbar.capture.complete").as_bool().unwrap_or(true),
+                get(r, "sparbar.capture.response_bytes_missing")
+                    .as_u64()
+                    .unwrap_or(0),
+            )
+        })
+        .collect();
+    got.sort();
+    let mut want: Vec<(String, u64, u64, bool, u64)> = (0..4)
+        .flat_map(|_| {
+            sizes
+                .iter()
+                .map(|&n| (format!("/f{n}.bin"), 200, n, false, n))
+        })
+        .collect();
+    want.sort();
+    ensure!(
+        got == want,
+        "records differ:\n got  {got:?}\n want {want:?}"
+    );
+    for r in &records {
+        let reasons = get(r, "sparbar.capture.reasons").to_string();
+        ensure!(reasons.contains("sendfile"), "no sendfile reason in {r}");
+    }
+    let total: u64 = 4 * sizes.iter().sum::<u64>();
+    ensure!(
+        stats.kernel("kernel_bytes_uncaptured_total{reason=\"sendfile\"}") == total,
+        "sendfile bytes counted {} != {total}",
+        stats.kernel("kernel_bytes_uncaptured_total{reason=\"sendfile\"}")
+    );
+    ensure!(
+        stats.agent("stream_bytes_uncaptured_total{reason=\"sendfile\"}") == total,
+        "agent saw {} sendfile bytes, {total} sent",
+        stats.agent("stream_bytes_uncaptured_total{reason=\"sendfile\"}")
+    );
+    drop(nginx);
+    Ok(())
+}

@@ -108,47 +108,51 @@ impl Discovery {
     /// attached); targets that exited are forgotten. Also adopts processes the kernel added on
     /// fork/exec.
     pub fn scan(&mut self, kernel: &mut Kernel) {
-        let mut alive = HashSet::new();
         let kernel_targets: HashSet<u32> = kernel.targets().into_iter().collect();
         let Ok(dir) = fs::read_dir("/proc") else {
             return;
         };
-        for e in dir.flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-                continue;
-            };
-            alive.insert(pid);
-            if self.procs.contains_key(&pid) {
-                continue;
+        let alive: HashSet<u32> = dir
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
+            .collect();
+        let mut pending: Vec<ProcInfo> = alive
+            .iter()
+            .filter(|pid| !self.procs.contains_key(pid) && **pid != self.self_pid)
+            .map(|&pid| read_proc_info(pid))
+            .collect();
+        // Direct matches first, then children of targets, level by level: workers forked before
+        // the agent started, and the children the kernel already added at fork.
+        pending.retain(|info| match self.classify(info) {
+            Some(t) => {
+                self.adopt(kernel, info.clone(), t);
+                false
             }
-            let mut info = read_proc_info(pid);
-            let mut t = self.classify(&info);
-            if t.is_none() && kernel_targets.contains(&pid) && pid != self.self_pid {
-                // Added by the kernel (child of a target): inherit the parent's target.
-                t = parent_of(pid)
+            None => true,
+        });
+        loop {
+            let before = pending.len();
+            pending.retain(|info| {
+                let inherited = parent_of(info.pid)
                     .and_then(|pp| self.procs.get(&pp))
                     .and_then(|p| p.target);
-                if t.is_none() {
-                    kernel.remove_target(pid);
-                    continue;
+                match inherited {
+                    Some(t) => {
+                        self.adopt(kernel, info.clone(), t);
+                        false
+                    }
+                    None => true,
                 }
+            });
+            if pending.len() == before {
+                break;
             }
-            let Some(t) = t else { continue };
-            info.target = Some(t);
-            if let Err(e) = kernel.add_target(pid) {
-                warn!("cannot trace pid {pid} ({}): {e}", info.name);
-                continue;
+        }
+        // The kernel added these on exec by name, but they are not what the config means.
+        for info in &pending {
+            if kernel_targets.contains(&info.pid) {
+                kernel.remove_target(info.pid);
             }
-            info!(
-                "tracing pid {pid} ({}, {}) as target {:?}",
-                info.name,
-                info.executable.as_deref().unwrap_or("?"),
-                self.targets[t].name
-            );
-            if self.targets[t].tls {
-                self.attach_tls(kernel, pid);
-            }
-            self.procs.insert(pid, info);
         }
         self.procs.retain(|pid, _| alive.contains(pid));
         for (i, t) in self.targets.iter().enumerate() {
@@ -156,6 +160,25 @@ impl Discovery {
                 warn!("no running process matches target {:?} ({:?}) yet; it is attached when it appears", t.name, t.matcher);
             }
         }
+    }
+
+    fn adopt(&mut self, kernel: &mut Kernel, mut info: ProcInfo, t: usize) {
+        let pid = info.pid;
+        info.target = Some(t);
+        if let Err(e) = kernel.add_target(pid) {
+            warn!("cannot trace pid {pid} ({}): {e}", info.name);
+            return;
+        }
+        info!(
+            "tracing pid {pid} ({}, {}) as target {:?}",
+            info.name,
+            info.executable.as_deref().unwrap_or("?"),
+            self.targets[t].name
+        );
+        if self.targets[t].tls {
+            self.attach_tls(kernel, pid);
+        }
+        self.procs.insert(pid, info);
     }
 
     /// A process exec'd (the kernel saw its name match, or it was a target): re-check it.
