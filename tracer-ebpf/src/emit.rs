@@ -5,9 +5,18 @@ use aya_ebpf::helpers::{
     bpf_get_current_cgroup_id, bpf_ktime_get_ns, bpf_probe_read_user, bpf_probe_read_user_buf,
     generated::bpf_loop,
 };
+use aya_ebpf::{programs::TracePointContext, EbpfContext};
 use tracer_common::*;
 
 use crate::maps::*;
+
+/// A field of a tracepoint record at a fixed offset (from the tracepoint's format file).
+#[inline(always)]
+pub fn tp_arg<T: Copy>(ctx: &TracePointContext, off: usize) -> T {
+    // SAFETY: tracepoint record memory at a fixed offset inside the record (checked by the
+    // verifier against the tracepoint's size).
+    unsafe { core::ptr::read(ctx.as_ptr().cast::<u8>().add(off).cast::<T>()) }
+}
 
 /// Is this process traced? The first thing every program asks.
 #[inline(always)]

@@ -12,6 +12,7 @@ pub mod ids;
 pub mod loader;
 pub mod pipeline;
 pub mod procfs;
+pub mod reassembly;
 pub mod record;
 pub mod routes;
 pub mod sink;

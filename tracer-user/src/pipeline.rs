@@ -40,6 +40,74 @@ struct Conn {
     hole_reasons: BTreeSet<&'static str>,
     /// Kernel timestamp of the last event seen on this connection.
     last_ns: u64,
+    /// Set for a connection first seen in the middle of its life (see `MidstreamGate`).
+    gate: Option<MidstreamGate>,
+}
+
+/// A connection the kernel first saw mid-life (opened before the agent started) is parsed as
+/// if it began at its first captured request: the kernel numbers its bytes from 0 there, and an
+/// idle keep-alive connection's next bytes are a request and then its response. What the server
+/// writes before that first request was read answers requests the agent never saw (a client
+/// that does not pipeline sends its next request only after the previous response), so it is
+/// skipped and counted, never paired. Positions are rebased so each direction starts at 0.
+#[derive(Default)]
+struct MidstreamGate {
+    first_in_ns: Option<u64>,
+    base_in: Option<u64>,
+    base_out: Option<u64>,
+}
+
+enum Piece<'a> {
+    Data(&'a [u8]),
+    Hole(u64),
+}
+
+impl Conn {
+    /// Hands one piece to the parser, through the midstream gate; returns the bytes skipped.
+    fn feed(&mut self, dir: Dir, pos: u64, ts: u64, piece: Piece) -> u64 {
+        let len = match piece {
+            Piece::Data(b) => b.len() as u64,
+            Piece::Hole(n) => n,
+        };
+        let pos = match &mut self.gate {
+            None => pos,
+            Some(g) => {
+                let (base, open) = match dir {
+                    Dir::Inbound => (&mut g.base_in, matches!(piece, Piece::Data(_))),
+                    Dir::Outbound => (&mut g.base_out, g.first_in_ns.is_some_and(|t| ts >= t)),
+                };
+                match *base {
+                    Some(b) if pos >= b => pos - b,
+                    Some(_) => return len,
+                    None if open => {
+                        *base = Some(pos);
+                        if dir == Dir::Inbound {
+                            g.first_in_ns = Some(ts);
+                        }
+                        0
+                    }
+                    None => return len,
+                }
+            }
+        };
+        match piece {
+            Piece::Data(b) => self.parser.data(dir, pos, ts, b),
+            Piece::Hole(n) => self.parser.hole(dir, pos, n, ts),
+        }
+        0
+    }
+
+    /// The connection ended with `pos_in`/`pos_out` bytes in each direction.
+    fn close_at(&mut self, ts: u64, pos_in: u64, pos_out: u64) {
+        let (i, o) = match &self.gate {
+            None => (pos_in, pos_out),
+            Some(g) => (
+                g.base_in.map_or(0, |b| pos_in.saturating_sub(b)),
+                g.base_out.map_or(0, |b| pos_out.saturating_sub(b)),
+            ),
+        };
+        self.parser.close_at(ts, i, o);
+    }
 }
 
 pub struct Pipeline {
@@ -125,17 +193,22 @@ impl Pipeline {
         let stats = &self.stats;
         self.conns.entry(id).or_insert_with(|| {
             stats.add("connections_opened_total", 1);
+            // The agent traces servers: a connection first seen mid-life is taken as one too.
             let role = match origin {
-                ORIGIN_ACCEPT => Role::Server,
                 ORIGIN_CONNECT => Role::Client,
-                _ => Role::Unknown,
+                _ => Role::Server,
             };
+            let midstream = origin == ORIGIN_MIDSTREAM;
+            if midstream {
+                stats.add("connections_opened_total{origin=\"midstream\"}", 1);
+            }
             Conn {
-                parser: ConnParser::new(role, origin == ORIGIN_MIDSTREAM, limits),
+                parser: ConnParser::new(role, false, limits),
                 tuple,
                 tls,
                 hole_reasons: BTreeSet::new(),
                 last_ns: 0,
+                gate: midstream.then(MidstreamGate::default),
             }
         })
     }
@@ -188,7 +261,10 @@ impl Pipeline {
                 } else {
                     Dir::Outbound
                 };
-                c.parser.data(d, pos, hdr.ts_ns, &payload);
+                let skipped = c.feed(d, pos, hdr.ts_ns, Piece::Data(&payload));
+                if skipped > 0 {
+                    self.stats.add("midstream_bytes_skipped_total", skipped);
+                }
                 self.collect(conn);
             }
             Event::Hole {
@@ -212,12 +288,20 @@ impl Pipeline {
                 } else {
                     Dir::Outbound
                 };
-                c.parser.hole(d, pos, len, hdr.ts_ns);
+                let skipped = c.feed(d, pos, hdr.ts_ns, Piece::Hole(len));
+                if skipped > 0 {
+                    self.stats.add("midstream_bytes_skipped_total", skipped);
+                }
                 self.collect(conn);
             }
-            Event::ConnClose { hdr, conn, .. } => {
+            Event::ConnClose {
+                hdr,
+                conn,
+                pos_in,
+                pos_out,
+            } => {
                 if let Some(c) = self.conns.get_mut(&conn) {
-                    c.parser.close(hdr.ts_ns);
+                    c.close_at(hdr.ts_ns, pos_in, pos_out);
                     self.collect(conn);
                     self.conns.remove(&conn);
                     self.stats.add("connections_closed_total", 1);

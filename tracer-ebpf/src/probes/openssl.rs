@@ -14,7 +14,11 @@ use aya_ebpf::{
 };
 use tracer_common::*;
 
-use crate::{emit::*, maps::*, probes::socket::new_conn};
+use crate::{
+    emit::*,
+    maps::*,
+    probes::socket::{new_conn, send_close},
+};
 
 #[inline(always)]
 fn ssl_enter(ctx: &ProbeContext, op: u8, ex: bool) -> u32 {
@@ -202,18 +206,7 @@ pub fn openssl_ssl_free(ctx: ProbeContext) -> u32 {
     // SAFETY: value copied before removal.
     if let Some(st) = unsafe { CONNS.get(key) }.copied() {
         if st.flags & CONN_F_UNMAPPED != 0 {
-            let ev = ConnCloseEvent {
-                hdr: header(
-                    KIND_CONN_CLOSE,
-                    0,
-                    core::mem::size_of::<ConnCloseEvent>() as u32,
-                    pid_tgid,
-                ),
-                conn: conn_id(&key, &st),
-                pos_in: st.pos_in,
-                pos_out: st.pos_out,
-            };
-            let _ = EVENTS.output::<ConnCloseEvent>(&ev, rb_flags());
+            send_close(&key, &st, pid_tgid);
             let _ = CONNS.remove(key);
         }
     }

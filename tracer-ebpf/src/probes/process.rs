@@ -9,17 +9,10 @@ use aya_ebpf::{
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
     macros::tracepoint,
     programs::TracePointContext,
-    EbpfContext,
 };
 use tracer_common::*;
 
 use crate::{emit::*, maps::*};
-
-#[inline(always)]
-fn arg<T: Copy>(ctx: &TracePointContext, off: usize) -> T {
-    // SAFETY: tracepoint record memory at a fixed offset.
-    unsafe { core::ptr::read(ctx.as_ptr().cast::<u8>().add(off).cast::<T>()) }
-}
 
 #[inline(always)]
 fn proc_event(kind: u16, pid_tgid: u64, comm: [u8; COMM_LEN]) {
@@ -39,8 +32,8 @@ fn proc_event(kind: u16, pid_tgid: u64, comm: [u8; COMM_LEN]) {
 /// sched:sched_process_fork: the child of a target is a target.
 #[tracepoint]
 pub fn process_fork(ctx: TracePointContext) -> u32 {
-    let parent: i32 = arg(&ctx, 12);
-    let child: i32 = arg(&ctx, 20);
+    let parent: i32 = tp_arg(&ctx, 12);
+    let child: i32 = tp_arg(&ctx, 20);
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if TARGET_TGIDS.get_ptr(tgid).is_none() && TARGET_TGIDS.get_ptr(parent as u32).is_none() {
         return 0;

@@ -11,18 +11,10 @@ use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user},
     macros::tracepoint,
     programs::TracePointContext,
-    EbpfContext,
 };
 use tracer_common::*;
 
 use crate::{emit::*, maps::*};
-
-#[inline(always)]
-fn arg<T: Copy>(ctx: &TracePointContext, off: usize) -> T {
-    // SAFETY: tracepoint context memory at a fixed offset inside the record (checked by the
-    // verifier against the tracepoint's size).
-    unsafe { core::ptr::read(ctx.as_ptr().cast::<u8>().add(off).cast::<T>()) }
-}
 
 const ARG0: usize = 16;
 const ARG1: usize = 24;
@@ -35,7 +27,7 @@ fn enter(ctx: &TracePointContext, op: u8, buf: u64, iovcnt: u32) {
     if !is_target((pid_tgid >> 32) as u32) {
         return;
     }
-    let fd: u64 = arg(ctx, ARG0);
+    let fd: u64 = tp_arg(ctx, ARG0);
     let inf = Inflight {
         buf,
         iovcnt,
@@ -51,15 +43,15 @@ fn enter(ctx: &TracePointContext, op: u8, buf: u64, iovcnt: u32) {
 
 #[inline(always)]
 fn enter_buf(ctx: &TracePointContext, op: u8) -> u32 {
-    let buf: u64 = arg(ctx, ARG1);
+    let buf: u64 = tp_arg(ctx, ARG1);
     enter(ctx, op, buf, 0);
     0
 }
 
 #[inline(always)]
 fn enter_iov(ctx: &TracePointContext, op: u8) -> u32 {
-    let iov: u64 = arg(ctx, ARG1);
-    let cnt: u64 = arg(ctx, ARG2);
+    let iov: u64 = tp_arg(ctx, ARG1);
+    let cnt: u64 = tp_arg(ctx, ARG2);
     enter(
         ctx,
         op,
@@ -88,7 +80,7 @@ fn enter_msg(ctx: &TracePointContext, op: u8) -> u32 {
     if !is_target((pid_tgid >> 32) as u32) {
         return 0;
     }
-    let msg: u64 = arg(ctx, ARG1);
+    let msg: u64 = tp_arg(ctx, ARG1);
     // SAFETY: reading the traced process's msghdr; failure is handled.
     let Ok(h) = (unsafe { bpf_probe_read_user(msg as *const MsgHdrHead) }) else {
         return 0;
@@ -117,7 +109,7 @@ fn exit(ctx: &TracePointContext) -> u32 {
     if inf.capture == 0 {
         return 0;
     }
-    let ret: i64 = arg(ctx, RET);
+    let ret: i64 = tp_arg(ctx, RET);
     if ret <= 0 {
         return 0;
     }
@@ -241,7 +233,7 @@ pub fn new_conn(key: &ConnKey, origin: u8, pid_tgid: u64) -> Option<*mut ConnSta
 }
 
 #[inline(always)]
-fn send_close(key: &ConnKey, st: &ConnState, pid_tgid: u64) {
+pub fn send_close(key: &ConnKey, st: &ConnState, pid_tgid: u64) {
     let ev = ConnCloseEvent {
         hdr: header(
             KIND_CONN_CLOSE,
@@ -267,7 +259,7 @@ fn accepted(ctx: &TracePointContext) -> u32 {
     if !is_target(tgid) {
         return 0;
     }
-    let ret: i64 = arg(ctx, RET);
+    let ret: i64 = tp_arg(ctx, RET);
     if ret < 0 {
         return 0;
     }
@@ -299,7 +291,7 @@ pub fn socket_enter_connect(ctx: TracePointContext) -> u32 {
     if !is_target(tgid) {
         return 0;
     }
-    let fd: u64 = arg(&ctx, ARG0);
+    let fd: u64 = tp_arg(&ctx, ARG0);
     new_conn(
         &ConnKey {
             tgid,
@@ -318,7 +310,7 @@ pub fn socket_enter_close(ctx: TracePointContext) -> u32 {
     if !is_target(tgid) {
         return 0;
     }
-    let fd: u64 = arg(&ctx, ARG0);
+    let fd: u64 = tp_arg(&ctx, ARG0);
     let key = ConnKey {
         tgid,
         fd: fd as u32,
@@ -388,12 +380,12 @@ fn on_sock(ctx: &TracePointContext) -> u32 {
     };
     // SAFETY: map value pointer, valid for this run.
     let inf = unsafe { &mut *inf };
-    let family: u16 = arg(ctx, 16);
-    let protocol: u16 = arg(ctx, 18);
+    let family: u16 = tp_arg(ctx, 16);
+    let protocol: u16 = tp_arg(ctx, 18);
     if protocol != 6 || (family != AF_INET && family != AF_INET6) {
         return 0;
     }
-    let sk: u64 = arg(ctx, 8);
+    let sk: u64 = tp_arg(ctx, 8);
     let key = ConnKey {
         tgid: (pid_tgid >> 32) as u32,
         fd: inf.fd,
