@@ -527,3 +527,144 @@ pub fn mono_to_unix_ns() -> i128 {
     };
     read(libc::CLOCK_REALTIME) - read(libc::CLOCK_MONOTONIC)
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::config::RouteConfig;
+
+    fn pipeline() -> (Pipeline, Arc<Stats>) {
+        let routes = RouteTable::new(&[RouteConfig {
+            route: "GET /p/{id}".into(),
+            name: "p".into(),
+            query_params: vec![],
+        }])
+        .unwrap();
+        let s = Settings {
+            limits: ParserLimits::default(),
+            routes,
+            record_unmatched: false,
+            host_name: "h".into(),
+            mono_to_unix_ns: 0,
+        };
+        let stats = Arc::new(Stats::default());
+        (
+            Pipeline::new(s, Arc::new(RwLock::new(HashMap::new())), stats.clone()),
+            stats,
+        )
+    }
+
+    const CONN: ConnId = ConnId {
+        tgid: 4_000_000,
+        fd: 7,
+        gen: 1,
+    };
+
+    fn open(origin: u8) -> Event {
+        let mut t = Tuple {
+            family: AF_INET,
+            local_port: 8080,
+            peer_port: 5000,
+            ..Default::default()
+        };
+        t.local_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        t.peer_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        Event::ConnOpen {
+            hdr: EventHeader {
+                kind: KIND_CONN_OPEN,
+                ..Default::default()
+            },
+            conn: CONN,
+            tuple: t,
+            origin,
+            tls: false,
+        }
+    }
+
+    fn data(dir: u8, pos: u64, ts: u64, b: &str) -> Event {
+        Event::Data {
+            hdr: EventHeader {
+                kind: KIND_DATA,
+                ts_ns: ts,
+                ..Default::default()
+            },
+            conn: CONN,
+            pos,
+            msg_len: b.len() as u32,
+            dir,
+            src: SRC_SYSCALL,
+            payload: Bytes::copy_from_slice(b.as_bytes()),
+        }
+    }
+
+    fn resp(body: &str) -> String {
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    fn records(p: &Pipeline) -> Vec<(String, String)> {
+        p.out
+            .iter()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_slice(l).unwrap();
+                (
+                    v["url"]["path"].as_str().unwrap_or("").to_string(),
+                    v["http"]["response"]["body"]["bytes"].to_string(),
+                )
+            })
+            .collect()
+    }
+
+    /// A connection picked up while the server was still writing the answer to a request the
+    /// agent never saw: that answer is skipped, never paired with the next request.
+    #[test]
+    fn midstream_skips_answers_to_unseen_requests() {
+        let (mut p, stats) = pipeline();
+        p.handle(open(ORIGIN_MIDSTREAM));
+        let old = resp("old-answer");
+        p.handle(data(DIR_OUT, 0, 10, &old));
+        p.handle(data(DIR_IN, 0, 20, "GET /p/1 HTTP/1.1\r\nHost: x\r\n\r\n"));
+        p.handle(data(DIR_OUT, old.len() as u64, 30, &resp("one")));
+        p.handle(data(DIR_IN, 31, 40, "GET /p/2 HTTP/1.1\r\nHost: x\r\n\r\n"));
+        p.handle(data(
+            DIR_OUT,
+            old.len() as u64 + resp("one").len() as u64,
+            50,
+            &resp("two!"),
+        ));
+        p.finish();
+        assert_eq!(
+            records(&p),
+            vec![
+                ("/p/1".to_string(), "3".to_string()),
+                ("/p/2".to_string(), "4".to_string())
+            ]
+        );
+        assert_eq!(stats.get("midstream_bytes_skipped_total"), old.len() as u64);
+    }
+
+    /// The same bytes on a connection seen from its accept are all paired in order.
+    #[test]
+    fn accepted_connection_pairs_from_zero() {
+        let (mut p, stats) = pipeline();
+        p.handle(open(ORIGIN_ACCEPT));
+        let r1 = resp("one");
+        p.handle(data(DIR_IN, 0, 20, "GET /p/1 HTTP/1.1\r\nHost: x\r\n\r\n"));
+        p.handle(data(DIR_OUT, 0, 30, &r1));
+        p.handle(data(DIR_IN, 31, 40, "GET /p/2 HTTP/1.1\r\nHost: x\r\n\r\n"));
+        p.handle(data(DIR_OUT, r1.len() as u64, 50, &resp("two!")));
+        p.finish();
+        assert_eq!(
+            records(&p),
+            vec![
+                ("/p/1".to_string(), "3".to_string()),
+                ("/p/2".to_string(), "4".to_string())
+            ]
+        );
+        assert_eq!(stats.get("midstream_bytes_skipped_total"), 0);
+    }
+}
