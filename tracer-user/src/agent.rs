@@ -293,7 +293,7 @@ pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
                 discovery.scan(&mut kernel);
                 publish_services(&discovery, &services);
                 scans += 1;
-                if scans % 30 == 0 {
+                if scans.is_multiple_of(30) {
                     // Keep-alive connections idle for 15 minutes whose close we never saw.
                     pipeline.expire_idle(pipeline::monotonic_ns(), 15 * 60 * 1_000_000_000);
                     sinks.write_all(&mut pipeline.out);

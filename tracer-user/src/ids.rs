@@ -39,7 +39,7 @@ impl EventIds {
         self.state.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 
-    pub fn next(&mut self) -> String {
+    pub fn next_id(&mut self) -> String {
         let ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -65,7 +65,7 @@ mod tests {
         let mut g = super::EventIds::new();
         let mut seen = std::collections::HashSet::new();
         for _ in 0..10_000 {
-            let id = g.next();
+            let id = g.next_id();
             assert_eq!(id.len(), 36);
             assert_eq!(&id[14..15], "7");
             assert!(matches!(&id[19..20], "8" | "9" | "a" | "b"));

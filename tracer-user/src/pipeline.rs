@@ -495,7 +495,7 @@ impl Pipeline {
                 response_bytes_missing: resp_missing,
                 reasons,
             },
-            event_id: self.ids.next(),
+            event_id: self.ids.next_id(),
         };
         let mut line = Vec::with_capacity(1024);
         record::write_line(&ctx, &mut line);

@@ -84,9 +84,7 @@ fn capture(bin: &Path, seconds: u64, rounds: u32, connections: u32) -> Result<()
     step("starting nginx over TLS (the demo platform's nginx; /static/ is served by nginx itself)");
     let platform = Platform::up(&dir.join("platform"), tls_port, free_port(), false)?;
     let url = format!("https://127.0.0.1:{tls_port}/static/hello.txt");
-    let cfg = format!(
-        "[agent]\nstate_dir = \"@DIR@\"\nstats_interval = \"5s\"\n\n[[targets]]\nexe = \"/usr/sbin/nginx\"\nname = \"nginx\"\n\n[[routes]]\nroute = \"GET /static/{{file}}\"\nname = \"static\"\n\n[output]\nfile = \"@DIR@/access.jsonl\"\n"
-    );
+    let cfg = "[agent]\nstate_dir = \"@DIR@\"\nstats_interval = \"5s\"\n\n[[targets]]\nexe = \"/usr/sbin/nginx\"\nname = \"nginx\"\n\n[[routes]]\nroute = \"GET /static/{file}\"\nname = \"static\"\n\n[output]\nfile = \"@DIR@/access.jsonl\"\n";
     wrk(&url, 2, connections)?; // warm-up
     let (mut base, mut with) = (Vec::new(), Vec::new());
     let (mut served, mut recorded, mut agent_cpu, mut agent_wall) = (0u64, 0u64, 0.0, 0.0);
@@ -95,7 +93,7 @@ fn capture(bin: &Path, seconds: u64, rounds: u32, connections: u32) -> Result<()
         step(&format!("round {round}: without agent {rps:.0} req/s"));
         base.push(rps);
         let adir = dir.join(format!("agent-{round}"));
-        let agent = Agent::start(&adir, &cfg)?;
+        let agent = Agent::start(&adir, cfg)?;
         let pid = agent.proc.pid();
         let cpu0 = cpu_seconds(pid);
         let t0 = std::time::Instant::now();
