@@ -54,26 +54,38 @@ pub fn run() -> Result<()> {
         )?;
     }
 
-    let rust_src = Command::new("rustup")
-        .args(["component", "list", "--installed", "--toolchain", "nightly"])
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .any(|l| l.starts_with("rust-src"))
-        })
-        .unwrap_or(false);
-    if rust_src {
-        step("rust-src for the nightly toolchain: present");
-    } else {
-        step("rust-src for the nightly toolchain: installing (the eBPF build uses -Z build-std=core)");
-        run_cmd(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))?;
+    // rust-src: the eBPF build uses -Z build-std=core; clippy/rustfmt: `cargo xtask lint`.
+    for (toolchain, component) in [
+        ("nightly", "rust-src"),
+        ("nightly", "clippy"),
+        ("stable", "clippy"),
+        ("stable", "rustfmt"),
+    ] {
+        let present = Command::new("rustup")
+            .args(["component", "list", "--installed", "--toolchain", toolchain])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .any(|l| l.starts_with(component))
+            })
+            .unwrap_or(false);
+        if present {
+            step(&format!(
+                "{component} for the {toolchain} toolchain: present"
+            ));
+        } else {
+            step(&format!(
+                "{component} for the {toolchain} toolchain: installing"
+            ));
+            run_cmd(Command::new("rustup").args([
+                "component",
+                "add",
+                component,
+                "--toolchain",
+                toolchain,
+            ]))?;
+        }
     }
 
     if have("bpf-linker", "--version") {

@@ -42,6 +42,8 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         duration: u64,
     },
+    /// rustfmt and clippy (-D warnings) on the host crates and, with the nightly, the eBPF crate.
+    Lint,
     /// Benchmarks that print ratios measured side by side.
     Bench {
         #[command(subcommand)]
@@ -59,7 +61,12 @@ fn main() -> Result<()> {
         }
         Cmd::Test { unit, filter } => {
             bootstrap::run()?;
+            lint()?;
             test(unit, filter)
+        }
+        Cmd::Lint => {
+            bootstrap::run()?;
+            lint()
         }
         Cmd::Demo { duration } => {
             bootstrap::run()?;
@@ -111,6 +118,49 @@ pub fn build_release() -> Result<PathBuf> {
         "sparbar",
     ]))?;
     Ok(root().join("target/release/sparbar"))
+}
+
+fn lint() -> Result<()> {
+    step("rustfmt --check");
+    run_cmd(cargo().args(["fmt", "--all", "--check"]))?;
+    step("clippy -D warnings (host crates)");
+    run_cmd(cargo().args([
+        "clippy",
+        "--release",
+        "-p",
+        "tracer-common",
+        "-p",
+        "tracer-user",
+        "-p",
+        "xtask",
+        "-p",
+        "sparbar-tests",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    step("clippy -D warnings (eBPF crate, nightly, bpfel-unknown-none)");
+    let mut c = Command::new("rustup");
+    c.current_dir(root().join("tracer-ebpf"))
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "clippy",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env_remove("CARGO");
+    run_cmd(&mut c)
 }
 
 fn test(unit_only: bool, filter: Option<String>) -> Result<()> {
