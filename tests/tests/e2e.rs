@@ -138,32 +138,31 @@ fn nginx_tls_front_and_plaintext_upstream() -> Result<()> {
     Ok(())
 }
 
-/// CPython's ssl module (SSL_read_ex/SSL_write_ex in the system libssl) serving TLS itself.
-#[test]
-fn cpython_ssl_server() -> Result<()> {
+/// A server that terminates TLS itself, started by `server(port, cert, key)`, traced by pid:
+/// every request of a many-connection keep-alive load is recorded once, exactly.
+fn tls_server_is_traced(name: &str, server: impl Fn(u16, &str, &str) -> Command) -> Result<()> {
     require_root()?;
-    let dir = scratch("cpython");
-    let platform_dir = dir.join("platform");
-    // The platform helper makes the certificate; the app is started on its own with TLS.
-    let platform = Platform::up(&platform_dir, free_port(), free_port(), false)?;
+    let dir = scratch(name);
+    // The platform helper makes the certificate; the server is started on its own.
+    let platform = Platform::up(&dir.join("platform"), free_port(), free_port(), false)?;
     let port = free_port();
-    let app = spawn_ready(
-        "app.py (TLS)",
-        // Debian's interpreter directly: `python3` may be a pyenv wrapper whose pid is not the
-        // server's.
-        Command::new("/usr/bin/python3")
-            .arg(repo_root().join("tests/demo/app.py"))
-            .args(["--port", &port.to_string(), "--tls-cert"])
-            .arg(platform.cert())
-            .arg("--tls-key")
-            .arg(platform.info["key"].as_str().unwrap_or_default()),
+    let (cert, key) = (
+        platform.cert(),
+        platform.info["key"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    );
+    let proc = spawn_ready(
+        name,
+        &mut server(port, &cert, &key),
         Duration::from_secs(30),
     )?;
-    let targets = format!("[[targets]]\npid = {}\nname = \"cpython\"\n", app.pid());
+    let targets = format!("[[targets]]\npid = {}\nname = \"{name}\"\n", proc.pid());
     let agent = Agent::start(&dir.join("agent"), &config(&targets))?;
     let report = load(
         &format!("https://127.0.0.1:{port}"),
-        Some(&platform.cert()),
+        Some(&cert),
         150,
         12,
         SIZES,
@@ -172,70 +171,50 @@ fn cpython_ssl_server() -> Result<()> {
     let stats = agent.stop()?;
     let records = read_jsonl(&dir.join("agent/access.jsonl"))?;
     let recs: Vec<&Value> = records.iter().collect();
-    check_records(
-        "CPython ssl",
-        &recs,
-        &report,
-        &Expect {
-            with_port: true,
-            tls: true,
-            ip: "127.0.0.1",
-            routes: &["test.bytes"],
-        },
-    )?;
+    let expect = Expect {
+        with_port: true,
+        tls: true,
+        ip: "127.0.0.1",
+        routes: &["test.bytes"],
+    };
+    check_records(name, &recs, &report, &expect)?;
     ensure!(
         stats.kernel("kernel_ssl_calls_total") > 0,
-        "no SSL calls counted"
+        "{name}: no SSL calls counted"
     );
     no_losses(&stats)?;
-    drop(app);
+    drop(proc);
     Ok(())
+}
+
+/// CPython's ssl module (SSL_read_ex/SSL_write_ex in the system libssl) serving TLS itself.
+#[test]
+fn cpython_ssl_server() -> Result<()> {
+    tls_server_is_traced("cpython", |port, cert, key| {
+        // Debian's interpreter directly: `python3` may be a pyenv wrapper whose pid is not the
+        // server's.
+        let mut c = Command::new("/usr/bin/python3");
+        c.arg(repo_root().join("tests/demo/app.py")).args([
+            "--port",
+            &port.to_string(),
+            "--tls-cert",
+            cert,
+            "--tls-key",
+            key,
+        ]);
+        c
+    })
 }
 
 /// node's https server: OpenSSL linked statically into the node binary, memory BIOs.
 #[test]
 fn node_https_server() -> Result<()> {
-    require_root()?;
-    let dir = scratch("node");
-    let platform = Platform::up(&dir.join("platform"), free_port(), free_port(), false)?;
-    let port = free_port();
-    let node = spawn_ready(
-        "node https",
-        Command::new("node")
-            .arg(repo_root().join("tests/servers/node_https.js"))
-            .args(["--port", &port.to_string(), "--cert"])
-            .arg(platform.cert())
-            .arg("--key")
-            .arg(platform.info["key"].as_str().unwrap_or_default()),
-        Duration::from_secs(30),
-    )?;
-    let targets = format!("[[targets]]\npid = {}\nname = \"node\"\n", node.pid());
-    let agent = Agent::start(&dir.join("agent"), &config(&targets))?;
-    let report = load(
-        &format!("https://127.0.0.1:{port}"),
-        Some(&platform.cert()),
-        150,
-        12,
-        SIZES,
-        "GET",
-    )?;
-    let stats = agent.stop()?;
-    let records = read_jsonl(&dir.join("agent/access.jsonl"))?;
-    let recs: Vec<&Value> = records.iter().collect();
-    check_records(
-        "node https",
-        &recs,
-        &report,
-        &Expect {
-            with_port: true,
-            tls: true,
-            ip: "127.0.0.1",
-            routes: &["test.bytes"],
-        },
-    )?;
-    no_losses(&stats)?;
-    drop(node);
-    Ok(())
+    tls_server_is_traced("node", |port, cert, key| {
+        let mut c = Command::new("node");
+        c.arg(repo_root().join("tests/servers/node_https.js"))
+            .args(["--port", &port.to_string(), "--cert", cert, "--key", key]);
+        c
+    })
 }
 
 /// Stopping the agent, even with SIGKILL, leaves the servers serving normally.
