@@ -38,7 +38,8 @@ pub fn run(bin: &Path, which: Which) -> Result<()> {
     }
 }
 
-fn wrk(url: &str, seconds: u64, connections: u32) -> Result<(f64, u64)> {
+/// One wrk run: (requests/s, requests completed, mean latency in ms).
+fn wrk(url: &str, seconds: u64, connections: u32) -> Result<(f64, u64, f64)> {
     let out = output(Command::new("wrk").args([
         "-t1",
         &format!("-c{connections}"),
@@ -56,7 +57,22 @@ fn wrk(url: &str, seconds: u64, connections: u32) -> Result<(f64, u64)> {
         .and_then(|l| l.split_whitespace().next())
         .and_then(|v| v.parse::<u64>().ok())
         .context("wrk printed no request count")?;
-    Ok((rps, total))
+    let latency = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("Latency"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| {
+            let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic())?);
+            let n: f64 = num.parse().ok()?;
+            Some(match unit {
+                "us" => n / 1000.0,
+                "ms" => n,
+                "s" => n * 1000.0,
+                _ => return None,
+            })
+        })
+        .context("wrk printed no latency")?;
+    Ok((rps, total, latency))
 }
 
 fn cpu_seconds(pid: u32) -> f64 {
@@ -76,52 +92,99 @@ extern "C" {
     fn libc_sysconf(name: i32) -> i64;
 }
 
+struct Scenario {
+    name: &'static str,
+    url: String,
+    config: String,
+    /// Records one request produces (one per traced hop).
+    hops: u64,
+    connections: u32,
+}
+
 fn capture(bin: &Path, seconds: u64, rounds: u32, connections: u32) -> Result<()> {
     std::env::set_var("SPARBAR_BIN", bin);
     let dir = sparbar_tests::repo_root().join("target/bench-capture");
     let _ = std::fs::remove_dir_all(&dir);
-    let tls_port = free_port();
-    step("starting nginx over TLS (the demo platform's nginx; /static/ is served by nginx itself)");
-    let platform = Platform::up(&dir.join("platform"), tls_port, free_port(), false)?;
-    let url = format!("https://127.0.0.1:{tls_port}/static/hello.txt");
-    let cfg = "[agent]\nstate_dir = \"@DIR@\"\nstats_interval = \"5s\"\n\n[[targets]]\nexe = \"/usr/sbin/nginx\"\nname = \"nginx\"\n\n[[routes]]\nroute = \"GET /static/{file}\"\nname = \"static\"\n\n[output]\nfile = \"@DIR@/access.jsonl\"\n";
-    wrk(&url, 2, connections)?; // warm-up
-    let (mut base, mut with) = (Vec::new(), Vec::new());
-    let (mut served, mut recorded, mut agent_cpu, mut agent_wall) = (0u64, 0u64, 0.0, 0.0);
-    for round in 0..rounds {
-        let (rps, _) = wrk(&url, seconds, connections)?;
-        step(&format!("round {round}: without agent {rps:.0} req/s"));
-        base.push(rps);
-        let adir = dir.join(format!("agent-{round}"));
-        let agent = Agent::start(&adir, cfg)?;
-        let pid = agent.proc.pid();
-        let cpu0 = cpu_seconds(pid);
-        let t0 = std::time::Instant::now();
-        let (rps, total) = wrk(&url, seconds, connections)?;
-        std::thread::sleep(Duration::from_millis(500));
-        agent_cpu += cpu_seconds(pid) - cpu0;
-        agent_wall += t0.elapsed().as_secs_f64();
-        let stats = agent.stop()?;
-        let recs = read_jsonl(&adir.join("access.jsonl"))?.len() as u64;
-        step(&format!("round {round}: with agent    {rps:.0} req/s, {recs} records for {total} requests, losses {:?}", stats.losses()));
-        with.push(rps);
-        served += total;
-        recorded += recs;
-    }
+    let (tls_port, app_port) = (free_port(), free_port());
+    step("starting the demo platform: nginx over TLS in front of the app");
+    let platform = Platform::up(&dir.join("platform"), tls_port, app_port, false)?;
+    let head = "[agent]\nstate_dir = \"@DIR@\"\nstats_interval = \"5s\"\n\n[[targets]]\nexe = \"/usr/sbin/nginx\"\nname = \"nginx\"\n\n[output]\nfile = \"@DIR@/access.jsonl\"\n";
+    let scenarios = [
+        // The floor: a tiny static file served by nginx itself, at saturation.
+        Scenario {
+            name: "static file from nginx (saturation)",
+            url: format!("https://127.0.0.1:{tls_port}/static/hello.txt"),
+            config: format!("{head}\n[[routes]]\nroute = \"GET /static/{{file}}\"\nname = \"static\"\n"),
+            hops: 1,
+            connections,
+        },
+        // A realistic request: 20 KB of JSON-sized body from the app behind nginx, both hops
+        // traced (nginx TLS and the app's plaintext), 2 connections as in ordinary use.
+        Scenario {
+            name: "20 KB from the app through nginx, 2 connections",
+            url: format!("https://127.0.0.1:{tls_port}/api/test/bytes/20000"),
+            config: format!(
+                "{head}\n[[targets]]\npid = {}\ntls = false\nplaintext_ports = [{app_port}]\nname = \"app\"\n\n[[routes]]\nroute = \"GET /api/test/bytes/{{n}}\"\nname = \"bytes\"\n",
+                platform.pid("app_pid")
+            ),
+            hops: 2,
+            connections: 2,
+        },
+    ];
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let mut report = Vec::new();
+    for (k, sc) in scenarios.iter().enumerate() {
+        wrk(&sc.url, 2, sc.connections)?; // warm-up
+        let (mut base, mut with, mut lat0, mut lat1) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut served, mut recorded, mut agent_cpu, mut agent_wall) = (0u64, 0u64, 0.0, 0.0);
+        for round in 0..rounds {
+            let (rps, _, lat) = wrk(&sc.url, seconds, sc.connections)?;
+            step(&format!(
+                "{}: round {round}: without agent {rps:.0} req/s, {lat:.2} ms",
+                sc.name
+            ));
+            base.push(rps);
+            lat0.push(lat);
+            let adir = dir.join(format!("agent-{k}-{round}"));
+            let agent = Agent::start(&adir, &sc.config)?;
+            let pid = agent.proc.pid();
+            let cpu0 = cpu_seconds(pid);
+            let t0 = std::time::Instant::now();
+            let (rps, total, lat) = wrk(&sc.url, seconds, sc.connections)?;
+            std::thread::sleep(Duration::from_millis(500));
+            agent_cpu += cpu_seconds(pid) - cpu0;
+            agent_wall += t0.elapsed().as_secs_f64();
+            let stats = agent.stop()?;
+            let recs = read_jsonl(&adir.join("access.jsonl"))?.len() as u64;
+            step(&format!(
+                "{}: round {round}: with agent    {rps:.0} req/s, {lat:.2} ms, {recs} records for {total} requests, losses {:?}",
+                sc.name,
+                stats.losses()
+            ));
+            with.push(rps);
+            lat1.push(lat);
+            served += total * sc.hops;
+            recorded += recs;
+        }
+        report.push(format!(
+            "{}, wrk -t1 -c{} -d{seconds}s, {rounds} alternating rounds\n  without agent      : {:.0} req/s, mean latency {:.2} ms\n  with agent         : {:.0} req/s, mean latency {:.2} ms\n  throughput ratio   : {:.2}\n  agent CPU          : {:.0}% of one core while loaded\n  records / (requests x hops) : {recorded} / {served} ({:.4}; wrk does not count the requests in flight when it stops)",
+            sc.name,
+            sc.connections,
+            mean(&base),
+            mean(&lat0),
+            mean(&with),
+            mean(&lat1),
+            mean(&with) / mean(&base),
+            100.0 * agent_cpu / agent_wall.max(1e-9),
+            recorded as f64 / served.max(1) as f64
+        ));
+    }
     println!();
-    println!("bench capture: nginx TLS, wrk -t1 -c{connections} -d{seconds}s, {rounds} alternating rounds");
-    println!("  without agent      : {:.0} req/s", mean(&base));
-    println!("  with agent         : {:.0} req/s", mean(&with));
-    println!("  throughput ratio   : {:.2}", mean(&with) / mean(&base));
-    println!(
-        "  agent CPU          : {:.0}% of one core while loaded",
-        100.0 * agent_cpu / agent_wall.max(1e-9)
-    );
-    println!(
-        "  records / requests : {recorded} / {served} ({:.4})",
-        recorded as f64 / served.max(1) as f64
-    );
+    println!("bench capture");
+    for r in report {
+        println!("{r}");
+    }
     drop(platform);
     Ok(())
 }
