@@ -120,26 +120,26 @@ pub fn build_release() -> Result<PathBuf> {
     Ok(root().join("target/release/sparbar"))
 }
 
+/// `-p` arguments for the crates built for the host (never the eBPF crate); the end-to-end
+/// crate only when asked, since its tests need root and servers.
+fn host_packages(with_e2e: bool) -> Vec<&'static str> {
+    let mut v = vec!["-p", "tracer-common", "-p", "tracer-user", "-p", "xtask"];
+    if with_e2e {
+        v.extend(["-p", "sparbar-tests"]);
+    }
+    v
+}
+
 fn lint() -> Result<()> {
     step("rustfmt --check");
     run_cmd(cargo().args(["fmt", "--all", "--check"]))?;
     step("clippy -D warnings (host crates)");
-    run_cmd(cargo().args([
-        "clippy",
-        "--release",
-        "-p",
-        "tracer-common",
-        "-p",
-        "tracer-user",
-        "-p",
-        "xtask",
-        "-p",
-        "sparbar-tests",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
+    run_cmd(
+        cargo()
+            .args(["clippy", "--release"])
+            .args(host_packages(true))
+            .args(["--all-targets", "--", "-D", "warnings"]),
+    )?;
     step("clippy -D warnings (eBPF crate, nightly, bpfel-unknown-none)");
     let mut c = Command::new("rustup");
     c.current_dir(root().join("tracer-ebpf"))
@@ -166,16 +166,11 @@ fn lint() -> Result<()> {
 fn test(unit_only: bool, filter: Option<String>) -> Result<()> {
     step("unit, property and replay tests");
     // Not --workspace: that would build the eBPF crate for the host.
-    run_cmd(cargo().args([
-        "test",
-        "--release",
-        "-p",
-        "tracer-common",
-        "-p",
-        "tracer-user",
-        "-p",
-        "xtask",
-    ]))?;
+    run_cmd(
+        cargo()
+            .args(["test", "--release"])
+            .args(host_packages(false)),
+    )?;
     if unit_only {
         return Ok(());
     }
