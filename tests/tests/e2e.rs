@@ -300,7 +300,7 @@ fn connections_open_before_the_agent_are_picked_up() -> Result<()> {
         client_side(&report, true) == agent_side(&recs, true),
         "records differ from the client's account"
     );
-    ensure!(stats.losses().is_empty(), "losses: {:?}", stats.losses());
+    no_losses(&stats)?;
     drop(platform);
     Ok(())
 }

@@ -290,6 +290,22 @@ pub struct ConnKey {
 }
 const _: () = assert!(size_of::<ConnKey>() == 8);
 
+/// Value of the connection table: the kernel keeps it, the agent only prunes entries of dead
+/// processes, so both must agree on its size.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnState {
+    pub gen: u64,
+    pub pos_in: u64,
+    pub pos_out: u64,
+    pub tuple: Tuple,
+    /// `CONN_F_*` flags of the kernel programs.
+    pub flags: u32,
+    pub origin: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<ConnState>() == 72);
+
 /// Key of the SSL* → fd cache.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -311,5 +327,6 @@ mod pod {
     // explicit padding, so every bit pattern is valid and there are no uninitialised bytes.
     unsafe impl aya::Pod for super::KernelConfig {}
     unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::ConnState {}
     unsafe impl aya::Pod for super::SslKey {}
 }

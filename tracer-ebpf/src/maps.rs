@@ -5,7 +5,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use tracer_common::{ConnKey, DataEvent, KernelConfig, SslKey, Tuple, COMM_LEN, COUNTER_MAX};
+use tracer_common::{ConnKey, ConnState, DataEvent, KernelConfig, SslKey, COMM_LEN, COUNTER_MAX};
 
 /// Overridden by the agent from `capture.ring_buffer_size`.
 #[map(name = "EVENTS")]
@@ -68,18 +68,6 @@ pub const CONN_F_PLAIN: u32 = 1 << 1;
 pub const CONN_F_ANNOUNCED: u32 = 1 << 2;
 pub const CONN_F_TUPLE: u32 = 1 << 3;
 pub const CONN_F_UNMAPPED: u32 = 1 << 4;
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct ConnState {
-    pub gen: u64,
-    pub pos_in: u64,
-    pub pos_out: u64,
-    pub tuple: Tuple,
-    pub flags: u32,
-    pub origin: u8,
-    pub _pad: [u8; 3],
-}
 
 pub const OP_READ: u8 = 1;
 pub const OP_WRITE: u8 = 2;

@@ -310,7 +310,7 @@ impl Kernel {
 
     /// Removes connection-table entries of processes that no longer exist.
     pub fn prune_conns(&mut self, alive: impl Fn(u32) -> bool) -> usize {
-        let Ok(mut m) = map::<BpfHashMap<_, ConnKey, [u8; 72]>>(&mut self.ebpf, MAP_CONNS) else {
+        let Ok(mut m) = map::<BpfHashMap<_, ConnKey, ConnState>>(&mut self.ebpf, MAP_CONNS) else {
             return 0;
         };
         let dead: Vec<ConnKey> = m

@@ -105,7 +105,7 @@ pub fn process_exit(_ctx: TracePointContext) -> u32 {
     if tid == tgid {
         let _ = TARGET_TGIDS.remove(tgid);
         proc_event(KIND_PROC_EXIT, pid_tgid, [0; COMM_LEN]);
-    } else if tid != tgid {
+    } else {
         // A thread's own entry, inserted when it was cloned.
         if let Some(v) = unsafe { TARGET_TGIDS.get(tid) } {
             if *v == TARGET_FROM_FORK {
