@@ -17,7 +17,8 @@ use tokio::{
 use tracer_common::{COUNTER_NAMES, LOSS_COUNTERS};
 
 use crate::{
-    config::{Config, TargetMatch, Unmatched},
+    attribution::{Attributor, Keyer},
+    config::{Config, IdentityConfig, TargetMatch, Unmatched},
     discovery::{Discovery, TargetSpec},
     http::ParserLimits,
     loader::{self, Kernel, LoadSettings},
@@ -46,6 +47,8 @@ pub enum AgentError {
     Signal(std::io::Error),
     #[error("ring buffer reader: {0}")]
     Reader(std::io::Error),
+    #[error(transparent)]
+    Attribution(#[from] crate::attribution::AttributionError),
 }
 
 /// Everything `run` needs, derived from the validated config.
@@ -58,6 +61,7 @@ pub struct Plan {
     pub stdout: bool,
     pub stats_interval: Duration,
     pub queue_capacity: usize,
+    pub identity: IdentityConfig,
 }
 
 impl Plan {
@@ -116,7 +120,9 @@ impl Plan {
                 record_unmatched: cfg.output.unmatched == Unmatched::Record,
                 host_name: cfg.agent.host_name.clone(),
                 mono_to_unix_ns: pipeline::mono_to_unix_ns(),
+                disclosure: cfg.disclosure.clone(),
             },
+            identity: cfg.identity.clone(),
             state_dir: cfg.agent.state_dir.clone(),
             output_file: cfg.output.file.clone(),
             stdout: cfg.output.stdout,
@@ -259,6 +265,9 @@ pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
     let reader = tokio::spawn(source::read_loop(ring, tx, stats.clone(), stop_rx, tap));
 
     let mut pipeline = Pipeline::new(plan.pipeline, services.clone(), stats.clone());
+    let mut attributor = Attributor::new(plan.identity, Keyer::load_or_create(&plan.state_dir)?);
+    attributor.attach_state(&plan.state_dir, &stats);
+    pipeline.attributor = Some(attributor);
     let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
     let mut scan_tick = tokio::time::interval(Duration::from_secs(1));
@@ -303,6 +312,11 @@ pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
                 sinks.flush();
             }
             _ = stats_tick.tick() => {
+                if let Some(a) = pipeline.attributor.as_mut() {
+                    a.expire(&stats);
+                    a.save(&stats);
+                    stats.set("sessions_known", a.sessions_known() as u64);
+                }
                 report(&kernel, &discovery, &stats, &plan.state_dir, started, pipeline.open_connections(), false);
             }
             _ = term.recv(), if !stopping => { info!("SIGTERM: draining and stopping"); stopping = true; let _ = stop_tx.send(true); }
@@ -323,6 +337,10 @@ pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
     pipeline.flush_stats();
     sinks.write_all(&mut pipeline.out);
     sinks.flush();
+    if let Some(a) = pipeline.attributor.as_mut() {
+        a.save(&stats);
+        stats.set("sessions_known", a.sessions_known() as u64);
+    }
     report(
         &kernel,
         &discovery,

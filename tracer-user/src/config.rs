@@ -21,6 +21,12 @@ use thiserror::Error;
 
 use crate::routes;
 
+mod identity;
+pub use identity::{
+    Cidr, DisclosureConfig, EndpointRule, IdentityConfig, JwtClaims, LoginRule, ProxyHeaders,
+    RouteDisclosure,
+};
+
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/sparbar";
 pub const DEFAULT_STATS_INTERVAL: Duration = Duration::from_secs(10);
 pub const DEFAULT_RING_BUFFER_SIZE: u32 = 16 << 20;
@@ -61,6 +67,10 @@ pub struct Config {
     /// Already checked with [`routes::validate`]: `RouteTable::new(&config.routes)` succeeds.
     pub routes: Vec<RouteConfig>,
     pub output: OutputConfig,
+    /// Sessions, tokens, learned identities and trusted proxies.
+    pub identity: IdentityConfig,
+    /// Which routes disclose whose personal data, and how to read it from their responses.
+    pub disclosure: DisclosureConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -475,6 +485,10 @@ struct RawConfig {
     routes: Vec<RawRoute>,
     #[serde(default)]
     output: RawOutput,
+    #[serde(default)]
+    identity: identity::RawIdentity,
+    #[serde(default)]
+    disclosure: identity::RawDisclosure,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -513,6 +527,7 @@ struct RawRoute {
     route: Option<String>,
     name: Option<String>,
     query_params: Option<Vec<String>>,
+    disclosure: Option<identity::RawRouteDisclosure>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -578,8 +593,23 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
     let agent = check_agent(raw.agent, &mut p);
     let capture = check_capture(raw.capture, &mut p);
     let targets = check_targets(raw.targets, &mut p);
-    let routes = check_routes(raw.routes, &mut p);
+    let mut raw_routes = raw.routes;
+    let route_disclosures: Vec<Option<identity::RawRouteDisclosure>> =
+        raw_routes.iter_mut().map(|r| r.disclosure.take()).collect();
+    let routes = check_routes(raw_routes, &mut p);
     let output = check_output(raw.output, &agent.state_dir, &mut p);
+    let route_names: Vec<&str> = routes.iter().map(|r| r.name.as_str()).collect();
+    let identity = identity::check_identity(raw.identity, &route_names, &mut p);
+    let mut disclosure = identity::check_disclosure(raw.disclosure, &mut p);
+    for (i, (d, r)) in route_disclosures.into_iter().zip(&routes).enumerate() {
+        if let Some(d) = d {
+            let params = template_params(&r.route);
+            let key = format!("routes[{i}].disclosure");
+            if let Some(rd) = identity::check_route_disclosure(d, &key, &params, &mut p) {
+                disclosure.routes.insert(r.name.clone(), rd);
+            }
+        }
+    }
 
     if routes.is_empty() && output.unmatched == Unmatched::Count {
         p.push(
@@ -597,6 +627,8 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             targets,
             routes,
             output,
+            identity,
+            disclosure,
         })
     } else {
         Err(ConfigError::Invalid {
@@ -1071,6 +1103,15 @@ fn check_routes(raw: Vec<RawRoute>, problems: &mut Problems) -> Vec<RouteConfig>
     });
     problems.0.extend(local.0);
     out
+}
+
+/// The `{name}` / `{name*}` parameter names of a `METHOD /path` route string.
+fn template_params(route: &str) -> Vec<String> {
+    route
+        .split('/')
+        .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
+        .map(|n| n.trim_end_matches('*').to_string())
+        .collect()
 }
 
 fn check_output(raw: RawOutput, state_dir: &Path, p: &mut Problems) -> OutputConfig {

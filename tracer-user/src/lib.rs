@@ -2,13 +2,16 @@
 //! records on disk. `main.rs` only parses the command line and calls into here.
 
 pub mod agent;
+pub mod attribution;
 pub mod btf;
 pub mod config;
 pub mod decode;
+pub mod disclosure;
 pub mod discovery;
 pub mod exchange;
 pub mod http;
 pub mod ids;
+pub mod jsonpath;
 pub mod loader;
 pub mod pipeline;
 pub mod procfs;

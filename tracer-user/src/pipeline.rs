@@ -11,7 +11,10 @@ use std::{
 use tracer_common::*;
 
 use crate::{
+    attribution::Attributor,
+    config::DisclosureConfig,
     decode::Event,
+    disclosure::{self, SubjectDirectory},
     exchange::{BodyLoss, Completeness, Exchange},
     http::{ConnParser, Dir, ParserLimits, Role},
     ids::EventIds,
@@ -27,6 +30,8 @@ pub struct Settings {
     pub host_name: String,
     /// CLOCK_REALTIME − CLOCK_MONOTONIC at start, to date kernel timestamps.
     pub mono_to_unix_ns: i128,
+    /// Which routes disclose whose data.
+    pub disclosure: DisclosureConfig,
 }
 
 /// Service names by tgid, kept up to date by discovery.
@@ -127,6 +132,9 @@ pub struct Pipeline {
     route_counters: Vec<String>,
     /// Payload bytes since the last `flush_stats`.
     payload_bytes: u64,
+    /// Who made each call; `None` leaves records unattributed (replay of capture-only fixtures).
+    pub attributor: Option<Attributor>,
+    subjects: SubjectDirectory,
 }
 
 fn hole_reason(r: u8) -> &'static str {
@@ -163,7 +171,10 @@ fn tuple_addrs(t: &Tuple) -> Option<record::Tuple> {
 
 impl Pipeline {
     pub fn new(s: Settings, services: Services, stats: Arc<Stats>) -> Self {
+        let subjects = SubjectDirectory::new(s.disclosure.max_subjects);
         Pipeline {
+            attributor: None,
+            subjects,
             s,
             conns: HashMap::new(),
             procs: HashMap::new(),
@@ -478,6 +489,29 @@ impl Pipeline {
             .map(|r| r.last_ns)
             .unwrap_or(ex.request.last_ns);
         let start_unix_ns = (first as i128 + self.s.mono_to_unix_ns).max(0) as u64;
+        let route_name = route.as_ref().map(|m| m.name.as_str());
+        let attribution = self
+            .attributor
+            .as_mut()
+            .map(|a| a.attribute(ex, route_name, tuple.map(|t| t.peer.ip()), &self.stats));
+        let disclosure = match (&route, &ex.response) {
+            (Some(m), Some(resp)) => self.s.disclosure.routes.get(&m.name).and_then(|rule| {
+                disclosure::extract(
+                    &self.s.disclosure,
+                    rule,
+                    m,
+                    resp,
+                    &mut self.subjects,
+                    &self.stats,
+                )
+            }),
+            _ => None,
+        };
+        if let (Some(d), Some(a)) = (&disclosure, &attribution) {
+            if record::cross_tenant(Some(a), d) == Some(true) {
+                self.stats.add("disclosures_cross_tenant_total", 1);
+            }
+        }
         let ctx = RecordContext {
             exchange: ex,
             route: route.as_ref(),
@@ -496,6 +530,8 @@ impl Pipeline {
                 reasons,
             },
             event_id: self.ids.next_id(),
+            attribution: attribution.as_ref(),
+            disclosure: disclosure.as_ref(),
         };
         let mut line = Vec::with_capacity(1024);
         record::write_line(&ctx, &mut line);
@@ -548,6 +584,7 @@ mod tests {
             record_unmatched: false,
             host_name: "h".into(),
             mono_to_unix_ns: 0,
+            disclosure: Default::default(),
         };
         let stats = Arc::new(Stats::default());
         (

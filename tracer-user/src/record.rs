@@ -19,6 +19,8 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use thiserror::Error;
 
+use crate::attribution::Attribution;
+use crate::disclosure::Disclosure;
 use crate::exchange::{header, Exchange, Header};
 use crate::routes::{self, RouteMatch};
 
@@ -73,6 +75,10 @@ pub struct RecordContext<'a> {
     pub capture: CaptureInfo,
     /// Unique id given by the caller.
     pub event_id: String,
+    /// Who made the call (absent when attribution is not configured).
+    pub attribution: Option<&'a Attribution>,
+    /// Whose personal data the response disclosed (routes with a disclosure rule, 2xx only).
+    pub disclosure: Option<&'a Disclosure>,
 }
 
 /// A record that holds something it should not.
@@ -127,6 +133,26 @@ pub const FIELDS: &[&str] = &[
     "sparbar.capture.response_bytes_missing",
     "sparbar.capture.reasons",
     "sparbar.query.dropped",
+    "user.id",
+    "user.hash",
+    "user.roles",
+    "organization.id",
+    "client.ip",
+    "related.user",
+    "session.id",
+    "abook.session.kind",
+    "abook.identity.source",
+    "abook.target.ids",
+    "abook.target.count",
+    "abook.target.ids_omitted",
+    "abook.target.digest",
+    "abook.target.tenants",
+    "abook.target.unknown_tenant",
+    "abook.result.total",
+    "abook.data_categories",
+    "abook.cross_tenant",
+    "abook.disclosure.status",
+    "abook.disclosure.error",
 ];
 
 /// Builds the record for one exchange.
@@ -156,6 +182,111 @@ pub struct Record<'a> {
     service: Name<'a>,
     host: Name<'a>,
     sparbar: SparbarFields<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<User<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    organization: Option<Id<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client: Option<Ip>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    related: Option<Related<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session: Option<Id<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    abook: Option<Abook<'a>>,
+}
+
+#[derive(Serialize)]
+struct User<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hash: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    roles: Option<[&'a str; 1]>,
+}
+
+#[derive(Serialize)]
+struct Id<'a> {
+    id: &'a str,
+}
+
+#[derive(Serialize)]
+struct Ip {
+    ip: String,
+}
+
+#[derive(Serialize)]
+struct Related<'a> {
+    user: Vec<&'a str>,
+}
+
+#[derive(Serialize)]
+struct Abook<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session: Option<Kind>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    identity: Option<Source>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target: Option<Target<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<Total>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_categories: Option<Vec<&'a str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cross_tenant: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    disclosure: Option<DisclosureStatus>,
+}
+
+#[derive(Serialize)]
+struct Kind {
+    kind: &'static str,
+}
+
+#[derive(Serialize)]
+struct Source {
+    source: &'static str,
+}
+
+#[derive(Serialize)]
+struct Target<'a> {
+    ids: &'a [String],
+    count: usize,
+    ids_omitted: usize,
+    digest: &'a str,
+    tenants: Vec<&'a str>,
+    #[serde(skip_serializing_if = "is_zero")]
+    unknown_tenant: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+#[derive(Serialize)]
+struct Total {
+    total: u64,
+}
+
+#[derive(Serialize)]
+struct DisclosureStatus {
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'static str>,
+}
+
+/// `abook.cross_tenant`: the caller's tenant is known and a subject's tenant differs from it;
+/// `false` when every subject's tenant is known and equal; unknown (absent) otherwise.
+pub fn cross_tenant(a: Option<&Attribution>, d: &Disclosure) -> Option<bool> {
+    let own = a?.tenant.as_deref()?;
+    if d.tenants.iter().any(|t| t != own) {
+        Some(true)
+    } else if d.unknown_tenant == 0 && !d.ids.is_empty() {
+        Some(false)
+    } else {
+        None
+    }
 }
 
 #[derive(Serialize)]
@@ -351,7 +482,73 @@ pub fn record<'a>(ctx: &'a RecordContext<'a>) -> Record<'a> {
                 dropped: query_dropped,
             },
         },
+        user: ctx.attribution.and_then(|a| {
+            (a.user_id.is_some() || a.user_hash.is_some()).then(|| User {
+                id: a.user_id.as_deref(),
+                hash: a.user_hash.as_deref(),
+                roles: a.role.as_deref().map(|r| [r]),
+            })
+        }),
+        organization: ctx
+            .attribution
+            .and_then(|a| a.tenant.as_deref())
+            .map(|id| Id { id }),
+        client: ctx.attribution.and_then(|a| a.client_ip).map(|ip| Ip {
+            ip: ip.to_canonical().to_string(),
+        }),
+        related: {
+            let mut users: Vec<&str> = Vec::new();
+            if let Some(u) = ctx.attribution.and_then(|a| a.user_id.as_deref()) {
+                users.push(u);
+            }
+            if let Some(d) = ctx.disclosure {
+                for id in &d.ids[..d.listed] {
+                    if !users.contains(&id.as_str()) {
+                        users.push(id);
+                    }
+                }
+            }
+            (!users.is_empty()).then_some(Related { user: users })
+        },
+        session: ctx
+            .attribution
+            .and_then(|a| a.session_id.as_deref())
+            .map(|id| Id { id }),
+        abook: abook(ctx),
     }
+}
+
+fn abook<'a>(ctx: &'a RecordContext<'a>) -> Option<Abook<'a>> {
+    let a = ctx.attribution;
+    let d = ctx.disclosure;
+    if a.is_none() && d.is_none() {
+        return None;
+    }
+    Some(Abook {
+        session: a
+            .and_then(|a| a.session_kind)
+            .map(|k| Kind { kind: k.as_str() }),
+        identity: a.map(|a| Source {
+            source: a.source.as_str(),
+        }),
+        target: d
+            .filter(|d| d.status == crate::disclosure::Status::Complete || !d.ids.is_empty())
+            .map(|d| Target {
+                ids: &d.ids[..d.listed],
+                count: d.ids.len(),
+                ids_omitted: d.ids.len() - d.listed,
+                digest: &d.digest,
+                tenants: d.tenants.iter().map(String::as_str).collect(),
+                unknown_tenant: d.unknown_tenant,
+            }),
+        result: d.and_then(|d| d.total).map(|total| Total { total }),
+        data_categories: d.map(|d| d.categories.iter().map(String::as_str).collect()),
+        cross_tenant: d.and_then(|d| cross_tenant(a, d)),
+        disclosure: d.map(|d| DisclosureStatus {
+            status: d.status.as_str(),
+            error: d.error,
+        }),
+    })
 }
 
 /// The record as one compact JSON line (no trailing newline), appended to `out`.
@@ -558,6 +755,8 @@ mod tests {
                 reasons: vec![],
             },
             event_id: "ev-1".into(),
+            attribution: None,
+            disclosure: None,
         }
     }
 

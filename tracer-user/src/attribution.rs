@@ -1,0 +1,1521 @@
+//! Who made each call: the session credential the request carries (cookie, bearer token or
+//! header), the identity behind it (learned from login exchanges and identity endpoints, read
+//! from JWT claims, or set by a trusted proxy), and the real client address behind trusted
+//! proxies. Learned sessions persist across restarts in the state directory.
+//!
+//! # Privacy
+//! Credentials never leave this module: a session is known only by its keyed hash
+//! ([`Keyer::session_id`]), in records and in the state file alike. User names from login forms
+//! are kept only as keyed hashes (`user.hash`), since they are often e-mail addresses.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::Sha256;
+
+use crate::{
+    config::{Cidr, IdentityConfig, LoginRule},
+    exchange::{header, Exchange, Header},
+    jsonpath::{scalar_id, JsonPath},
+    stats::Stats,
+};
+
+/// File name of the HMAC key in the state directory.
+pub const KEY_FILE: &str = "secret.key";
+/// How long a session stays known after its logout (other hops see the same exchange).
+pub const LOGOUT_GRACE_SECS: u64 = 30;
+/// File name of the learned sessions in the state directory.
+pub const SESSIONS_FILE: &str = "sessions.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttributionError {
+    #[error("{path}: {what}: {source}; the state directory must be writable by the agent")]
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{path}: the key file must hold exactly 32 bytes, it holds {len}; remove it to have a new key made (session hashes will change)")]
+    BadKey { path: PathBuf, len: usize },
+}
+
+/// Keyed hashes (HMAC-SHA256) with the agent's own key, so a session hash cannot be reversed
+/// or recomputed by anyone without the key file.
+pub struct Keyer {
+    key: [u8; 32],
+}
+
+impl Keyer {
+    pub fn new(key: [u8; 32]) -> Keyer {
+        Keyer { key }
+    }
+
+    /// Reads `<dir>/secret.key`, or creates it (32 random bytes, mode 0600) on first start.
+    pub fn load_or_create(dir: &Path) -> Result<Keyer, AttributionError> {
+        use std::io::{Read, Write};
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = dir.join(KEY_FILE);
+        let io = |what, source| AttributionError::Io {
+            path: path.clone(),
+            what,
+            source,
+        };
+        match std::fs::read(&path) {
+            Ok(b) => {
+                let key: [u8; 32] =
+                    b.as_slice()
+                        .try_into()
+                        .map_err(|_| AttributionError::BadKey {
+                            path: path.clone(),
+                            len: b.len(),
+                        })?;
+                Ok(Keyer { key })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut key = [0u8; 32];
+                std::fs::File::open("/dev/urandom")
+                    .and_then(|mut f| f.read_exact(&mut key))
+                    .map_err(|e| io("reading /dev/urandom for a new key", e))?;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(|e| io("creating the key file", e))?;
+                f.write_all(&key)
+                    .and_then(|_| f.sync_all())
+                    .map_err(|e| io("writing the key file", e))?;
+                log::info!("created a new HMAC key at {} (mode 0600)", path.display());
+                Ok(Keyer { key })
+            }
+            Err(e) => Err(io("reading the key file", e)),
+        }
+    }
+
+    fn mac(&self, domain: &str, value: &[u8]) -> String {
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.key).expect("any key length");
+        m.update(domain.as_bytes());
+        m.update(value);
+        let out = m.finalize().into_bytes();
+        hex(&out[..16])
+    }
+
+    /// `session.id`: the first 16 bytes, in hex, of HMAC-SHA256(key, "session:" + credential).
+    pub fn session_id(&self, credential: &str) -> String {
+        self.mac("session:", credential.as_bytes())
+    }
+
+    /// `user.hash`: HMAC-SHA256(key, "user:" + user name), first 16 bytes in hex.
+    pub fn user_hash(&self, name: &str) -> String {
+        self.mac("user:", name.as_bytes())
+    }
+}
+
+pub fn hex(b: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(b.len() * 2);
+    for x in b {
+        let _ = write!(s, "{x:02x}");
+    }
+    s
+}
+
+/// How the request presented its session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionKind {
+    Cookie,
+    Bearer,
+    Header,
+}
+
+impl SessionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionKind::Cookie => "cookie",
+            SessionKind::Bearer => "bearer",
+            SessionKind::Header => "header",
+        }
+    }
+}
+
+/// Where the identity in a record comes from (`abook.identity.source`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentitySource {
+    /// Learned from a login exchange.
+    Login,
+    /// Learned from an identity endpoint's answer.
+    IdentityEndpoint,
+    /// Claims of the bearer token itself.
+    Jwt,
+    /// Headers set by a trusted proxy.
+    ProxyHeader,
+    /// A session credential whose identity the agent has not learned.
+    Unknown,
+    /// No session credential at all.
+    None,
+    /// The platform refused the credentials (401).
+    Rejected,
+}
+
+impl IdentitySource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdentitySource::Login => "login",
+            IdentitySource::IdentityEndpoint => "identity_endpoint",
+            IdentitySource::Jwt => "jwt",
+            IdentitySource::ProxyHeader => "proxy_header",
+            IdentitySource::Unknown => "unknown",
+            IdentitySource::None => "none",
+            IdentitySource::Rejected => "rejected",
+        }
+    }
+}
+
+/// A session credential as presented (the raw value never leaves this module).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credential {
+    pub kind: SessionKind,
+    value: String,
+}
+
+/// Who made one call, as far as the agent knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attribution {
+    pub session_id: Option<String>,
+    pub session_kind: Option<SessionKind>,
+    pub user_id: Option<String>,
+    pub user_hash: Option<String>,
+    pub role: Option<String>,
+    pub tenant: Option<String>,
+    pub source: IdentitySource,
+    /// The real client: from X-Forwarded-For/Forwarded when the peer is a trusted proxy, else
+    /// the peer.
+    pub client_ip: Option<IpAddr>,
+}
+
+/// What the agent remembers of one session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct SessionEntry {
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    user_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    user_hash: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    role: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    tenant: Option<String>,
+    source: IdentitySource,
+    kind: SessionKind,
+    /// Unix seconds after which the session is gone (its cookie's or token's own expiry).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    expires: Option<u64>,
+    /// Unix seconds of the last call seen with it.
+    last_seen: u64,
+}
+
+/// What the agent knows of a user across sessions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct UserEntry {
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    role: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    tenant: Option<String>,
+    last_seen: u64,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct StateFile {
+    version: u32,
+    sessions: HashMap<String, SessionEntry>,
+    users: HashMap<String, UserEntry>,
+}
+
+/// Route indices of the identity rules, looked up by route name once.
+pub struct Attributor {
+    cfg: IdentityConfig,
+    keyer: Keyer,
+    sessions: HashMap<String, SessionEntry>,
+    users: HashMap<String, UserEntry>,
+    dirty: bool,
+    state_path: Option<PathBuf>,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Attributor {
+    pub fn new(cfg: IdentityConfig, keyer: Keyer) -> Attributor {
+        Attributor {
+            cfg,
+            keyer,
+            sessions: HashMap::new(),
+            users: HashMap::new(),
+            dirty: false,
+            state_path: None,
+        }
+    }
+
+    pub fn keyer(&self) -> &Keyer {
+        &self.keyer
+    }
+
+    pub fn sessions_known(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Loads the learned sessions from `<dir>/sessions.json` (if any) and saves there from now
+    /// on. A damaged file is set aside (renamed `.bad`) and reported, never fatal.
+    pub fn attach_state(&mut self, dir: &Path, stats: &Stats) {
+        let path = dir.join(SESSIONS_FILE);
+        match std::fs::read(&path) {
+            Ok(b) => match serde_json::from_slice::<StateFile>(&b) {
+                Ok(s) if s.version == 1 => {
+                    let now = now_unix();
+                    let ttl = self.cfg.session_ttl.as_secs();
+                    let before = s.sessions.len();
+                    self.sessions = s
+                        .sessions
+                        .into_iter()
+                        .filter(|(_, e)| !expired(e, now, ttl))
+                        .collect();
+                    self.users = s.users;
+                    stats.add(
+                        "sessions_expired_total",
+                        (before - self.sessions.len()) as u64,
+                    );
+                    log::info!(
+                        "loaded {} learned sessions and {} users from {}",
+                        self.sessions.len(),
+                        self.users.len(),
+                        path.display()
+                    );
+                }
+                Ok(s) => {
+                    log::warn!(
+                        "{}: unknown version {}; starting with no learned sessions",
+                        path.display(),
+                        s.version
+                    );
+                    stats.add_reason("state_files_rejected_total", "version", 1);
+                }
+                Err(e) => {
+                    let bad = dir.join(format!("{SESSIONS_FILE}.bad"));
+                    let _ = std::fs::rename(&path, &bad);
+                    log::warn!(
+                        "{}: cannot be read ({e}); moved to {} and starting with no learned sessions",
+                        path.display(),
+                        bad.display()
+                    );
+                    stats.add_reason("state_files_rejected_total", "malformed", 1);
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => log::warn!("{}: {e}; starting with no learned sessions", path.display()),
+        }
+        self.state_path = Some(path);
+    }
+
+    /// Writes the learned sessions if they changed (atomically, mode 0600).
+    pub fn save(&mut self, stats: &Stats) {
+        let Some(path) = &self.state_path else { return };
+        if !self.dirty {
+            return;
+        }
+        let doc = StateFile {
+            version: 1,
+            sessions: std::mem::take(&mut self.sessions),
+            users: std::mem::take(&mut self.users),
+        };
+        let bytes = serde_json::to_vec(&doc).unwrap_or_default();
+        self.sessions = doc.sessions;
+        self.users = doc.users;
+        let tmp = path.with_extension("json.tmp");
+        let res = (|| {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)
+        })();
+        match res {
+            Ok(()) => {
+                self.dirty = false;
+                stats.add("state_saves_total", 1);
+            }
+            Err(e) => {
+                stats.add_reason("state_save_errors_total", "io", 1);
+                log::warn!(
+                    "saving learned sessions to {}: {e} (kept in memory)",
+                    path.display()
+                );
+            }
+        }
+    }
+
+    /// Forgets expired sessions; returns how many.
+    pub fn expire(&mut self, stats: &Stats) -> usize {
+        let now = now_unix();
+        let ttl = self.cfg.session_ttl.as_secs();
+        let before = self.sessions.len();
+        self.sessions.retain(|_, e| !expired(e, now, ttl));
+        let n = before - self.sessions.len();
+        if n > 0 {
+            self.dirty = true;
+            stats.add("sessions_expired_total", n as u64);
+        }
+        n
+    }
+
+    fn trusted(&self, ip: IpAddr) -> bool {
+        self.cfg.trusted_proxies.iter().any(|c| c.contains(ip))
+    }
+
+    /// The session credential a request carries: a bearer token first, then a session cookie,
+    /// then a session header.
+    pub fn credential(&self, headers: &[Header]) -> Option<Credential> {
+        if self.cfg.bearer {
+            for h in headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("authorization"))
+            {
+                if let Some(t) = h.value_str().and_then(bearer_token) {
+                    return Some(Credential {
+                        kind: SessionKind::Bearer,
+                        value: t.to_string(),
+                    });
+                }
+            }
+        }
+        for name in &self.cfg.session_cookies {
+            if let Some(v) = request_cookie(headers, name) {
+                return Some(Credential {
+                    kind: SessionKind::Cookie,
+                    value: v,
+                });
+            }
+        }
+        for name in &self.cfg.session_headers {
+            if let Some(v) = header(headers, name).and_then(|h| h.value_str()) {
+                let v = v.trim();
+                if !v.is_empty() {
+                    return Some(Credential {
+                        kind: SessionKind::Header,
+                        value: v.to_string(),
+                    });
+                }
+            }
+        }
+        None
+    }
+
+    /// Attributes one exchange and learns what it teaches. `route_name` is the matched route's
+    /// name; `peer` the TCP peer.
+    pub fn attribute(
+        &mut self,
+        ex: &Exchange,
+        route_name: Option<&str>,
+        peer: Option<IpAddr>,
+        stats: &Stats,
+    ) -> Attribution {
+        let now = now_unix();
+        let req = &ex.request;
+        let status = ex.response.as_ref().map(|r| r.status);
+        let ok = status.is_some_and(|s| (200..300).contains(&s));
+        let peer_trusted = peer.is_some_and(|p| self.trusted(p));
+        let client_ip = match peer {
+            Some(p) if peer_trusted => {
+                forwarded_client(&req.headers, &self.cfg.trusted_proxies).or(Some(p))
+            }
+            p => p,
+        };
+        let mut a = Attribution {
+            session_id: None,
+            session_kind: None,
+            user_id: None,
+            user_hash: None,
+            role: None,
+            tenant: None,
+            source: IdentitySource::None,
+            client_ip,
+        };
+        let cred = self.credential(&req.headers);
+        if let Some(c) = &cred {
+            a.session_id = Some(self.keyer.session_id(&c.value));
+            a.session_kind = Some(c.kind);
+            a.source = IdentitySource::Unknown;
+        }
+
+        // A login exchange: the session it creates and who it belongs to.
+        if let Some(rule) = route_name.and_then(|n| self.cfg.login.iter().find(|l| l.route == n)) {
+            let rule = rule.clone();
+            self.learn_login(&rule, ex, ok, now, &mut a, stats);
+            return a;
+        }
+
+        // Identity from the request itself: trusted proxy headers, then JWT claims, then what
+        // was learned about the session.
+        if let (true, Some(px)) = (peer_trusted, &self.cfg.proxy) {
+            if let Some(u) = header(&req.headers, &px.user).and_then(|h| h.value_str()) {
+                let u = u.trim();
+                if !u.is_empty() {
+                    a.user_id = Some(u.to_string());
+                    let hv = |n: &Option<String>| {
+                        n.as_ref()
+                            .and_then(|n| header(&req.headers, n))
+                            .and_then(|h| h.value_str())
+                            .map(|s| s.trim().to_string())
+                            .filter(|s| !s.is_empty())
+                    };
+                    a.role = hv(&px.role);
+                    a.tenant = hv(&px.tenant);
+                    a.source = IdentitySource::ProxyHeader;
+                }
+            }
+        }
+        if a.source != IdentitySource::ProxyHeader {
+            if let Some(c) = &cred {
+                let jwt = match (c.kind, &self.cfg.jwt) {
+                    (SessionKind::Bearer, Some(j)) => jwt_claims(&c.value).and_then(|claims| {
+                        let get = |n: &str| claims.get(n).and_then(scalar_id);
+                        let user = get(&j.user)?;
+                        Some((
+                            user,
+                            j.role.as_deref().and_then(get),
+                            j.tenant.as_deref().and_then(get),
+                        ))
+                    }),
+                    _ => None,
+                };
+                let sid = a.session_id.clone().unwrap_or_default();
+                if let Some((user, role, tenant)) = jwt {
+                    a.user_id = Some(user);
+                    a.role = role;
+                    a.tenant = tenant;
+                    a.source = IdentitySource::Jwt;
+                    stats.add("identities_resolved_total{source=\"jwt\"}", 1);
+                } else if let Some(e) = self.sessions.get_mut(&sid) {
+                    if !expired(e, now, self.cfg.session_ttl.as_secs()) {
+                        e.last_seen = now;
+                        a.user_id = e.user_id.clone();
+                        a.user_hash = e.user_hash.clone();
+                        a.role = e.role.clone();
+                        a.tenant = e.tenant.clone();
+                        a.source = e.source;
+                    }
+                }
+            }
+        }
+        // Fill role and tenant from what is known of the user.
+        if let Some(u) = a.user_id.as_ref().and_then(|u| self.users.get(u)) {
+            if a.role.is_none() {
+                a.role = u.role.clone();
+            }
+            if a.tenant.is_none() {
+                a.tenant = u.tenant.clone();
+            }
+        }
+
+        // An identity endpoint answers who the session belongs to.
+        if let (true, Some(c), Some(rule)) = (
+            ok,
+            &cred,
+            route_name.and_then(|n| self.cfg.endpoints.iter().find(|e| e.route == n)),
+        ) {
+            let body = ex
+                .response
+                .as_ref()
+                .and_then(|r| serde_json::from_slice::<Value>(&r.body.data).ok());
+            match body
+                .as_ref()
+                .and_then(|b| rule.user_id.first_id(b).map(|u| (b, u)))
+            {
+                Some((b, user)) => {
+                    let role = rule.role.as_ref().and_then(|p| p.first_id(b));
+                    let tenant = rule.tenant.as_ref().and_then(|p| p.first_id(b));
+                    a.user_id = Some(user);
+                    a.role = role.or(a.role.take());
+                    a.tenant = tenant.or(a.tenant.take());
+                    a.source = IdentitySource::IdentityEndpoint;
+                    let expires = self
+                        .sessions
+                        .get(a.session_id.as_deref().unwrap_or(""))
+                        .and_then(|e| e.expires);
+                    let expires = expires.or_else(|| token_expiry(c));
+                    self.remember(&a, c.kind, expires, now, stats);
+                    stats.add("identities_learned_total{source=\"identity_endpoint\"}", 1);
+                }
+                None => stats.add_reason("identities_unlearned_total", "endpoint_body", 1),
+            }
+        }
+
+        // The platform refused the credentials: whatever they claim is not an identity.
+        if status == Some(401) {
+            a.user_id = None;
+            a.role = None;
+            a.tenant = None;
+            a.source = if cred.is_some() {
+                IdentitySource::Rejected
+            } else {
+                IdentitySource::None
+            };
+        }
+
+        // Sessions that end: a logout route, or the response clears the session cookie.
+        let logout = route_name.is_some_and(|n| self.cfg.logout_routes.iter().any(|l| l == n));
+        let cleared = ex.response.as_ref().is_some_and(|r| {
+            self.cfg
+                .session_cookies
+                .iter()
+                .any(|n| set_cookies(&r.headers, n).iter().any(|s| s.cleared))
+        });
+        if logout || cleared {
+            // Kept for a short grace period: the same exchange is often seen again at another
+            // hop (the proxy and the app behind it), and it must be attributed there too.
+            if let Some(e) = a.session_id.as_ref().and_then(|s| self.sessions.get_mut(s)) {
+                let end = now + LOGOUT_GRACE_SECS;
+                if e.expires.is_none_or(|x| x > end) {
+                    e.expires = Some(end);
+                    self.dirty = true;
+                    stats.add("sessions_ended_total", 1);
+                }
+            }
+        } else if let Some(r) = &ex.response {
+            // Session rotation: a new session cookie set on a known session keeps its identity.
+            if a.user_id.is_some() && ok {
+                for name in self.cfg.session_cookies.clone() {
+                    for sc in set_cookies(&r.headers, &name) {
+                        if !sc.cleared {
+                            let new = Attribution {
+                                session_id: Some(self.keyer.session_id(&sc.value)),
+                                ..a.clone()
+                            };
+                            if new.session_id != a.session_id {
+                                let exp = sc.expires(now);
+                                self.remember(&new, SessionKind::Cookie, exp, now, stats);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if a.source == IdentitySource::Unknown {
+            stats.add("identities_unknown_total", 1);
+        }
+        a
+    }
+
+    fn learn_login(
+        &mut self,
+        rule: &LoginRule,
+        ex: &Exchange,
+        ok: bool,
+        now: u64,
+        a: &mut Attribution,
+        stats: &Stats,
+    ) {
+        let req = &ex.request;
+        let name = rule
+            .username
+            .as_deref()
+            .and_then(|f| login_username(req, f));
+        a.user_hash = name.as_deref().map(|n| self.keyer.user_hash(n));
+        let Some(resp) = ex.response.as_ref().filter(|_| ok) else {
+            // A failed login: the attempted name is kept as a hash only.
+            a.source = match ex.response.as_ref().map(|r| r.status) {
+                Some(401) | Some(403) => IdentitySource::Rejected,
+                _ => a.source,
+            };
+            return;
+        };
+        let body = serde_json::from_slice::<Value>(&resp.body.data).ok();
+        let from_body = |p: &Option<JsonPath>| {
+            p.as_ref()
+                .and_then(|p| body.as_ref().and_then(|b| p.first_id(b)))
+        };
+        a.user_id = from_body(&rule.user_id);
+        a.role = from_body(&rule.role);
+        a.tenant = from_body(&rule.tenant);
+        if let Some(u) = a.user_id.as_ref().and_then(|u| self.users.get(u)) {
+            a.role = a.role.take().or(u.role.clone());
+            a.tenant = a.tenant.take().or(u.tenant.clone());
+        }
+        // The session the response creates.
+        let (cred, expires) = match &rule.token {
+            Some(tp) => match body
+                .as_ref()
+                .and_then(|b| tp.first(b))
+                .and_then(|v| v.as_str())
+            {
+                Some(tok) => {
+                    let c = Credential {
+                        kind: SessionKind::Bearer,
+                        value: tok.to_string(),
+                    };
+                    let exp = token_expiry(&c);
+                    (Some(c), exp)
+                }
+                None => (None, None),
+            },
+            None => {
+                let mut found = (None, None);
+                for n in &self.cfg.session_cookies {
+                    if let Some(sc) = set_cookies(&resp.headers, n)
+                        .into_iter()
+                        .find(|s| !s.cleared)
+                    {
+                        found = (
+                            Some(Credential {
+                                kind: SessionKind::Cookie,
+                                value: sc.value.clone(),
+                            }),
+                            sc.expires(now),
+                        );
+                        break;
+                    }
+                }
+                found
+            }
+        };
+        let Some(cred) = cred else {
+            stats.add_reason("identities_unlearned_total", "login_no_session", 1);
+            return;
+        };
+        if a.user_id.is_none() && a.user_hash.is_none() && self.cfg.jwt.is_none() {
+            stats.add_reason("identities_unlearned_total", "login_no_user", 1);
+            return;
+        }
+        a.session_id = Some(self.keyer.session_id(&cred.value));
+        a.session_kind = Some(cred.kind);
+        a.source = IdentitySource::Login;
+        // A token that is a JWT names its user itself.
+        if let (SessionKind::Bearer, Some(j)) = (cred.kind, &self.cfg.jwt) {
+            if let Some(claims) = jwt_claims(&cred.value) {
+                let get = |n: &str| claims.get(n).and_then(scalar_id);
+                a.user_id = a.user_id.take().or_else(|| get(&j.user));
+                a.role = a.role.take().or_else(|| j.role.as_deref().and_then(get));
+                a.tenant = a
+                    .tenant
+                    .take()
+                    .or_else(|| j.tenant.as_deref().and_then(get));
+            }
+        }
+        self.remember(a, cred.kind, expires, now, stats);
+        stats.add("identities_learned_total{source=\"login\"}", 1);
+    }
+
+    /// Stores the session → identity mapping of `a`, and the user's role and tenant.
+    fn remember(
+        &mut self,
+        a: &Attribution,
+        kind: SessionKind,
+        expires: Option<u64>,
+        now: u64,
+        stats: &Stats,
+    ) {
+        let Some(sid) = a.session_id.clone() else {
+            return;
+        };
+        if let Some(u) = &a.user_id {
+            if a.role.is_some() || a.tenant.is_some() {
+                let e = self.users.entry(u.clone()).or_insert(UserEntry {
+                    role: None,
+                    tenant: None,
+                    last_seen: now,
+                });
+                if a.role.is_some() {
+                    e.role = a.role.clone();
+                }
+                if a.tenant.is_some() {
+                    e.tenant = a.tenant.clone();
+                }
+                e.last_seen = now;
+            }
+        }
+        let entry = SessionEntry {
+            user_id: a.user_id.clone(),
+            user_hash: a.user_hash.clone(),
+            role: a.role.clone(),
+            tenant: a.tenant.clone(),
+            source: a.source,
+            kind,
+            expires,
+            last_seen: now,
+        };
+        if self.sessions.get(&sid) != Some(&entry) {
+            self.sessions.insert(sid, entry);
+            self.dirty = true;
+        }
+        self.bound(stats);
+    }
+
+    /// Keeps the maps within their budget: the least recently seen tenth goes first, counted.
+    fn bound(&mut self, stats: &Stats) {
+        let max = self.cfg.max_sessions;
+        if self.sessions.len() > max {
+            let mut seen: Vec<(u64, String)> = self
+                .sessions
+                .iter()
+                .map(|(k, e)| (e.last_seen, k.clone()))
+                .collect();
+            seen.sort_unstable();
+            let n = self.sessions.len() - max + max / 10;
+            for (_, k) in seen.into_iter().take(n) {
+                self.sessions.remove(&k);
+            }
+            stats.add_reason("sessions_evicted_total", "budget", n as u64);
+        }
+        if self.users.len() > max {
+            let mut seen: Vec<(u64, String)> = self
+                .users
+                .iter()
+                .map(|(k, e)| (e.last_seen, k.clone()))
+                .collect();
+            seen.sort_unstable();
+            let n = self.users.len() - max + max / 10;
+            for (_, k) in seen.into_iter().take(n) {
+                self.users.remove(&k);
+            }
+            stats.add_reason("users_evicted_total", "budget", n as u64);
+        }
+    }
+}
+
+fn expired(e: &SessionEntry, now: u64, ttl: u64) -> bool {
+    e.expires.is_some_and(|x| x <= now) || (e.expires.is_none() && e.last_seen + ttl <= now)
+}
+
+/// `Bearer <token>` (scheme case-insensitive).
+fn bearer_token(v: &str) -> Option<&str> {
+    let v = v.trim();
+    let (scheme, rest) = v.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let t = rest.trim();
+    (!t.is_empty()).then_some(t)
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers (quotes removed).
+pub fn request_cookie(headers: &[Header], name: &str) -> Option<String> {
+    for h in headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("cookie"))
+    {
+        let Some(v) = h.value_str() else { continue };
+        for part in v.split(';') {
+            let Some((k, val)) = part.split_once('=') else {
+                continue;
+            };
+            if k.trim() == name {
+                let val = val.trim();
+                let val = val
+                    .strip_prefix('"')
+                    .and_then(|s| s.strip_suffix('"'))
+                    .unwrap_or(val);
+                if !val.is_empty() {
+                    return Some(val.to_string());
+                }
+            }
+        }
+    }
+    None
+}
+
+/// One `Set-Cookie` for a given cookie name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetCookie {
+    value: String,
+    max_age: Option<i64>,
+    expires: Option<u64>,
+    /// The cookie is deleted (empty value, `Max-Age<=0` or an expiry in the past).
+    pub cleared: bool,
+}
+
+impl SetCookie {
+    fn expires(&self, now: u64) -> Option<u64> {
+        match self.max_age {
+            Some(m) => Some(now.saturating_add(m.max(0) as u64)),
+            None => self.expires,
+        }
+    }
+}
+
+/// Every `Set-Cookie` of the response for cookie `name`.
+pub fn set_cookies(headers: &[Header], name: &str) -> Vec<SetCookie> {
+    let now = now_unix();
+    let mut out = Vec::new();
+    for h in headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("set-cookie"))
+    {
+        let Some(v) = h.value_str() else { continue };
+        let mut parts = v.split(';');
+        let Some((k, val)) = parts.next().and_then(|p| p.split_once('=')) else {
+            continue;
+        };
+        if k.trim() != name {
+            continue;
+        }
+        let val = val.trim();
+        let val = val
+            .strip_prefix('"')
+            .and_then(|s| s.strip_suffix('"'))
+            .unwrap_or(val)
+            .to_string();
+        let mut sc = SetCookie {
+            value: val,
+            max_age: None,
+            expires: None,
+            cleared: false,
+        };
+        for attr in parts {
+            let (an, av) = attr.split_once('=').unwrap_or((attr, ""));
+            let an = an.trim();
+            if an.eq_ignore_ascii_case("max-age") {
+                sc.max_age = av.trim().parse().ok();
+            } else if an.eq_ignore_ascii_case("expires") {
+                sc.expires = httpdate::parse_http_date(av.trim())
+                    .ok()
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                    .map(|d| d.as_secs());
+            }
+        }
+        sc.cleared = sc.value.is_empty()
+            || sc.max_age.is_some_and(|m| m <= 0)
+            || (sc.max_age.is_none() && sc.expires.is_some_and(|e| e <= now));
+        out.push(sc);
+    }
+    out
+}
+
+/// The claims of a JWT (`header.claims.signature`, base64url), unverified.
+fn jwt_claims(token: &str) -> Option<serde_json::Map<String, Value>> {
+    let mut it = token.split('.');
+    let (_h, c, _s) = (it.next()?, it.next()?, it.next()?);
+    if it.next().is_some() || c.len() > 16 * 1024 {
+        return None;
+    }
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(c.trim_end_matches('='))
+        .ok()?;
+    match serde_json::from_slice::<Value>(&raw).ok()? {
+        Value::Object(m) => Some(m),
+        _ => None,
+    }
+}
+
+/// The `exp` of a bearer token that is a JWT.
+fn token_expiry(c: &Credential) -> Option<u64> {
+    if c.kind != SessionKind::Bearer {
+        return None;
+    }
+    jwt_claims(&c.value)?.get("exp")?.as_u64()
+}
+
+/// The user name in a login request: a form field, or a JSON path into a JSON body.
+fn login_username(req: &crate::exchange::Request, field: &str) -> Option<String> {
+    let body = &req.body.data;
+    let ctype = header(&req.headers, "content-type")
+        .and_then(|h| h.value_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let v = if ctype.contains("json") || body.first() == Some(&b'{') {
+        let v: Value = serde_json::from_slice(body).ok()?;
+        let p = JsonPath::parse(field).ok()?;
+        p.first_id(&v)
+    } else {
+        form_urlencoded::parse(body)
+            .find(|(k, _)| k == field)
+            .map(|(_, v)| v.into_owned())
+    };
+    v.filter(|s| !s.is_empty())
+}
+
+/// The client behind trusted proxies: the right-most address in `X-Forwarded-For` (or
+/// `Forwarded: for=`) that is not itself a trusted proxy; the left-most when all are.
+pub fn forwarded_client(headers: &[Header], trusted: &[Cidr]) -> Option<IpAddr> {
+    let mut chain: Vec<IpAddr> = Vec::new();
+    let forwarded: Vec<&Header> = headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("forwarded"))
+        .collect();
+    if !forwarded.is_empty() {
+        for h in forwarded {
+            let Some(v) = h.value_str() else { continue };
+            for elem in v.split(',') {
+                for pair in elem.split(';') {
+                    if let Some((k, val)) = pair.split_once('=') {
+                        if k.trim().eq_ignore_ascii_case("for") {
+                            chain.extend(parse_node(val.trim().trim_matches('"')));
+                        }
+                    }
+                }
+            }
+        }
+    } else {
+        for h in headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"))
+        {
+            let Some(v) = h.value_str() else { continue };
+            chain.extend(v.split(',').filter_map(|s| parse_node(s.trim())));
+        }
+    }
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|c| c.contains(*ip));
+    chain
+        .iter()
+        .rev()
+        .find(|ip| !is_trusted(ip))
+        .or(chain.first())
+        .map(|ip| ip.to_canonical())
+}
+
+/// An address as proxies write it: `1.2.3.4`, `1.2.3.4:5678`, `[::1]`, `[::1]:443`, `::1`.
+fn parse_node(s: &str) -> Option<IpAddr> {
+    if let Ok(ip) = s.parse() {
+        return Some(ip);
+    }
+    if let Some(rest) = s.strip_prefix('[') {
+        return rest.split(']').next()?.parse().ok();
+    }
+    s.rsplit_once(':')?.0.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{EndpointRule, JwtClaims, ProxyHeaders};
+    use crate::exchange::{Body, Completeness, Request, Response};
+    use bytes::Bytes;
+
+    fn h(name: &str, value: &str) -> Header {
+        Header {
+            name: name.into(),
+            value: value.as_bytes().to_vec(),
+        }
+    }
+
+    fn ex(
+        req_headers: Vec<Header>,
+        req_body: &str,
+        status: u16,
+        resp_headers: Vec<Header>,
+        resp_body: &str,
+    ) -> Exchange {
+        Exchange {
+            request: Request {
+                method: "GET".into(),
+                target: "/x".into(),
+                minor_version: 1,
+                headers: req_headers,
+                body: Body {
+                    wire_len: req_body.len() as u64,
+                    data: Bytes::copy_from_slice(req_body.as_bytes()),
+                    loss: None,
+                    decoded_from: None,
+                },
+                first_ns: 0,
+                last_ns: 0,
+            },
+            response: Some(Response {
+                status,
+                reason: String::new(),
+                minor_version: 1,
+                headers: resp_headers,
+                body: Body {
+                    wire_len: resp_body.len() as u64,
+                    data: Bytes::copy_from_slice(resp_body.as_bytes()),
+                    loss: None,
+                    decoded_from: None,
+                },
+                first_ns: 0,
+                last_ns: 0,
+            }),
+            completeness: Completeness::Complete,
+            upgraded: false,
+        }
+    }
+
+    fn cfg() -> IdentityConfig {
+        IdentityConfig {
+            session_cookies: vec!["sid".into()],
+            session_headers: vec!["X-Session".into()],
+            trusted_proxies: vec![Cidr::parse("10.0.0.0/8").unwrap()],
+            jwt: Some(JwtClaims {
+                user: "sub".into(),
+                tenant: Some("school".into()),
+                role: Some("role".into()),
+            }),
+            login: vec![LoginRule {
+                route: "login".into(),
+                username: Some("username".into()),
+                user_id: Some(JsonPath::parse("$.userId").unwrap()),
+                role: None,
+                tenant: None,
+                token: None,
+            }],
+            endpoints: vec![EndpointRule {
+                route: "me".into(),
+                user_id: JsonPath::parse("$.id").unwrap(),
+                role: Some(JsonPath::parse("$.role").unwrap()),
+                tenant: Some(JsonPath::parse("$.schoolId").unwrap()),
+            }],
+            logout_routes: vec!["logout".into()],
+            ..IdentityConfig::default()
+        }
+    }
+
+    fn attributor() -> Attributor {
+        Attributor::new(cfg(), Keyer::new([7; 32]))
+    }
+
+    fn jwt(claims: &str) -> String {
+        let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        format!(
+            "{}.{}.c2ln",
+            e.encode(br#"{"alg":"HS256","typ":"JWT"}"#),
+            e.encode(claims.as_bytes())
+        )
+    }
+
+    fn cred(a: &Attributor, headers: Vec<Header>) -> Option<(SessionKind, String)> {
+        a.credential(&headers).map(|c| (c.kind, c.value))
+    }
+
+    /// Every way a session can be presented, and what is not a session.
+    #[test]
+    fn session_presentations() {
+        let a = attributor();
+        let c = |v: &str| Some((SessionKind::Cookie, v.to_string()));
+        assert_eq!(cred(&a, vec![h("Cookie", "sid=abc")]), c("abc"));
+        assert_eq!(
+            cred(&a, vec![h("cookie", "theme=dark; sid=abc; lang=sv")]),
+            c("abc")
+        );
+        assert_eq!(cred(&a, vec![h("Cookie", "  sid = abc ;x=1")]), c("abc"));
+        assert_eq!(cred(&a, vec![h("Cookie", "sid=\"q\"")]), c("q"));
+        assert_eq!(
+            cred(&a, vec![h("Cookie", "a=1"), h("Cookie", "sid=two")]),
+            c("two")
+        );
+        assert_eq!(cred(&a, vec![h("Cookie", "xsid=abc; sidx=1")]), None);
+        assert_eq!(cred(&a, vec![h("Cookie", "sid=")]), None);
+        assert_eq!(cred(&a, vec![h("Cookie", "garbage;;;=")]), None);
+        let b = |v: &str| Some((SessionKind::Bearer, v.to_string()));
+        assert_eq!(cred(&a, vec![h("Authorization", "Bearer tok")]), b("tok"));
+        assert_eq!(
+            cred(&a, vec![h("authorization", "bearer   tok  ")]),
+            b("tok")
+        );
+        assert_eq!(cred(&a, vec![h("Authorization", "BEARER tok")]), b("tok"));
+        assert_eq!(
+            cred(&a, vec![h("Authorization", "Basic dXNlcjpwdw==")]),
+            None
+        );
+        assert_eq!(cred(&a, vec![h("Authorization", "Bearer ")]), None);
+        // A bearer token wins over a cookie.
+        assert_eq!(
+            cred(
+                &a,
+                vec![h("Cookie", "sid=abc"), h("Authorization", "Bearer tok")]
+            ),
+            b("tok")
+        );
+        assert_eq!(
+            cred(&a, vec![h("x-session", " hdr ")]),
+            Some((SessionKind::Header, "hdr".into()))
+        );
+        assert_eq!(cred(&a, vec![h("X-Other", "1")]), None);
+        // Bearer can be switched off.
+        let mut c2 = cfg();
+        c2.bearer = false;
+        let a2 = Attributor::new(c2, Keyer::new([7; 32]));
+        assert_eq!(cred(&a2, vec![h("Authorization", "Bearer tok")]), None);
+    }
+
+    #[test]
+    fn hashes_are_keyed_and_stable() {
+        let k1 = Keyer::new([1; 32]);
+        let k2 = Keyer::new([2; 32]);
+        assert_eq!(k1.session_id("abc"), k1.session_id("abc"));
+        assert_ne!(k1.session_id("abc"), k2.session_id("abc"));
+        assert_ne!(k1.session_id("abc"), k1.user_hash("abc"));
+        assert_eq!(k1.session_id("abc").len(), 32);
+        // HMAC-SHA256(key = 32 x 0x01, "session:abc"), first 16 bytes.
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&[1; 32]).unwrap();
+        m.update(b"session:abc");
+        assert_eq!(k1.session_id("abc"), hex(&m.finalize().into_bytes()[..16]));
+    }
+
+    #[test]
+    fn login_then_calls_are_attributed() {
+        let mut a = attributor();
+        let st = Stats::default();
+        let login = ex(
+            vec![h("Content-Type", "application/x-www-form-urlencoded")],
+            "username=p1013&password=secret",
+            200,
+            vec![h("Set-Cookie", "sid=s3cr3t; Path=/; HttpOnly")],
+            r#"{"ok":true,"userId":1013}"#,
+        );
+        let r = a.attribute(&login, Some("login"), None, &st);
+        assert_eq!(r.source, IdentitySource::Login);
+        assert_eq!(r.user_id.as_deref(), Some("1013"));
+        assert_eq!(r.user_hash, Some(a.keyer().user_hash("p1013")));
+        assert_eq!(r.session_id, Some(a.keyer().session_id("s3cr3t")));
+        let call = ex(vec![h("Cookie", "sid=s3cr3t")], "", 200, vec![], "{}");
+        let r = a.attribute(&call, Some("list"), None, &st);
+        assert_eq!(r.source, IdentitySource::Login);
+        assert_eq!(r.user_id.as_deref(), Some("1013"));
+        assert_eq!(r.role, None);
+        // The identity endpoint adds role and tenant.
+        let me = ex(
+            vec![h("Cookie", "sid=s3cr3t")],
+            "",
+            200,
+            vec![],
+            r#"{"id":1013,"role":"pupil","schoolId":"sch-01","name":"X"}"#,
+        );
+        let r = a.attribute(&me, Some("me"), None, &st);
+        assert_eq!(r.source, IdentitySource::IdentityEndpoint);
+        assert_eq!(
+            (r.role.as_deref(), r.tenant.as_deref()),
+            (Some("pupil"), Some("sch-01"))
+        );
+        let r = a.attribute(&call, Some("list"), None, &st);
+        assert_eq!(r.source, IdentitySource::IdentityEndpoint);
+        assert_eq!(r.tenant.as_deref(), Some("sch-01"));
+        // A JSON login of the same user on a new session knows their role at once.
+        let login2 = ex(
+            vec![h("Content-Type", "application/json")],
+            r#"{"username":"p1013","password":"x"}"#,
+            200,
+            vec![h("Set-Cookie", "sid=other; Max-Age=600")],
+            r#"{"ok":true,"userId":1013}"#,
+        );
+        let r = a.attribute(&login2, Some("login"), None, &st);
+        assert_eq!(r.user_hash, Some(a.keyer().user_hash("p1013")));
+        assert_eq!(r.role.as_deref(), Some("pupil"));
+        // A failed login: no identity, the attempted name only as a hash.
+        let bad = ex(vec![], "username=p1013&password=wrong", 401, vec![], "{}");
+        let r = a.attribute(&bad, Some("login"), None, &st);
+        assert_eq!(r.source, IdentitySource::Rejected);
+        assert_eq!(r.user_id, None);
+        assert!(r.user_hash.is_some());
+    }
+
+    #[test]
+    fn unknown_sessions_and_rejections() {
+        let mut a = attributor();
+        let st = Stats::default();
+        let call = ex(vec![h("Cookie", "sid=never-seen")], "", 200, vec![], "{}");
+        let r = a.attribute(&call, Some("list"), None, &st);
+        assert_eq!(r.source, IdentitySource::Unknown);
+        assert_eq!(r.user_id, None);
+        assert_eq!(r.session_id, Some(a.keyer().session_id("never-seen")));
+        let none = ex(vec![], "", 200, vec![], "{}");
+        let r = a.attribute(&none, Some("list"), None, &st);
+        assert_eq!((r.source, r.session_id), (IdentitySource::None, None));
+        // A JWT the platform refuses says nothing about who called.
+        let t = jwt(r#"{"sub":"9","school":"sch-02","role":"admin"}"#);
+        let forged = ex(
+            vec![h("Authorization", &format!("Bearer {t}"))],
+            "",
+            401,
+            vec![],
+            "{}",
+        );
+        let r = a.attribute(&forged, Some("list"), None, &st);
+        assert_eq!((r.source, r.user_id), (IdentitySource::Rejected, None));
+    }
+
+    #[test]
+    fn jwt_claims_identify() {
+        let mut a = attributor();
+        let st = Stats::default();
+        let t = jwt(r#"{"sub":"1334","school":"sch-02","role":"principal","exp":99999999999}"#);
+        let call = ex(
+            vec![h("Authorization", &format!("Bearer {t}"))],
+            "",
+            200,
+            vec![],
+            "{}",
+        );
+        let r = a.attribute(&call, Some("list"), None, &st);
+        assert_eq!(r.source, IdentitySource::Jwt);
+        assert_eq!(r.user_id.as_deref(), Some("1334"));
+        assert_eq!(r.role.as_deref(), Some("principal"));
+        assert_eq!(r.tenant.as_deref(), Some("sch-02"));
+        assert_eq!(r.session_kind, Some(SessionKind::Bearer));
+        // Numbers as claims, and a token that is not a JWT (opaque).
+        let t = jwt(r#"{"sub":42}"#);
+        let call = ex(
+            vec![h("Authorization", &format!("Bearer {t}"))],
+            "",
+            200,
+            vec![],
+            "{}",
+        );
+        assert_eq!(
+            a.attribute(&call, None, None, &st).user_id.as_deref(),
+            Some("42")
+        );
+        for opaque in [
+            "abc",
+            "a.b.c",
+            "a.!!!.c",
+            &jwt("[1,2]"),
+            &jwt("{\"nosub\":1}"),
+        ] {
+            let call = ex(
+                vec![h("Authorization", &format!("Bearer {opaque}"))],
+                "",
+                200,
+                vec![],
+                "{}",
+            );
+            assert_eq!(
+                a.attribute(&call, None, None, &st).source,
+                IdentitySource::Unknown,
+                "{opaque}"
+            );
+        }
+    }
+
+    #[test]
+    fn logout_ends_the_session_after_a_grace() {
+        let mut a = attributor();
+        let st = Stats::default();
+        let login = ex(
+            vec![],
+            "username=u",
+            200,
+            vec![h("Set-Cookie", "sid=v")],
+            r#"{"userId":5}"#,
+        );
+        a.attribute(&login, Some("login"), None, &st);
+        let out = ex(
+            vec![h("Cookie", "sid=v")],
+            "",
+            200,
+            vec![h("Set-Cookie", "sid=; Max-Age=0")],
+            "{}",
+        );
+        // Both hops see the logout, both attribute it.
+        for _ in 0..2 {
+            assert_eq!(
+                a.attribute(&out, Some("logout"), None, &st)
+                    .user_id
+                    .as_deref(),
+                Some("5")
+            );
+        }
+        assert_eq!(st.get("sessions_ended_total"), 1);
+        let sid = a.keyer().session_id("v");
+        let e = a.sessions.get(&sid).unwrap();
+        assert!(e.expires.unwrap() <= now_unix() + LOGOUT_GRACE_SECS);
+        assert!(expired(e, now_unix() + LOGOUT_GRACE_SECS, 3600));
+    }
+
+    #[test]
+    fn set_cookie_parsing() {
+        let now = now_unix();
+        let sc = set_cookies(&[h("Set-Cookie", "sid=a; Max-Age=60; Path=/")], "sid");
+        assert_eq!(sc.len(), 1);
+        assert!(!sc[0].cleared);
+        assert_eq!(sc[0].expires(now), Some(now + 60));
+        let sc = set_cookies(
+            &[h(
+                "Set-Cookie",
+                "sid=a; Expires=Wed, 21 Oct 2015 07:28:00 GMT",
+            )],
+            "sid",
+        );
+        assert!(sc[0].cleared);
+        assert_eq!(sc[0].expires(now), Some(1445412480));
+        assert!(set_cookies(&[h("Set-Cookie", "sid=; Path=/")], "sid")[0].cleared);
+        assert!(set_cookies(&[h("Set-Cookie", "sid=x; max-age=0")], "sid")[0].cleared);
+        assert!(set_cookies(&[h("Set-Cookie", "other=x")], "sid").is_empty());
+        assert!(set_cookies(&[h("Set-Cookie", "garbage")], "sid").is_empty());
+    }
+
+    #[test]
+    fn trusted_proxies_and_forwarded_clients() {
+        let mut c = cfg();
+        c.proxy = Some(ProxyHeaders {
+            user: "X-User".into(),
+            tenant: Some("X-Tenant".into()),
+            role: None,
+        });
+        let mut a = Attributor::new(c, Keyer::new([7; 32]));
+        let st = Stats::default();
+        let proxy: IpAddr = "10.1.1.1".parse().unwrap();
+        let stranger: IpAddr = "192.0.2.7".parse().unwrap();
+        let req = |hs: Vec<Header>| ex(hs, "", 200, vec![], "{}");
+        let r = a.attribute(
+            &req(vec![h("X-Forwarded-For", "203.0.113.9, 10.2.2.2")]),
+            None,
+            Some(proxy),
+            &st,
+        );
+        assert_eq!(r.client_ip, Some("203.0.113.9".parse().unwrap()));
+        // A stranger's X-Forwarded-For and identity headers are not believed.
+        let r = a.attribute(
+            &req(vec![
+                h("X-Forwarded-For", "203.0.113.9"),
+                h("X-User", "admin"),
+            ]),
+            None,
+            Some(stranger),
+            &st,
+        );
+        assert_eq!(r.client_ip, Some(stranger));
+        assert_eq!((r.user_id, r.source), (None, IdentitySource::None));
+        let r = a.attribute(
+            &req(vec![h("X-User", "u7"), h("X-Tenant", "t1")]),
+            None,
+            Some(proxy),
+            &st,
+        );
+        assert_eq!(
+            (r.user_id.as_deref(), r.tenant.as_deref(), r.source),
+            (Some("u7"), Some("t1"), IdentitySource::ProxyHeader)
+        );
+        // A spoofed left-most entry does not hide the real client.
+        let r = a.attribute(
+            &req(vec![h("X-Forwarded-For", "1.1.1.1, 198.51.100.3")]),
+            None,
+            Some(proxy),
+            &st,
+        );
+        assert_eq!(r.client_ip, Some("198.51.100.3".parse().unwrap()));
+        let trusted = [Cidr::parse("10.0.0.0/8").unwrap()];
+        let f = |v: &str| forwarded_client(&[h("Forwarded", v)], &trusted);
+        assert_eq!(
+            f("for=192.0.2.60;proto=http;by=10.0.0.1"),
+            Some("192.0.2.60".parse().unwrap())
+        );
+        assert_eq!(
+            f("for=\"[2001:db8::17]:4711\""),
+            Some("2001:db8::17".parse().unwrap())
+        );
+        assert_eq!(
+            f("for=192.0.2.43, for=10.0.0.5"),
+            Some("192.0.2.43".parse().unwrap())
+        );
+        assert_eq!(f("for=unknown"), None);
+        assert_eq!(
+            forwarded_client(&[h("X-Forwarded-For", "10.0.0.9")], &trusted),
+            Some("10.0.0.9".parse().unwrap())
+        );
+        assert_eq!(
+            forwarded_client(&[h("X-Forwarded-For", "junk, 192.0.2.1:5555")], &trusted),
+            Some("192.0.2.1".parse().unwrap())
+        );
+        assert_eq!(forwarded_client(&[], &trusted), None);
+    }
+
+    /// The learned map survives a restart, holds no raw credential, and is private.
+    #[test]
+    fn state_survives_restart_without_secrets() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let st = Stats::default();
+        let key = Keyer::load_or_create(dir.path()).unwrap();
+        let mode = std::fs::metadata(dir.path().join(KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let mut a = Attributor::new(cfg(), key);
+        a.attach_state(dir.path(), &st);
+        let login = ex(
+            vec![],
+            "username=p77&password=pw-77",
+            200,
+            vec![h("Set-Cookie", "sid=RAWCOOKIE")],
+            r#"{"userId":77}"#,
+        );
+        a.attribute(&login, Some("login"), None, &st);
+        a.save(&st);
+        let text = std::fs::read_to_string(dir.path().join(SESSIONS_FILE)).unwrap();
+        for secret in ["RAWCOOKIE", "p77", "pw-77"] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        let mode = std::fs::metadata(dir.path().join(SESSIONS_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let mut b = Attributor::new(cfg(), Keyer::load_or_create(dir.path()).unwrap());
+        b.attach_state(dir.path(), &st);
+        let call = ex(vec![h("Cookie", "sid=RAWCOOKIE")], "", 200, vec![], "{}");
+        let r = b.attribute(&call, None, None, &st);
+        assert_eq!(
+            (r.user_id.as_deref(), r.source),
+            (Some("77"), IdentitySource::Login)
+        );
+        // A damaged state file is set aside, not fatal.
+        std::fs::write(dir.path().join(SESSIONS_FILE), b"{not json").unwrap();
+        let mut c = Attributor::new(cfg(), Keyer::load_or_create(dir.path()).unwrap());
+        c.attach_state(dir.path(), &st);
+        assert_eq!(c.sessions_known(), 0);
+        assert!(dir.path().join("sessions.json.bad").exists());
+        assert_eq!(
+            st.get("state_files_rejected_total{reason=\"malformed\"}"),
+            1
+        );
+        // A key file of the wrong size is an error that says what to do.
+        std::fs::write(dir.path().join(KEY_FILE), b"short").unwrap();
+        let e = Keyer::load_or_create(dir.path()).err().unwrap().to_string();
+        assert!(e.contains("exactly 32 bytes"), "{e}");
+    }
+
+    #[test]
+    fn session_budget_evicts_oldest_counted() {
+        let mut c = cfg();
+        c.max_sessions = 100;
+        let mut a = Attributor::new(c, Keyer::new([7; 32]));
+        let st = Stats::default();
+        for i in 0..250 {
+            let login = ex(
+                vec![],
+                "username=u",
+                200,
+                vec![h("Set-Cookie", &format!("sid=s{i}"))],
+                &format!(r#"{{"userId":{i}}}"#),
+            );
+            a.attribute(&login, Some("login"), None, &st);
+        }
+        assert!(a.sessions_known() <= 100);
+        assert_eq!(
+            st.get("sessions_evicted_total{reason=\"budget\"}"),
+            250 - a.sessions_known() as u64
+        );
+        let last = ex(vec![h("Cookie", "sid=s249")], "", 200, vec![], "{}");
+        assert_eq!(
+            a.attribute(&last, None, None, &st).user_id.as_deref(),
+            Some("249")
+        );
+    }
+}
