@@ -40,11 +40,12 @@ server the cross-school requests get 403.
 Summary JSON (--out):
   {"config": {...}, "startedAt", "finishedAt", "elapsedSeconds",
    "users": [{"userId","username","role","schoolId","auth","gzip","abuser",
-              "requests","localPorts"}],
+              "requests","localPorts","credential"}],
    "requests": [{"seq","t","latencyMs","userId","username","role","schoolId",
                  "method","path","route","status","bodyLength","decodedLength",
                  "contentType","contentEncoding","localPort","connection",
-                 "auth","abusive","targetSchool","crossSchool","retried","error"}],
+                 "auth","abusive","targetSchool","crossSchool","retried","error",
+                 "personIds","total"}],
    "totals": {"requests","transportErrors","retries","bytesReceived",
               "requestsPerSecond","perStatus","perRoute","perRole","abusive"},
    "secretsSeen": {"passwords","sessionCookies","bearerTokens"}}
@@ -53,7 +54,15 @@ Summary JSON (--out):
 received (after de-chunking, still compressed if gzip), ``decodedLength``
 after gunzip; ``localPort`` is the client's TCP port of the connection used;
 ``status`` is null and ``error`` set when the request failed at the
-transport level.  Exit status 1 if any request failed at the transport level
+transport level.  ``personIds`` are the top-level person ids the platform
+returned: for a 200 list or search response the ids of ``persons`` in order,
+for a 200 GET /api/addressbook/persons/{id} the id in the body, for a 200
+photo the path id, else [] (embedded guardians/children are not listed: the
+dataset says who they are); ``total`` is the body's ``total`` of a 200 list or
+search response, else null.  A user's ``credential`` is the session
+credential it was issued, ``{"kind": "cookie"|"bearer", "value": <cookie value
+or token>}``, null if it never logged in (the values are also listed in
+``secretsSeen``).  Exit status 1 if any request failed at the transport level
 (after one retry on a fresh connection), 2 on usage errors.
 """
 
@@ -89,6 +98,25 @@ ROUTES = [
     (re.compile(r"/api/addressbook/persons/\d+"), "/api/addressbook/persons/{id}"),
     (re.compile(r"/api/test/bytes/\d+"), "/api/test/bytes/{n}"),
 ]
+
+
+LISTS = {"GET /api/addressbook/persons", "GET /api/addressbook/schools/{schoolId}/persons",
+         "GET /api/addressbook/classes/{classId}/persons", "GET /api/addressbook/search"}
+
+
+def returned_persons(route, path, data):
+    """(personIds, total) of a 200 address-book response body (see the docstring)."""
+    if route == "GET /api/addressbook/persons/{id}/photo":
+        return [int(path.split("?", 1)[0].split("/")[-2])], None
+    if route != "GET /api/addressbook/persons/{id}" and route not in LISTS:
+        return [], None
+    try:
+        obj = json.loads(data)
+    except (TypeError, ValueError):
+        return [], None
+    if route in LISTS:
+        return [p["id"] for p in obj.get("persons", [])], obj.get("total")
+    return ([obj["id"]] if "id" in obj else []), None
 
 
 def route_of(method, path):
@@ -289,6 +317,7 @@ class Client:
         self.conn_no = 0
         self.cookie = None
         self.token = None
+        self.credential = None
         self.auth = "none"
         self.failures = 0
         self.count = 0
@@ -329,7 +358,7 @@ class Client:
             "connection": None, "auth": "bearer" if self.token else "cookie" if self.cookie else "none",
             "abusive": abusive, "targetSchool": target,
             "crossSchool": bool(target and target != self.person["schoolId"]),
-            "retried": False, "error": None,
+            "retried": False, "error": None, "personIds": [], "total": None,
         }
         t = time.monotonic()
         data = None
@@ -366,6 +395,8 @@ class Client:
         if enc == "gzip":
             data = gzip.decompress(data)
         entry["decodedLength"] = len(data)
+        if resp.status == 200:
+            entry["personIds"], entry["total"] = returned_persons(entry["route"], path, data)
         self.rec.add(entry)
         if resp.will_close:
             self.close()
@@ -387,6 +418,8 @@ class Client:
             self.token = obj and obj.get("access_token")
             self.auth = "bearer"
             self.rec.secret("bearerTokens", self.token)
+            if self.token:
+                self.credential = {"kind": "bearer", "value": self.token}
             return bool(self.token)
         if rng.random() < 0.5:
             status, resp, _ = self.request("POST", "/login", urlencode(creds),
@@ -400,6 +433,8 @@ class Client:
                 if k.lower() == "set-cookie" and v.startswith("skolsid="):
                     self.cookie = v.split(";", 1)[0].split("=", 1)[1]
             self.rec.secret("sessionCookies", self.cookie)
+            if self.cookie:
+                self.credential = {"kind": "cookie", "value": self.cookie}
         return bool(self.cookie)
 
     def logout(self):
@@ -411,7 +446,8 @@ class Client:
         return {"userId": self.person["id"], "username": self.account["username"],
                 "role": self.person["role"], "schoolId": self.person["schoolId"],
                 "auth": self.auth, "gzip": self.gzip, "abuser": self.abuser,
-                "requests": self.count, "localPorts": self.ports}
+                "requests": self.count, "localPorts": self.ports,
+                "credential": self.credential}
 
 
 def target_school(ds, path):

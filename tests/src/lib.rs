@@ -478,3 +478,81 @@ pub fn no_losses(stats: &Stats) -> Result<()> {
     }
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// The demo platform's traffic and what the agent derives from it.
+// ---------------------------------------------------------------------------------------------
+
+/// tests/demo/sparbar.demo.toml for this platform, `@APP_PID@` and `@APP_PORT@` filled in as
+/// `cargo xtask demo` does (`@DIR@` is left to [`Agent::start`]).
+pub fn demo_config(platform: &Platform) -> Result<String> {
+    let app_port = platform.info["app_port"]
+        .as_u64()
+        .context("platform.py printed no app_port")?;
+    Ok(
+        std::fs::read_to_string(repo_root().join("tests/demo/sparbar.demo.toml"))?
+            .replace("@APP_PID@", &platform.pid("app_pid").to_string())
+            .replace("@APP_PORT@", &app_port.to_string()),
+    )
+}
+
+/// Runs tests/demo/traffic.py against the platform's TLS front with the extra `args` (users,
+/// duration, ...), writes its summary to `out` and returns the summary.
+pub fn traffic(platform: &Platform, args: &[&str], out: &Path) -> Result<Value> {
+    let tls_port = platform.info["tls_port"]
+        .as_u64()
+        .context("platform.py printed no tls_port")?;
+    output(
+        Command::new("python3")
+            .arg(repo_root().join("tests/demo/traffic.py"))
+            .args(["--base", &format!("https://127.0.0.1:{tls_port}")])
+            .args(["--cafile", &platform.cert()])
+            .args([
+                "--data",
+                platform.info["dataset"].as_str().unwrap_or_default(),
+            ])
+            .args(args)
+            .arg("--out")
+            .arg(out),
+    )?;
+    let text = std::fs::read_to_string(out)
+        .with_context(|| format!("reading the traffic summary {}", out.display()))?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// The agent's key for session ids: `<state_dir>/secret.key`, 32 raw bytes, mode 0600.
+pub fn secret_key(state_dir: &Path) -> Result<Vec<u8>> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = state_dir.join("secret.key");
+    let key = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    if key.len() != 32 {
+        bail!("{} holds {} bytes, not 32", path.display(), key.len());
+    }
+    let mode = std::fs::metadata(&path)?.permissions().mode() & 0o777;
+    if mode != 0o600 {
+        bail!("{} has mode {mode:o}, not 600", path.display());
+    }
+    Ok(key)
+}
+
+/// The agent's `session.id` of a session credential (cookie value or raw bearer token): the
+/// first 16 bytes of HMAC-SHA256(key, "session:" + credential), lowercase hex.
+pub fn session_id(key: &[u8], credential: &str) -> String {
+    use hmac::Mac as _;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("HMAC takes any key");
+    mac.update(b"session:");
+    mac.update(credential.as_bytes());
+    hex::encode(&mac.finalize().into_bytes()[..16])
+}
+
+/// The agent's `abook.target.digest` of a complete, already sorted id list: `"sha256:"` + hex
+/// SHA-256 of the ids, each followed by a newline.
+pub fn ids_digest(ids: &[String]) -> String {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    for id in ids {
+        h.update(id.as_bytes());
+        h.update(b"\n");
+    }
+    format!("sha256:{}", hex::encode(h.finalize()))
+}

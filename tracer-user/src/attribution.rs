@@ -517,7 +517,11 @@ impl Attributor {
                     if !expired(e, now, self.cfg.session_ttl.as_secs()) {
                         e.last_seen = now;
                         a.user_id = e.user_id.clone();
-                        a.user_hash = e.user_hash.clone();
+                        // The login name's hash identifies the caller only where the platform
+                        // never named the user's id.
+                        if e.user_id.is_none() {
+                            a.user_hash = e.user_hash.clone();
+                        }
                         a.role = e.role.clone();
                         a.tenant = e.tenant.clone();
                         a.source = e.source;
