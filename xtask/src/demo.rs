@@ -89,6 +89,7 @@ pub fn run(bin: &Path, duration: u64) -> Result<()> {
     for (k, (n, e)) in &per_route {
         println!("    {k:<28} {n:>6} / {e}");
     }
+    attribution_summary(&front);
     let losses = stats.losses();
     println!(
         "  losses                                 : {}",
@@ -116,4 +117,100 @@ pub fn run(bin: &Path, duration: u64) -> Result<()> {
         summary_path.display()
     );
     Ok(())
+}
+
+/// Who called and whose data left, as the records at nginx tell it.
+fn attribution_summary(front: &[&Value]) {
+    use std::collections::BTreeSet;
+    let s = |r: &Value, p: &str| get(r, p).as_str().map(str::to_string);
+    let mut sources: BTreeMap<String, usize> = BTreeMap::new();
+    let mut users: BTreeMap<String, String> = BTreeMap::new();
+    let mut subjects: BTreeSet<String> = BTreeSet::new();
+    let mut omitted = 0u64;
+    let mut disclosing = 0usize;
+    let mut categories: BTreeSet<String> = BTreeSet::new();
+    // Cross-tenant callers: user -> (role, own school, records, schools hit, persons).
+    let mut cross: BTreeMap<String, (String, String, usize, BTreeSet<String>, u64)> =
+        BTreeMap::new();
+    for r in front {
+        let src = s(r, "abook.identity.source").unwrap_or_else(|| "(none)".into());
+        *sources.entry(src).or_default() += 1;
+        if let Some(u) = s(r, "user.id") {
+            let e = users.entry(u).or_insert_with(|| "role unknown".into());
+            if let Some(role) = get(r, "user.roles")[0].as_str() {
+                *e = role.to_string();
+            }
+        }
+        if let Some(ids) = get(r, "abook.target.ids").as_array() {
+            disclosing += 1;
+            subjects.extend(ids.iter().filter_map(|v| v.as_str().map(str::to_string)));
+            omitted += get(r, "abook.target.ids_omitted").as_u64().unwrap_or(0);
+        }
+        if let Some(c) = get(r, "abook.data_categories").as_array() {
+            categories.extend(c.iter().filter_map(|v| v.as_str().map(str::to_string)));
+        }
+        if get(r, "abook.cross_tenant").as_bool() == Some(true) {
+            let u = s(r, "user.id").unwrap_or_else(|| "?".into());
+            let e = cross.entry(u).or_insert_with(|| {
+                (
+                    get(r, "user.roles")[0].as_str().unwrap_or("?").to_string(),
+                    s(r, "organization.id").unwrap_or_default(),
+                    0,
+                    BTreeSet::new(),
+                    0,
+                )
+            });
+            e.2 += 1;
+            e.4 += get(r, "abook.target.count").as_u64().unwrap_or(0);
+            if let Some(t) = get(r, "abook.target.tenants").as_array() {
+                e.3.extend(t.iter().filter_map(|v| v.as_str().map(str::to_string)));
+            }
+        }
+    }
+    let attributed = front
+        .iter()
+        .filter(|r| !get(r, "user.id").is_null())
+        .count();
+    println!(
+        "  attributed to a user (at nginx)        : {attributed} of {} records",
+        front.len()
+    );
+    println!(
+        "    identity sources                     : {}",
+        sources
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mut roles: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in users.values() {
+        *roles.entry(r).or_default() += 1;
+    }
+    println!(
+        "    distinct users                       : {} ({})",
+        users.len(),
+        roles
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "  answers that disclosed personal data   : {disclosing}, of {} distinct persons listed ({omitted} more counted, not listed)",
+        subjects.len()
+    );
+    println!(
+        "    categories disclosed                 : {}",
+        categories.into_iter().collect::<Vec<_>>().join(", ")
+    );
+    if cross.is_empty() {
+        println!("  cross-tenant disclosures               : none");
+    }
+    for (u, (role, own, n, hit, persons)) in &cross {
+        println!(
+            "  cross-tenant disclosures               : user {u} ({role} of {own}): {n} answers, {persons} persons, schools hit: {}",
+            hit.iter().filter(|t| *t != own).cloned().collect::<Vec<_>>().join(", ")
+        );
+    }
 }
