@@ -35,7 +35,10 @@ consecutive person ids after its own (GET /api/addressbook/persons/{id}) and
 downloads photos (GET .../photo) of the records it obtained (plus a guess for
 every 4th refused id), at most --abuser-photos (--abuser-interval seconds
 between harvesting requests, default 0).  Against a non-vulnerable
-server the cross-school requests get 403.
+server the cross-school requests get 403.  When the agent blocks it, its
+requests fail at the transport level (reset, or no answer within 5 s): those
+failures are counted apart (``totals.abusive.transportErrors``), and after
+5 failures in a row it gives up (``users[].gaveUp``).
 
 Summary JSON (--out):
   {"config": {...}, "startedAt", "finishedAt", "elapsedSeconds",
@@ -63,7 +66,8 @@ search response, else null.  A user's ``credential`` is the session
 credential it was issued, ``{"kind": "cookie"|"bearer", "value": <cookie value
 or token>}``, null if it never logged in (the values are also listed in
 ``secretsSeen``).  Exit status 1 if any request failed at the transport level
-(after one retry on a fresh connection), 2 on usage errors.
+(after one retry on a fresh connection) for an ordinary user (the abuser's
+failures are what enforcement looks like), 2 on usage errors.
 """
 
 import argparse
@@ -303,6 +307,14 @@ class Recorder:
                 self.secrets[kind].add(value)
 
 
+# The abuser stops after this many requests in a row failed at the transport level (blocked).
+ABUSER_GIVES_UP = 5
+
+
+class Blocked(Exception):
+    """The abuser's connections keep failing: it has been blocked."""
+
+
 class Client:
     """One simulated user: one keep-alive HTTPS connection, cookie or bearer auth."""
 
@@ -320,12 +332,15 @@ class Client:
         self.credential = None
         self.auth = "none"
         self.failures = 0
+        self.consecutive_failures = 0
+        self.gave_up = False
         self.count = 0
         self.ports = []
 
     def _connect(self):
+        # The abuser may be blocked (responses dropped): it waits less long for answers.
         self.conn = http.client.HTTPSConnection(self.host, self.port, context=self.ctx,
-                                                timeout=60)
+                                                timeout=5 if self.abuser else 60)
         self.conn_no += 1
 
     def close(self):
@@ -359,6 +374,7 @@ class Client:
             "abusive": abusive, "targetSchool": target,
             "crossSchool": bool(target and target != self.person["schoolId"]),
             "retried": False, "error": None, "personIds": [], "total": None,
+            "abuser": self.abuser,
         }
         t = time.monotonic()
         data = None
@@ -386,8 +402,12 @@ class Client:
             self.ports.append(entry["localPort"])
         if data is None:
             self.failures += 1
+            self.consecutive_failures += 1
             self.rec.add(entry)
+            if self.abuser and self.consecutive_failures >= ABUSER_GIVES_UP:
+                raise Blocked()
             return None, None, None
+        self.consecutive_failures = 0
         enc = resp.getheader("Content-Encoding")
         entry["bodyLength"] = len(data)
         entry["contentType"] = resp.getheader("Content-Type")
@@ -447,7 +467,7 @@ class Client:
                 "role": self.person["role"], "schoolId": self.person["schoolId"],
                 "auth": self.auth, "gzip": self.gzip, "abuser": self.abuser,
                 "requests": self.count, "localPorts": self.ports,
-                "credential": self.credential}
+                "credential": self.credential, "gaveUp": self.gave_up}
 
 
 def target_school(ds, path):
@@ -492,6 +512,15 @@ def run_user(client, plan, rng, bearer, budget, think_scale):
 
 
 def run_abuser(client, ds, args, rng):
+    try:
+        harvest(client, ds, args, rng)
+    except Blocked:
+        client.gave_up = True
+    finally:
+        client.close()
+
+
+def harvest(client, ds, args, rng):
     me = client.person
     if not client.login(rng, bearer=False):
         return
@@ -525,20 +554,22 @@ def run_abuser(client, ds, args, rng):
             photos += 1
             client.request("GET", f"/api/addressbook/persons/{pid}/photo", abusive=True)
     client.logout()
-    client.close()
 
 
 def totals(entries, elapsed):
     t = {"requests": len(entries), "transportErrors": 0, "retries": 0, "bytesReceived": 0,
          "requestsPerSecond": round(len(entries) / elapsed, 2) if elapsed else None,
          "perStatus": {}, "perRoute": {}, "perRole": {},
-         "abusive": {"requests": 0, "perStatus": {}, "crossSchool": 0}}
+         "abusive": {"requests": 0, "perStatus": {}, "crossSchool": 0,
+                     "transportErrors": 0, "retries": 0}}
     for e in entries:
         st = str(e["status"]) if e["status"] is not None else "transport_error"
+        # The abuser's failures are what enforcement looks like from the client: counted apart.
+        side = t["abusive"] if e["abuser"] else t
         if e["status"] is None:
-            t["transportErrors"] += 1
+            side["transportErrors"] += 1
         if e["retried"]:
-            t["retries"] += 1
+            side["retries"] += 1
         t["bytesReceived"] += e["bodyLength"] or 0
         t["perStatus"][st] = t["perStatus"].get(st, 0) + 1
         r = t["perRoute"].setdefault(e["route"], {"count": 0, "perStatus": {}, "bytes": 0,

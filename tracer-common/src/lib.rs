@@ -17,6 +17,12 @@ pub const MAP_TARGET_CGRPS: &str = "TARGET_CGRPS";
 pub const MAP_PLAIN_PORTS: &str = "PLAIN_PORTS";
 pub const MAP_CONNS: &str = "CONNS";
 pub const MAP_SSL_FDS: &str = "SSL_FDS";
+pub const MAP_BLOCK_CONNS: &str = "BLOCK_CONNS";
+pub const MAP_ENFORCE_ON: &str = "ENFORCE_ON";
+pub const MAP_TOKEN_PATS: &str = "TOKEN_PATS";
+pub const MAP_BLOCK_TOKENS: &str = "BLOCK_TOKENS";
+pub const MAP_ENFORCE_TGIDS: &str = "ENFORCE_TGIDS";
+pub const MAP_TOKEN_CTL: &str = "TOKEN_CTL";
 
 // ---------------------------------------------------------------------------------------------
 // Limits.
@@ -43,6 +49,8 @@ pub const KIND_CONN_CLOSE: u16 = 3;
 pub const KIND_HOLE: u16 = 4;
 pub const KIND_PROC_EXEC: u16 = 5;
 pub const KIND_PROC_EXIT: u16 = 6;
+/// The kernel recognised a blocked token in a request an edge server read (`EnforceHitEvent`).
+pub const KIND_ENFORCE_HIT: u16 = 7;
 
 /// Every event starts with this header; the agent's decoder reads `kind` and `len` from the
 /// first bytes of each ring-buffer record before it looks at anything else, so this struct must
@@ -212,7 +220,24 @@ pub const C_INFLIGHT_FULL: u32 = 17;
 pub const C_TARGETS_FULL: u32 = 18;
 pub const C_SSL_CALLS: u32 = 19;
 pub const C_SYSCALLS_CAPTURED: u32 = 20;
-pub const COUNTER_MAX: u32 = 24;
+/// Egress packets the enforcement program dropped because their connection is blocked. Named
+/// `..._blocked_total`, not `..._dropped_total`: they are enforcement, not capture loss.
+pub const C_ENFORCE_DROPPED: u32 = 21;
+/// Requests in which the kernel recognised a blocked token (one per hit, whether or not it could
+/// block the connection itself).
+pub const C_REQUESTS_REFUSED: u32 = 22;
+/// Hits whose connection the kernel could not block itself because its 4-tuple was not known
+/// yet; the agent blocks it from the hit event.
+pub const C_REFUSED_NO_TUPLE: u32 = 23;
+/// Hits whose connection the kernel could not block because `BLOCK_CONNS` was full.
+pub const C_REFUSED_TABLE_FULL: u32 = 24;
+/// Reads scanned for blocked tokens.
+pub const C_TOKEN_SCANS: u32 = 25;
+/// Scans that stopped at the loop budget before the end of the scanned bytes.
+pub const C_TOKEN_SCAN_BUDGET: u32 = 26;
+/// Reads that could not be scanned because copying the buffer failed.
+pub const C_TOKEN_SCAN_FAILED: u32 = 27;
+pub const COUNTER_MAX: u32 = 28;
 
 /// Names the agent reports the kernel counters under (`<noun>_<verb>_total` style, reason last).
 pub const COUNTER_NAMES: [&str; COUNTER_MAX as usize] = [
@@ -237,9 +262,13 @@ pub const COUNTER_NAMES: [&str; COUNTER_MAX as usize] = [
     "kernel_targets_dropped_total{reason=\"table_full\"}",
     "kernel_ssl_calls_total",
     "kernel_syscalls_captured_total",
-    "",
-    "",
-    "",
+    "kernel_packets_blocked_total",
+    "kernel_requests_refused_total",
+    "kernel_refusals_unenforced_total{reason=\"tuple_unknown\"}",
+    "kernel_refusals_unenforced_total{reason=\"block_table_full\"}",
+    "kernel_token_scans_total",
+    "kernel_token_scans_truncated_total{reason=\"loop_budget\"}",
+    "kernel_token_scans_failed_total{reason=\"read_user_failed\"}",
 ];
 
 /// Counters that mean something was lost; the agent reports them as drops.
@@ -321,6 +350,116 @@ pub const TARGET_FROM_AGENT: u32 = 1;
 pub const TARGET_FROM_FORK: u32 = 2;
 pub const TARGET_FROM_EXEC: u32 = 3;
 
+// ---------------------------------------------------------------------------------------------
+// Enforcement: connections whose egress packets the kernel drops.
+// ---------------------------------------------------------------------------------------------
+/// Entries of the blocked-connection table (`BLOCK_CONNS`).
+pub const MAX_BLOCKED_CONNS: u32 = 16384;
+
+/// Key of `BLOCK_CONNS`: a TCP connection as its own host sends it (local = the packet's source).
+/// Addresses in network byte order, IPv4 in the first 4 bytes of the 16 with the rest zero;
+/// ports in host order. IPv4 traffic of dual-stack (IPv4-mapped IPv6) sockets is keyed as plain
+/// IPv4, because the kernel program reads the addresses from the IPv4 header on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BlockKey {
+    pub family: u16,
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub _pad: u16,
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+}
+const _: () = assert!(size_of::<BlockKey>() == 40);
+
+/// Value of `BLOCK_CONNS`: reserved for flags, written as 0.
+pub type BlockValue = u64;
+
+/// `ENFORCE_ON[0]`: non-zero while `BLOCK_CONNS` holds at least one entry; while it is zero the
+/// enforcement program passes every packet after one array lookup.
+pub const ENFORCE_ON_IDX: u32 = 0;
+
+// ---------------------------------------------------------------------------------------------
+// Enforcement: session tokens recognised in the kernel when a server reads a request.
+// ---------------------------------------------------------------------------------------------
+/// Bytes of a token (cookie value, bearer token, login name) that go into its hash.
+pub const MAX_TOKEN_LEN: usize = 256;
+
+/// Bytes that end a token in a request: `;` and `,` (cookie lists), `&` (forms), `"` (JSON),
+/// space, CR and LF.
+pub const fn is_token_end(b: u8) -> bool {
+    matches!(b, b';' | b',' | b'&' | b'"' | b' ' | b'\r' | b'\n')
+}
+
+/// The hash the kernel and the agent both give a token: FNV-1a 64 over at most
+/// [`MAX_TOKEN_LEN`] bytes, its offset basis mixed with the agent's random `seed` so the hashes
+/// are useless outside one run. Never stored; kernel maps and memory only.
+pub const fn token_hash(seed: u64, bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
+    let mut i = 0;
+    while i < bytes.len() && i < MAX_TOKEN_LEN {
+        h ^= bytes[i] as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        i += 1;
+    }
+    h
+}
+
+/// Patterns the kernel looks for (`TOKEN_PATS` entries); the token is what follows one.
+pub const MAX_TOKEN_PATS: u32 = 8;
+/// Bytes of one pattern.
+pub const TOKEN_PAT_LEN: usize = 32;
+/// Entries of the blocked-token table (`BLOCK_TOKENS`).
+pub const MAX_BLOCKED_TOKENS: u32 = 16384;
+/// Entries of the edge-process table (`ENFORCE_TGIDS`).
+pub const MAX_ENFORCE_TGIDS: u32 = 16384;
+/// Bytes at the start of each read in which a pattern may begin; a token that begins there is
+/// read on past this, up to [`MAX_TOKEN_LEN`] bytes, if the read holds them.
+pub const TOKEN_SCAN_BYTES: usize = 4096;
+
+/// A `TOKEN_PATS` entry: `bytes[..len]` is matched case-sensitively anywhere in the scanned
+/// bytes; `len == 0` marks an unused slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenPattern {
+    pub len: u32,
+    pub _pad: u32,
+    pub bytes: [u8; TOKEN_PAT_LEN],
+}
+const _: () = assert!(size_of::<TokenPattern>() == 40);
+
+/// `TOKEN_CTL[0]`, written by the agent: the seed of [`token_hash`] and whether to scan at all.
+/// While `on` is zero (no token blocked) a read costs the kernel this one array lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenCtl {
+    pub seed: u64,
+    /// Non-zero while `BLOCK_TOKENS` holds at least one entry.
+    pub on: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<TokenCtl>() == 16);
+
+/// Value of `BLOCK_TOKENS` (key: the token's hash): reserved for flags, written as 0.
+pub type BlockTokenValue = u64;
+
+/// `EventHeader::flags` of an enforce-hit event: the kernel put the connection into
+/// `BLOCK_CONNS` itself (its responses are dropped from the request on). Without it the 4-tuple
+/// was unknown or the table full, and the agent has to block the connection.
+pub const HIT_F_CONN_BLOCKED: u16 = 1 << 0;
+/// The request was read through OpenSSL (else a plaintext socket read).
+pub const HIT_F_TLS: u16 = 1 << 1;
+
+/// A request that an edge process read carried a token whose hash is in `BLOCK_TOKENS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EnforceHitEvent {
+    pub hdr: EventHeader,
+    pub conn: ConnId,
+    pub hash: u64,
+}
+const _: () = assert!(size_of::<EnforceHitEvent>() == 48);
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of these are #[repr(C)], contain only integers and byte arrays, and have
@@ -329,4 +468,7 @@ mod pod {
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::ConnState {}
     unsafe impl aya::Pod for super::SslKey {}
+    unsafe impl aya::Pod for super::BlockKey {}
+    unsafe impl aya::Pod for super::TokenPattern {}
+    unsafe impl aya::Pod for super::TokenCtl {}
 }

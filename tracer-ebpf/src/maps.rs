@@ -5,7 +5,11 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use tracer_common::{ConnKey, ConnState, DataEvent, KernelConfig, SslKey, COMM_LEN, COUNTER_MAX};
+use tracer_common::{
+    BlockKey, BlockTokenValue, BlockValue, ConnKey, ConnState, DataEvent, KernelConfig, SslKey,
+    TokenCtl, TokenPattern, COMM_LEN, COUNTER_MAX, MAX_BLOCKED_CONNS, MAX_BLOCKED_TOKENS,
+    MAX_ENFORCE_TGIDS, MAX_TOKEN_PATS,
+};
 
 /// Overridden by the agent from `capture.ring_buffer_size`.
 #[map(name = "EVENTS")]
@@ -62,6 +66,39 @@ pub static EMIT: PerCpuArray<crate::emit::Emit> = PerCpuArray::with_max_entries(
 /// Per-CPU counter behind connection generations.
 #[map(name = "GEN")]
 pub static GEN: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Connections whose egress packets `enforce_egress` drops; written by the agent only. A plain
+/// hash: a full table refuses the block (the agent reports it), it never evicts one.
+#[map(name = "BLOCK_CONNS")]
+pub static BLOCK_CONNS: HashMap<BlockKey, BlockValue> =
+    HashMap::with_max_entries(MAX_BLOCKED_CONNS, 0);
+
+/// `[0]` non-zero while `BLOCK_CONNS` is not empty (kept by the agent): the fast way out.
+#[map(name = "ENFORCE_ON")]
+pub static ENFORCE_ON: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Patterns after which a token follows (`skolsid=`, `Bearer ` ...); written by the agent.
+#[map(name = "TOKEN_PATS")]
+pub static TOKEN_PATS: Array<TokenPattern> = Array::with_max_entries(MAX_TOKEN_PATS, 0);
+
+/// Hashes (`tracer_common::token_hash`) of the tokens whose requests are refused; written by
+/// the agent only. A plain hash: a full table refuses the block, it never evicts one.
+#[map(name = "BLOCK_TOKENS")]
+pub static BLOCK_TOKENS: HashMap<u64, BlockTokenValue> =
+    HashMap::with_max_entries(MAX_BLOCKED_TOKENS, 0);
+
+/// The edge processes (the platform's front servers) whose reads are scanned for blocked tokens;
+/// set by the agent, inherited by children at fork, removed at exit.
+#[map(name = "ENFORCE_TGIDS")]
+pub static ENFORCE_TGIDS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_ENFORCE_TGIDS, 0);
+
+/// `[0]`: the token hash seed and whether any token is blocked (the fast way out).
+#[map(name = "TOKEN_CTL")]
+pub static TOKEN_CTL: Array<TokenCtl> = Array::with_max_entries(1, 0);
+
+/// Per-CPU state of the token scan (see `tokens::Scan`).
+#[map(name = "TOKEN_SCAN")]
+pub static TOKEN_SCAN: PerCpuArray<crate::tokens::Scan> = PerCpuArray::with_max_entries(1, 0);
 
 pub const CONN_F_TLS: u32 = 1 << 0;
 pub const CONN_F_PLAIN: u32 = 1 << 1;

@@ -62,6 +62,10 @@ pub struct Plan {
     pub stats_interval: Duration,
     pub queue_capacity: usize,
     pub identity: IdentityConfig,
+    /// `host.name` of security records.
+    pub pipeline_host: String,
+    /// Enforce decisions in the kernel.
+    pub enforce: bool,
 }
 
 impl Plan {
@@ -121,8 +125,12 @@ impl Plan {
                 host_name: cfg.agent.host_name.clone(),
                 mono_to_unix_ns: pipeline::mono_to_unix_ns(),
                 disclosure: cfg.disclosure.clone(),
+                detection: cfg.detection.clone(),
+                rules: cfg.rules.clone(),
             },
             identity: cfg.identity.clone(),
+            pipeline_host: cfg.agent.host_name.clone(),
+            enforce: cfg.detection.enforce,
             state_dir: cfg.agent.state_dir.clone(),
             output_file: cfg.output.file.clone(),
             stdout: cfg.output.stdout,
@@ -156,6 +164,142 @@ pub struct RunOptions {
     pub duration: Option<Duration>,
     /// Also copy every raw ring-buffer record to this file (replay fixtures, debugging).
     pub tap_events: Option<PathBuf>,
+    /// Accept `clock` commands on the control socket (tests that compress days).
+    pub test_clock: bool,
+}
+
+/// File names in the state directory.
+pub const DECISIONS_FILE: &str = "decisions.json";
+pub const DETECTOR_FILE: &str = "detector.json";
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Writes `bytes` to `dir/name` atomically, mode 0600.
+fn save_private(dir: &std::path::Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(name))
+}
+
+/// Carries out the pipeline's kernel actions; one `block_enforced` record per decision.
+fn apply_actions(pipeline: &mut Pipeline, kernel: &mut Kernel, stats: &Stats, host: &str) {
+    use crate::security::{decision_line, Enforcement, Phase};
+    let actions = std::mem::take(&mut pipeline.actions);
+    if actions.is_empty() {
+        return;
+    }
+    let mut per_decision: BTreeMap<String, Enforcement> = BTreeMap::new();
+    for a in actions {
+        match a {
+            pipeline::Action::BlockConn { tuple, decision } => {
+                let e = per_decision.entry(decision).or_default();
+                if kernel.enforcing() {
+                    match kernel.block_conn(tuple) {
+                        Ok(()) => {
+                            e.connections_blocked += 1;
+                            stats.add("enforcement_connections_blocked_total", 1);
+                        }
+                        Err(err) => {
+                            stats.add_reason("enforcement_failures_total", "block", 1);
+                            e.errors.push(err.to_string());
+                        }
+                    }
+                } else {
+                    e.errors
+                        .push("the kernel egress filter is not attached".into());
+                }
+                match crate::enforce::destroy(tuple.local, tuple.peer) {
+                    Ok(()) => {
+                        e.connections_reset += 1;
+                        stats.add("enforcement_connections_reset_total", 1);
+                    }
+                    Err(err) => {
+                        stats.add_reason("enforcement_failures_total", "reset", 1);
+                        e.errors.push(err.to_string());
+                    }
+                }
+            }
+            pipeline::Action::BlockToken { hash, decision } => {
+                let e = per_decision.entry(decision).or_default();
+                match kernel.block_token(hash) {
+                    Ok(()) => {
+                        e.tokens_blocked += 1;
+                        stats.add("enforcement_tokens_blocked_total", 1);
+                    }
+                    Err(err) => {
+                        stats.add_reason("enforcement_failures_total", "token", 1);
+                        e.errors.push(err.to_string());
+                    }
+                }
+            }
+            pipeline::Action::UnblockToken { hash } => {
+                if let Err(err) = kernel.unblock_token(hash) {
+                    stats.add_reason("enforcement_failures_total", "unblock_token", 1);
+                    warn!("unblocking a token: {err}");
+                }
+            }
+            pipeline::Action::UnblockConn { tuple } => {
+                if kernel.enforcing() {
+                    if let Err(err) = kernel.unblock_conn(tuple) {
+                        stats.add_reason("enforcement_failures_total", "unblock", 1);
+                        warn!("unblocking {} <-> {}: {err}", tuple.local, tuple.peer);
+                    }
+                }
+            }
+        }
+    }
+    let now = pipeline.now_ms(now_unix_ms() * 1_000_000);
+    for (id, e) in per_decision {
+        // The first enforcement of a decision is recorded (and its problems logged); later
+        // ones add up into the decision's end record.
+        let first = !pipeline.enforced.contains_key(&id);
+        let total = pipeline.enforced.entry(id.clone()).or_default();
+        total.connections_blocked += e.connections_blocked;
+        total.connections_reset += e.connections_reset;
+        total.tokens_blocked += e.tokens_blocked;
+        for err in &e.errors {
+            if !total.errors.contains(err) && total.errors.len() < 8 {
+                total.errors.push(err.clone());
+            }
+        }
+        if !first {
+            continue;
+        }
+        if !e.errors.is_empty() {
+            warn!("enforcing decision {id}: {}", e.errors.join("; "));
+        }
+        let d = pipeline
+            .decisions
+            .active
+            .iter()
+            .find(|d| d.id == id)
+            .cloned();
+        if let Some(d) = d {
+            let rid = crate::ids::EventIds::new().next_id();
+            pipeline.out.push(decision_line(
+                &d,
+                Phase::Enforced,
+                &rid,
+                now,
+                host,
+                Some(&e),
+            ));
+        }
+    }
 }
 
 struct Sinks {
@@ -237,6 +381,12 @@ pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
     };
 
     let mut kernel = loader::load(&plan.load)?;
+    if plan.enforce {
+        if let Err(e) = kernel.attach_enforce() {
+            error!("enforcement is OFF: {e}. Tracing, detection and alerts go on; decisions are recorded but not enforced");
+            stats.add_reason("enforcement_attach_failures_total", "egress", 1);
+        }
+    }
     let mut discovery = Discovery::new(plan.targets.clone());
     let services: Services = Arc::new(RwLock::new(Default::default()));
     discovery.scan(&mut kernel);
@@ -268,6 +418,15 @@ pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
     let mut attributor = Attributor::new(plan.identity, Keyer::load_or_create(&plan.state_dir)?);
     attributor.attach_state(&plan.state_dir, &stats);
     pipeline.attributor = Some(attributor);
+    let host = plan.pipeline_host.clone();
+    restore_detection(&mut pipeline, &plan.state_dir, &stats);
+    let (ctl_tx, mut ctl_rx) = mpsc::channel::<crate::control::Command>(16);
+    let _ctl =
+        crate::control::listen(&plan.state_dir, ctl_tx).map_err(|e| AgentError::StateDir {
+            path: plan.state_dir.join(crate::control::SOCKET_FILE),
+            source: e,
+        })?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
     let mut scan_tick = tokio::time::interval(Duration::from_secs(1));
@@ -288,7 +447,9 @@ pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
                 for ev in batch {
                     pipeline.handle(ev);
                 }
+                apply_actions(&mut pipeline, &mut kernel, &stats, &host);
                 sinks.write_all(&mut pipeline.out);
+                save_decisions(&mut pipeline, &plan.state_dir, &stats);
                 pipeline.flush_stats();
                 for pid in std::mem::take(&mut pipeline.execs) {
                     discovery.on_exec(&mut kernel, pid);
@@ -311,7 +472,24 @@ pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
                 }
                 sinks.flush();
             }
+            _ = tick.tick() => {
+                pipeline.tick(now_unix_ms());
+                apply_actions(&mut pipeline, &mut kernel, &stats, &host);
+                sinks.write_all(&mut pipeline.out);
+                save_decisions(&mut pipeline, &plan.state_dir, &stats);
+            }
+            cmd = ctl_rx.recv() => {
+                if let Some((req, reply)) = cmd {
+                    let answer = control_command(&mut pipeline, req, opts.test_clock);
+                    apply_actions(&mut pipeline, &mut kernel, &stats, &host);
+                    sinks.write_all(&mut pipeline.out);
+                    sinks.flush();
+                    save_decisions(&mut pipeline, &plan.state_dir, &stats);
+                    let _ = reply.send(answer);
+                }
+            }
             _ = stats_tick.tick() => {
+                save_detector(&pipeline, &plan.state_dir, &stats);
                 if let Some(a) = pipeline.attributor.as_mut() {
                     a.expire(&stats);
                     a.save(&stats);
@@ -341,6 +519,12 @@ pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
         a.save(&stats);
         stats.set("sessions_known", a.sessions_known() as u64);
     }
+    apply_actions(&mut pipeline, &mut kernel, &stats, &host);
+    sinks.write_all(&mut pipeline.out);
+    sinks.flush();
+    save_decisions(&mut pipeline, &plan.state_dir, &stats);
+    save_detector(&pipeline, &plan.state_dir, &stats);
+    let _ = std::fs::remove_file(plan.state_dir.join(crate::control::SOCKET_FILE));
     report(
         &kernel,
         &discovery,
@@ -429,5 +613,129 @@ fn report(
         .and_then(|_| std::fs::rename(&tmp, &path));
     if let Err(e) = res {
         warn!("writing {}: {e}", path.display());
+    }
+}
+
+fn restore_detection(p: &mut Pipeline, dir: &std::path::Path, stats: &Stats) {
+    match std::fs::read(dir.join(DECISIONS_FILE)) {
+        Ok(b) => match serde_json::from_slice::<crate::decide::Decisions>(&b) {
+            Ok(d) => {
+                info!(
+                    "restored {} active decisions from {}",
+                    d.active.len(),
+                    dir.join(DECISIONS_FILE).display()
+                );
+                p.decisions = d;
+            }
+            Err(e) => {
+                warn!(
+                    "{}: cannot be read ({e}); starting with no decisions",
+                    dir.join(DECISIONS_FILE).display()
+                );
+                stats.add_reason("state_files_rejected_total", "decisions", 1);
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => warn!("{}: {e}", dir.join(DECISIONS_FILE).display()),
+    }
+    match std::fs::read(dir.join(DETECTOR_FILE)) {
+        Ok(b) => match p.detector.restore(&b) {
+            Ok(n) => info!("restored detector state of {n} keys"),
+            Err(e) => {
+                warn!(
+                    "{}: cannot be read ({e}); detectors start empty",
+                    dir.join(DETECTOR_FILE).display()
+                );
+                stats.add_reason("state_files_rejected_total", "detector", 1);
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => warn!("{}: {e}", dir.join(DETECTOR_FILE).display()),
+    }
+}
+
+/// The decision file is also the feed for a cooperating enforcement point (a reverse proxy).
+fn save_decisions(p: &mut Pipeline, dir: &std::path::Path, stats: &Stats) {
+    if !p.decisions.changed {
+        return;
+    }
+    let bytes = serde_json::to_vec_pretty(&p.decisions).unwrap_or_default();
+    match save_private(dir, DECISIONS_FILE, &bytes) {
+        Ok(()) => p.decisions.changed = false,
+        Err(e) => {
+            stats.add_reason("state_save_errors_total", "decisions", 1);
+            warn!("saving {}: {e}", dir.join(DECISIONS_FILE).display());
+        }
+    }
+}
+
+fn save_detector(p: &Pipeline, dir: &std::path::Path, stats: &Stats) {
+    if p.detector.rules().is_empty() {
+        return;
+    }
+    stats.set("detector_keys_tracked", p.detector.tracked() as u64);
+    if let Err(e) = save_private(dir, DETECTOR_FILE, &p.detector.to_json()) {
+        stats.add_reason("state_save_errors_total", "detector", 1);
+        warn!("saving {}: {e}", dir.join(DETECTOR_FILE).display());
+    }
+}
+
+fn control_command(
+    p: &mut Pipeline,
+    req: crate::control::Request,
+    test_clock: bool,
+) -> serde_json::Value {
+    use crate::control::Request;
+    use crate::decide::Scope;
+    use serde_json::json;
+    let scope = |s: &str| match s {
+        "user" => Some(Scope::User),
+        "session" => Some(Scope::Session),
+        _ => None,
+    };
+    match req {
+        Request::Block {
+            scope: sc,
+            value,
+            duration_ms,
+            reason,
+        } => match scope(&sc) {
+            Some(sc) if !value.is_empty() && duration_ms > 0 => {
+                let d = p.operator_block(sc, value, duration_ms, reason, now_unix_ms());
+                info!(
+                    "operator blocked {} {} until {} (decision {})",
+                    d.scope.as_str(),
+                    d.value,
+                    d.until_ms,
+                    d.id
+                );
+                json!({"ok": true, "decision": d})
+            }
+            _ => {
+                json!({"ok": false, "error": "expected scope \"user\" or \"session\", a value and a duration above 0"})
+            }
+        },
+        Request::Unblock { scope: sc, value } => match scope(&sc) {
+            Some(sc) => {
+                let n = p.operator_unblock(sc, &value, now_unix_ms());
+                info!(
+                    "operator unblocked {} {}: {n} decisions ended",
+                    sc.as_str(),
+                    value
+                );
+                json!({"ok": true, "ended": n})
+            }
+            None => json!({"ok": false, "error": "expected scope \"user\" or \"session\""}),
+        },
+        Request::Decisions => json!({"ok": true, "active": p.decisions.active}),
+        Request::Clock { advance_ms } => {
+            if test_clock {
+                p.clock_offset_ms += advance_ms as i64;
+                p.tick(now_unix_ms());
+                json!({"ok": true, "offset_ms": p.clock_offset_ms})
+            } else {
+                json!({"ok": false, "error": "the test clock is off (run --test-clock)"})
+            }
+        }
     }
 }

@@ -201,6 +201,11 @@ pub struct Attribution {
     /// The real client: from X-Forwarded-For/Forwarded when the peer is a trusted proxy, else
     /// the peer.
     pub client_ip: Option<IpAddr>,
+    /// The kernel's hash of the credential (see `tracer_common::token_hash`), for blocking it
+    /// in the kernel; only when the kernel's seed is set.
+    pub token: Option<u64>,
+    /// The kernel's hash of the user name of a login request.
+    pub login_token: Option<u64>,
 }
 
 /// What the agent remembers of one session.
@@ -221,6 +226,9 @@ struct SessionEntry {
     expires: Option<u64>,
     /// Unix seconds of the last call seen with it.
     last_seen: u64,
+    /// The kernel's hash of the credential (memory only: never written).
+    #[serde(skip)]
+    token: Option<u64>,
 }
 
 /// What the agent knows of a user across sessions.
@@ -248,6 +256,10 @@ pub struct Attributor {
     users: HashMap<String, UserEntry>,
     dirty: bool,
     state_path: Option<PathBuf>,
+    /// The kernel's token hash seed; `None` until enforcement in the kernel is on.
+    token_seed: Option<u64>,
+    /// The kernel's hashes of each user's login names (memory only).
+    login_tokens: HashMap<String, Vec<u64>>,
 }
 
 fn now_unix() -> u64 {
@@ -266,7 +278,60 @@ impl Attributor {
             users: HashMap::new(),
             dirty: false,
             state_path: None,
+            token_seed: None,
+            login_tokens: HashMap::new(),
         }
+    }
+
+    /// Turns on the kernel's token hashes (the seed the kernel programs use).
+    pub fn set_token_seed(&mut self, seed: u64) {
+        self.token_seed = Some(seed);
+    }
+
+    fn khash(&self, v: &[u8]) -> Option<u64> {
+        self.token_seed
+            .map(|seed| tracer_common::token_hash(seed, v))
+    }
+
+    /// The byte patterns after which the kernel finds a token in a request it reads: each
+    /// session cookie (`name=`), `Bearer `, each session header (`Name: `) and each login form's
+    /// user name field (`field=` and `"field":"`).
+    pub fn kernel_patterns(&self) -> Vec<Vec<u8>> {
+        let mut v: Vec<Vec<u8>> = Vec::new();
+        for c in &self.cfg.session_cookies {
+            v.push(format!("{c}=").into_bytes());
+        }
+        if self.cfg.bearer {
+            v.push(b"Bearer ".to_vec());
+        }
+        for h in &self.cfg.session_headers {
+            v.push(format!("{h}: ").into_bytes());
+        }
+        for l in &self.cfg.login {
+            if let Some(f) = &l.username {
+                v.extend(token_patterns_for_field(f));
+            }
+        }
+        v.dedup();
+        v
+    }
+
+    /// The kernel's hashes of every credential and login name known for a user (or a session).
+    pub fn tokens_of(&self, user: Option<&str>, session: Option<&str>) -> Vec<u64> {
+        let mut out: Vec<u64> = self
+            .sessions
+            .iter()
+            .filter(|(sid, e)| {
+                (user.is_some() && e.user_id.as_deref() == user) || session == Some(sid.as_str())
+            })
+            .filter_map(|(_, e)| e.token)
+            .collect();
+        if let Some(u) = user {
+            out.extend(self.login_tokens.get(u).into_iter().flatten().copied());
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
     }
 
     pub fn keyer(&self) -> &Keyer {
@@ -457,12 +522,22 @@ impl Attributor {
             tenant: None,
             source: IdentitySource::None,
             client_ip,
+            token: None,
+            login_token: None,
         };
         let cred = self.credential(&req.headers);
         if let Some(c) = &cred {
             a.session_id = Some(self.keyer.session_id(&c.value));
             a.session_kind = Some(c.kind);
             a.source = IdentitySource::Unknown;
+            a.token = self.khash(c.value.as_bytes());
+            // The kernel learns tokens as they are used (they are never saved).
+            if let (Some(t), Some(e)) = (
+                a.token,
+                a.session_id.as_ref().and_then(|s| self.sessions.get_mut(s)),
+            ) {
+                e.token = Some(t);
+            }
         }
 
         // A login exchange: the session it creates and who it belongs to.
@@ -643,6 +718,11 @@ impl Attributor {
             .as_deref()
             .and_then(|f| login_username(req, f));
         a.user_hash = name.as_deref().map(|n| self.keyer.user_hash(n));
+        a.login_token = rule
+            .username
+            .as_deref()
+            .and_then(|f| wire_value(&req.body.data, f))
+            .and_then(|v| self.khash(v));
         let Some(resp) = ex.response.as_ref().filter(|_| ok) else {
             // A failed login: the attempted name is kept as a hash only.
             a.source = match ex.response.as_ref().map(|r| r.status) {
@@ -711,6 +791,7 @@ impl Attributor {
         a.session_id = Some(self.keyer.session_id(&cred.value));
         a.session_kind = Some(cred.kind);
         a.source = IdentitySource::Login;
+        a.token = self.khash(cred.value.as_bytes());
         // A token that is a JWT names its user itself.
         if let (SessionKind::Bearer, Some(j)) = (cred.kind, &self.cfg.jwt) {
             if let Some(claims) = jwt_claims(&cred.value) {
@@ -764,7 +845,14 @@ impl Attributor {
             kind,
             expires,
             last_seen: now,
+            token: a.token,
         };
+        if let (Some(u), Some(t)) = (&a.user_id, a.login_token) {
+            let v = self.login_tokens.entry(u.clone()).or_default();
+            if !v.contains(&t) && v.len() < 8 {
+                v.push(t);
+            }
+        }
         if self.sessions.get(&sid) != Some(&entry) {
             self.sessions.insert(sid, entry);
             self.dirty = true;
@@ -953,6 +1041,40 @@ fn login_username(req: &crate::exchange::Request, field: &str) -> Option<String>
             .map(|(_, v)| v.into_owned())
     };
     v.filter(|s| !s.is_empty())
+}
+
+/// The raw bytes of form field or JSON member `field` in a request body as the kernel reads them:
+/// after `field=` or `"field":"`, up to the first token end (see `tracer_common::is_token_end`).
+pub fn wire_value<'a>(body: &'a [u8], field: &str) -> Option<&'a [u8]> {
+    for pat in token_patterns_for_field(field) {
+        if let Some(i) = find(body, &pat) {
+            let rest = &body[i + pat.len()..];
+            let end = rest
+                .iter()
+                .position(|b| tracer_common::is_token_end(*b))
+                .unwrap_or(rest.len());
+            if end > 0 {
+                return Some(&rest[..end]);
+            }
+        }
+    }
+    None
+}
+
+/// The byte patterns that precede a login name in a form or JSON body.
+pub fn token_patterns_for_field(field: &str) -> Vec<Vec<u8>> {
+    let f = field.trim_start_matches("$.");
+    vec![
+        format!("{f}=").into_bytes(),
+        format!("\"{f}\":\"").into_bytes(),
+    ]
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() || hay.len() < needle.len() {
+        return None;
+    }
+    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 /// The client behind trusted proxies: the right-most address in `X-Forwarded-For` (or

@@ -21,7 +21,9 @@ use thiserror::Error;
 
 use crate::routes;
 
+mod detection;
 mod identity;
+pub use detection::{BlockScope, By, DetectionConfig, Metric, Rule, RuleKind};
 pub use identity::{
     Cidr, DisclosureConfig, EndpointRule, IdentityConfig, JwtClaims, LoginRule, ProxyHeaders,
     RouteDisclosure,
@@ -58,7 +60,7 @@ const DURATION_EXPECTED: &str = "expected a duration like \"500ms\", \"10s\", \"
 // ---------------------------------------------------------------------------------------------
 
 /// The whole, validated configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub agent: AgentConfig,
     pub capture: CaptureConfig,
@@ -71,6 +73,10 @@ pub struct Config {
     pub identity: IdentityConfig,
     /// Which routes disclose whose personal data, and how to read it from their responses.
     pub disclosure: DisclosureConfig,
+    /// Which calls are watched, allowlists, budgets.
+    pub detection: DetectionConfig,
+    /// The detectors.
+    pub rules: Vec<Rule>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -489,6 +495,10 @@ struct RawConfig {
     identity: identity::RawIdentity,
     #[serde(default)]
     disclosure: identity::RawDisclosure,
+    #[serde(default)]
+    detection: detection::RawDetection,
+    #[serde(default)]
+    rules: Vec<detection::RawRule>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -600,6 +610,9 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
     let output = check_output(raw.output, &agent.state_dir, &mut p);
     let route_names: Vec<&str> = routes.iter().map(|r| r.name.as_str()).collect();
     let identity = identity::check_identity(raw.identity, &route_names, &mut p);
+    let target_names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
+    let detection = detection::check_detection(raw.detection, &target_names, &mut p);
+    let rules = detection::check_rules(raw.rules, &route_names, &mut p);
     let mut disclosure = identity::check_disclosure(raw.disclosure, &mut p);
     for (i, (d, r)) in route_disclosures.into_iter().zip(&routes).enumerate() {
         if let Some(d) = d {
@@ -629,6 +642,8 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             output,
             identity,
             disclosure,
+            detection,
+            rules,
         })
     } else {
         Err(ConfigError::Invalid {

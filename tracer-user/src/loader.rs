@@ -2,16 +2,27 @@
 //! tracepoints. Uprobes on OpenSSL are attached later, per library, by `discovery`.
 //!
 //! Failing to attach one hook is reported plainly and the agent keeps what did attach.
+//!
+//! The enforcement filter (`enforce_egress`) is attached only when asked, by
+//! [`Kernel::attach_enforce`]; if that fails the agent keeps tracing without blocking.
 
-use std::{collections::BTreeMap, path::Path};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::{TracePoint, UProbe},
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, TracePoint, UProbe},
     Ebpf, EbpfLoader,
 };
 use log::{debug, info, warn};
 use tracer_common::*;
+
+use crate::{
+    enforce::{self, EnforceError},
+    record::Tuple,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -89,10 +100,15 @@ pub const SSL_PROBES: &[(&str, &str, bool, bool)] = &[
     ("openssl_ssl_free", "SSL_free", false, false),
 ];
 
+/// The cgroup_skb egress program that drops the packets of blocked connections.
+pub const ENFORCE_PROG: &str = "enforce_egress";
+
 pub struct Kernel {
     pub ebpf: Ebpf,
     /// Attach results, "category:name" → error text (None when attached).
     pub tracepoints: BTreeMap<String, Option<String>>,
+    /// The cgroup `enforce_egress` is attached to, once it is.
+    enforce_cgroup: Option<PathBuf>,
 }
 
 /// Mounts tracefs at /sys/kernel/tracing when it is not there; tracepoints need it.
@@ -212,7 +228,11 @@ pub fn load(s: &LoadSettings) -> Result<Kernel, LoadError> {
             })?;
         }
     }
-    Ok(Kernel { ebpf, tracepoints })
+    Ok(Kernel {
+        ebpf,
+        tracepoints,
+        enforce_cgroup: None,
+    })
 }
 
 fn attach_tracepoint(
@@ -323,4 +343,160 @@ impl Kernel {
         }
         dead.len()
     }
+
+    /// Loads `enforce_egress` and attaches it to the egress of the cgroup v2 root, where it sees
+    /// every socket's packets; returns that cgroup's path. It is attached as a BPF link (kernel
+    /// 5.7+), which runs beside any other program on the cgroup or below it and is detached when
+    /// the agent exits. Until a connection is blocked it costs each packet one array lookup. An
+    /// error leaves tracing untouched; calling this again once attached does nothing.
+    pub fn attach_enforce(&mut self) -> Result<PathBuf, EnforceError> {
+        if let Some(p) = &self.enforce_cgroup {
+            return Ok(p.clone());
+        }
+        let root = enforce::cgroup2_root()?;
+        let cgroup = std::fs::File::open(&root).map_err(|e| EnforceError::Cgroup {
+            path: root.clone(),
+            source: e,
+        })?;
+        let prog: &mut CgroupSkb = self
+            .ebpf
+            .program_mut(ENFORCE_PROG)
+            .ok_or(EnforceError::MissingProgram(ENFORCE_PROG))?
+            .try_into()
+            .map_err(|e| EnforceError::Load {
+                name: ENFORCE_PROG,
+                source: e,
+            })?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|e| EnforceError::Load {
+                name: ENFORCE_PROG,
+                source: e,
+            })?;
+        }
+        prog.attach(
+            &cgroup,
+            CgroupSkbAttachType::Egress,
+            // Links take no flags; they always allow other programs (multi-attach).
+            CgroupAttachMode::Single,
+        )
+        .map_err(|e| EnforceError::Attach {
+            name: ENFORCE_PROG,
+            cgroup: root.clone(),
+            source: e,
+        })?;
+        self.enforce_cgroup = Some(root.clone());
+        let on = self.blocked_conns() > 0;
+        self.set_enforce_on(on)?;
+        info!(
+            "enforcement filter attached to the egress of cgroup {}",
+            root.display()
+        );
+        Ok(root)
+    }
+
+    /// Whether `attach_enforce` succeeded.
+    pub fn enforcing(&self) -> bool {
+        self.enforce_cgroup.is_some()
+    }
+
+    /// Drops every further egress packet of the TCP connection `t` (local = this host's end),
+    /// except a reset. IPv4-mapped IPv6 addresses are read as IPv4. Blocking a blocked
+    /// connection again is not an error.
+    pub fn block_conn(&mut self, t: Tuple) -> Result<(), EnforceError> {
+        if self.enforce_cgroup.is_none() {
+            return Err(EnforceError::NotAttached {
+                local: t.local,
+                peer: t.peer,
+            });
+        }
+        let key = enforce::block_key(&t)?;
+        let mut m = block_map(&mut self.ebpf)?;
+        m.insert(key, 0, 0).map_err(|e| match &e {
+            aya::maps::MapError::SyscallError(s)
+                if s.io_error.raw_os_error() == Some(libc::E2BIG) =>
+            {
+                enforce::table_full(&t)
+            }
+            _ => EnforceError::Map {
+                name: MAP_BLOCK_CONNS,
+                source: e,
+            },
+        })?;
+        self.set_enforce_on(true)
+    }
+
+    /// Lets the packets of connection `t` through again; `Ok(false)` if it was not blocked.
+    pub fn unblock_conn(&mut self, t: Tuple) -> Result<bool, EnforceError> {
+        let key = enforce::block_key(&t)?;
+        let mut m = block_map(&mut self.ebpf)?;
+        let removed = match m.remove(&key) {
+            Ok(()) => true,
+            Err(aya::maps::MapError::SyscallError(s))
+                if s.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                false
+            }
+            Err(e) => {
+                return Err(EnforceError::Map {
+                    name: MAP_BLOCK_CONNS,
+                    source: e,
+                })
+            }
+        };
+        let empty = m.keys().next().is_none();
+        if empty {
+            self.set_enforce_on(false)?;
+        }
+        Ok(removed)
+    }
+
+    /// STUB (to be replaced by the kernel's token recognition): refuse requests carrying a token
+    /// whose `tracer_common::token_hash` is `hash`.
+    pub fn block_token(&mut self, _hash: u64) -> Result<(), EnforceError> {
+        Err(EnforceError::MissingMap("BLOCK_TOKENS"))
+    }
+
+    /// STUB: see `block_token`.
+    pub fn unblock_token(&mut self, _hash: u64) -> Result<bool, EnforceError> {
+        Ok(false)
+    }
+
+    /// Connections blocked right now (walks the kernel table: one syscall per entry).
+    pub fn blocked_conns(&self) -> usize {
+        let Some(m) = self.ebpf.map(MAP_BLOCK_CONNS) else {
+            return 0;
+        };
+        match BpfHashMap::<_, BlockKey, BlockValue>::try_from(m) {
+            Ok(m) => m.keys().filter(Result::is_ok).count(),
+            Err(_) => 0,
+        }
+    }
+
+    fn set_enforce_on(&mut self, on: bool) -> Result<(), EnforceError> {
+        let m = self
+            .ebpf
+            .map_mut(MAP_ENFORCE_ON)
+            .ok_or(EnforceError::MissingMap(MAP_ENFORCE_ON))?;
+        let mut a = Array::<_, u32>::try_from(m).map_err(|e| EnforceError::Map {
+            name: MAP_ENFORCE_ON,
+            source: e,
+        })?;
+        a.set(ENFORCE_ON_IDX, on as u32, 0)
+            .map_err(|e| EnforceError::Map {
+                name: MAP_ENFORCE_ON,
+                source: e,
+            })
+    }
+}
+
+fn block_map(
+    ebpf: &mut Ebpf,
+) -> Result<BpfHashMap<&mut MapData, BlockKey, BlockValue>, EnforceError> {
+    let m = ebpf
+        .map_mut(MAP_BLOCK_CONNS)
+        .ok_or(EnforceError::MissingMap(MAP_BLOCK_CONNS))?;
+    BpfHashMap::try_from(m).map_err(|e| EnforceError::Map {
+        name: MAP_BLOCK_CONNS,
+        source: e,
+    })
 }

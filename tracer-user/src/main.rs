@@ -3,7 +3,40 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use sparbar::{agent, config};
+use sparbar::{agent, config, control};
+
+fn scope_value(user: Option<String>, session: Option<String>) -> (String, String) {
+    match (user, session) {
+        (Some(u), _) => ("user".into(), u),
+        (None, Some(s)) => ("session".into(), s),
+        (None, None) => ("user".into(), String::new()),
+    }
+}
+
+/// Sends one request to the agent running with `config` and prints its answer.
+fn control(config: &std::path::Path, req: &control::Request) -> ExitCode {
+    let cfg = match config::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    match control::call(&cfg.agent.state_dir, req) {
+        Ok(v) => {
+            println!("{v}");
+            if v["ok"] == serde_json::Value::Bool(true) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
 
 #[derive(Parser)]
 #[command(
@@ -29,6 +62,48 @@ enum Cmd {
         /// file holds captured payload, so keep it private).
         #[arg(long, value_name = "FILE", hide = true)]
         tap_events: Option<PathBuf>,
+        /// Accept clock-advance commands on the control socket (tests that compress days).
+        #[arg(long, hide = true)]
+        test_clock: bool,
+    },
+    /// Block a user (all their sessions) or one session in the running agent.
+    Block {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// The user id (`user.id` in records).
+        #[arg(long, conflicts_with = "session", required_unless_present = "session")]
+        user: Option<String>,
+        /// The session hash (`session.id` in records).
+        #[arg(long)]
+        session: Option<String>,
+        /// How long, e.g. "15m", "2h".
+        #[arg(long, default_value = "1h")]
+        duration: String,
+        /// Why (goes into the decision record).
+        #[arg(long, default_value = "operator decision")]
+        reason: String,
+    },
+    /// End the blocks of a user or a session in the running agent.
+    Unblock {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(long, conflicts_with = "session", required_unless_present = "session")]
+        user: Option<String>,
+        #[arg(long)]
+        session: Option<String>,
+    },
+    /// List the decisions in force in the running agent (JSON).
+    Decisions {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Move the running agent's detection clock forward (only with `run --test-clock`).
+    #[command(hide = true)]
+    AdvanceClock {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(long)]
+        by: String,
     },
     /// Validate a configuration file and explain every problem; nothing else.
     CheckConfig {
@@ -53,10 +128,57 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Cmd::Block {
+            config,
+            user,
+            session,
+            duration,
+            reason,
+        } => {
+            let ms = match config::parse_duration(&duration) {
+                Ok(d) => d.as_millis() as u64,
+                Err(e) => {
+                    eprintln!("--duration: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let (scope, value) = scope_value(user, session);
+            control(
+                &config,
+                &control::Request::Block {
+                    scope,
+                    value,
+                    duration_ms: ms,
+                    reason,
+                },
+            )
+        }
+        Cmd::Unblock {
+            config,
+            user,
+            session,
+        } => {
+            let (scope, value) = scope_value(user, session);
+            control(&config, &control::Request::Unblock { scope, value })
+        }
+        Cmd::Decisions { config } => control(&config, &control::Request::Decisions),
+        Cmd::AdvanceClock { config, by } => match config::parse_duration(&by) {
+            Ok(d) => control(
+                &config,
+                &control::Request::Clock {
+                    advance_ms: d.as_millis() as u64,
+                },
+            ),
+            Err(e) => {
+                eprintln!("--by: {e}");
+                ExitCode::from(2)
+            }
+        },
         Cmd::Run {
             config,
             duration,
             tap_events,
+            test_clock,
         } => {
             let cfg = match config::load(&config) {
                 Ok(c) => c,
@@ -88,6 +210,7 @@ fn main() -> ExitCode {
                 agent::RunOptions {
                     duration: duration.map(Duration::from_secs),
                     tap_events,
+                    test_clock,
                 },
             )) {
                 Ok(()) => ExitCode::SUCCESS,

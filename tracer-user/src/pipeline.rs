@@ -12,14 +12,17 @@ use tracer_common::*;
 
 use crate::{
     attribution::Attributor,
-    config::DisclosureConfig,
+    config::{DetectionConfig, DisclosureConfig, Rule},
+    decide::{Decision, Decisions, EndReason, Scope},
     decode::Event,
+    detect::{Access, Detector},
     disclosure::{self, SubjectDirectory},
     exchange::{BodyLoss, Completeness, Exchange},
     http::{ConnParser, Dir, ParserLimits, Role},
     ids::EventIds,
     record::{self, CaptureInfo, ProcessInfo, RecordContext},
     routes::RouteTable,
+    security::{self, Phase},
     stats::Stats,
 };
 
@@ -32,6 +35,8 @@ pub struct Settings {
     pub mono_to_unix_ns: i128,
     /// Which routes disclose whose data.
     pub disclosure: DisclosureConfig,
+    pub detection: DetectionConfig,
+    pub rules: Vec<Rule>,
 }
 
 /// Service names by tgid, kept up to date by discovery.
@@ -47,6 +52,33 @@ struct Conn {
     last_ns: u64,
     /// Set for a connection first seen in the middle of its life (see `MidstreamGate`).
     gate: Option<MidstreamGate>,
+    /// The user and session of the connection's last call.
+    user: Option<String>,
+    session: Option<String>,
+    /// The decision whose enforcement blocked this connection.
+    blocked_by: Option<String>,
+}
+
+/// What the agent must do in the kernel for a decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Drop the connection's responses and reset it.
+    BlockConn {
+        tuple: record::Tuple,
+        decision: String,
+    },
+    /// Its block ended, or the connection closed.
+    UnblockConn {
+        tuple: record::Tuple,
+    },
+    /// Recognise this token (its kernel hash) in requests the edge reads, on any connection.
+    BlockToken {
+        hash: u64,
+        decision: String,
+    },
+    UnblockToken {
+        hash: u64,
+    },
 }
 
 /// A connection the kernel first saw mid-life (opened before the agent started) is parsed as
@@ -135,6 +167,17 @@ pub struct Pipeline {
     /// Who made each call; `None` leaves records unattributed (replay of capture-only fixtures).
     pub attributor: Option<Attributor>,
     subjects: SubjectDirectory,
+    pub detector: Detector,
+    pub decisions: Decisions,
+    /// Kernel work for the agent: blocks and unblocks of connections.
+    pub actions: Vec<Action>,
+    /// What enforcement did so far, per decision id (filled in by the agent).
+    pub enforced: HashMap<String, security::Enforcement>,
+    /// Tokens blocked in the kernel, and the decision that blocked each.
+    blocked_tokens: HashMap<u64, String>,
+    /// Added to record time for detection and decisions (an injectable clock for tests that
+    /// compress days; 0 in production).
+    pub clock_offset_ms: i64,
 }
 
 fn hole_reason(r: u8) -> &'static str {
@@ -172,7 +215,14 @@ fn tuple_addrs(t: &Tuple) -> Option<record::Tuple> {
 impl Pipeline {
     pub fn new(s: Settings, services: Services, stats: Arc<Stats>) -> Self {
         let subjects = SubjectDirectory::new(s.disclosure.max_subjects);
+        let detector = Detector::new(s.detection.clone(), s.rules.clone());
         Pipeline {
+            detector,
+            decisions: Decisions::default(),
+            actions: Vec::new(),
+            enforced: HashMap::new(),
+            blocked_tokens: HashMap::new(),
+            clock_offset_ms: 0,
             attributor: None,
             subjects,
             s,
@@ -220,6 +270,9 @@ impl Pipeline {
                 hole_reasons: BTreeSet::new(),
                 last_ns: 0,
                 gate: midstream.then(MidstreamGate::default),
+                user: None,
+                session: None,
+                blocked_by: None,
             }
         })
     }
@@ -314,7 +367,7 @@ impl Pipeline {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.close_at(hdr.ts_ns, pos_in, pos_out);
                     self.collect(conn);
-                    self.conns.remove(&conn);
+                    self.drop_conn(conn);
                     self.stats.add("connections_closed_total", 1);
                 }
             }
@@ -338,12 +391,196 @@ impl Pipeline {
                         c.parser.close(0);
                     }
                     self.collect(id);
-                    self.conns.remove(&id);
+                    self.drop_conn(id);
                     self.stats
                         .add("connections_closed_total{reason=\"process_exit\"}", 1);
                 }
             }
         }
+    }
+
+    /// Forgets a connection; a blocked one is unblocked in the kernel.
+    fn drop_conn(&mut self, id: ConnId) {
+        if let Some(c) = self.conns.remove(&id) {
+            if let (Some(_), Some(tuple)) = (c.blocked_by, c.tuple) {
+                self.actions.push(Action::UnblockConn { tuple });
+            }
+        }
+    }
+
+    /// The kernel refused a request carrying a blocked token on connection `id` (its responses
+    /// are dropped from now on): the agent resets the connection and counts it.
+    pub fn enforce_hit(&mut self, id: ConnId, hash: u64) {
+        self.stats.add("enforcement_requests_refused_total", 1);
+        let Some(decision) = self.blocked_tokens.get(&hash).cloned() else {
+            self.stats
+                .add_reason("enforcement_hits_unmatched_total", "token_unknown", 1);
+            return;
+        };
+        if let Some(c) = self.conns.get_mut(&id) {
+            if c.blocked_by.is_none() {
+                if let Some(tuple) = c.tuple {
+                    c.blocked_by = Some(decision.clone());
+                    self.actions.push(Action::BlockConn { tuple, decision });
+                }
+            }
+        }
+    }
+
+    /// Detection time: wall-clock ms (plus the test clock's offset).
+    pub fn now_ms(&self, unix_ns: u64) -> u64 {
+        ((unix_ns / 1_000_000) as i64 + self.clock_offset_ms).max(0) as u64
+    }
+
+    fn is_edge(&self, service: &str) -> bool {
+        let s = &self.s.detection.services;
+        s.is_empty() || s.iter().any(|x| x == service)
+    }
+
+    fn block_conn(&mut self, id: ConnId, decision: &str) {
+        if !self.s.detection.enforce {
+            return;
+        }
+        if let Some(c) = self.conns.get_mut(&id) {
+            if c.blocked_by.is_none() {
+                if let Some(tuple) = c.tuple {
+                    c.blocked_by = Some(decision.to_string());
+                    self.actions.push(Action::BlockConn {
+                        tuple,
+                        decision: decision.to_string(),
+                    });
+                }
+            }
+        }
+    }
+
+    fn block_token(&mut self, hash: u64, decision: &str) {
+        if self.s.detection.enforce && !self.blocked_tokens.contains_key(&hash) {
+            self.blocked_tokens.insert(hash, decision.to_string());
+            self.actions.push(Action::BlockToken {
+                hash,
+                decision: decision.to_string(),
+            });
+        }
+    }
+
+    /// Blocks every open edge connection of the decision's user or session, and every token of
+    /// theirs the agent knows, so their next requests are refused in the kernel.
+    fn enforce_decision(&mut self, d: &Decision) {
+        let tokens = self
+            .attributor
+            .as_ref()
+            .map(|a| match d.scope {
+                Scope::User => a.tokens_of(Some(&d.value), None),
+                Scope::Session => a.tokens_of(None, Some(&d.value)),
+            })
+            .unwrap_or_default();
+        for t in tokens {
+            self.block_token(t, &d.id);
+        }
+        let ids: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(k, c)| {
+                let matches = match d.scope {
+                    Scope::User => c.user.as_deref() == Some(d.value.as_str()),
+                    Scope::Session => c.session.as_deref() == Some(d.value.as_str()),
+                };
+                matches
+                    && self
+                        .procs
+                        .get(&k.tgid)
+                        .is_some_and(|(_, svc)| self.is_edge(svc))
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for id in ids {
+            self.block_conn(id, &d.id);
+        }
+    }
+
+    fn end_decisions(&mut self, ended: Vec<Decision>, why: EndReason, now_ms: u64) {
+        for d in ended {
+            let id = self.ids.next_id();
+            let enf = self.enforced.remove(&d.id);
+            self.out.push(security::decision_line(
+                &d,
+                Phase::End(why),
+                &id,
+                now_ms,
+                &self.s.host_name,
+                enf.as_ref(),
+            ));
+            self.stats
+                .add_reason("decisions_ended_total", why.as_str(), 1);
+            let tuples: Vec<record::Tuple> = self
+                .conns
+                .values_mut()
+                .filter(|c| c.blocked_by.as_deref() == Some(d.id.as_str()))
+                .filter_map(|c| {
+                    c.blocked_by = None;
+                    c.tuple
+                })
+                .collect();
+            for tuple in tuples {
+                self.actions.push(Action::UnblockConn { tuple });
+            }
+            let hashes: Vec<u64> = self
+                .blocked_tokens
+                .iter()
+                .filter(|(_, did)| **did == d.id)
+                .map(|(h, _)| *h)
+                .collect();
+            for hash in hashes {
+                self.blocked_tokens.remove(&hash);
+                self.actions.push(Action::UnblockToken { hash });
+            }
+        }
+    }
+
+    /// Ends the decisions whose time is up (called about once a second).
+    pub fn tick(&mut self, now_unix_ms: u64) {
+        let now = ((now_unix_ms as i64) + self.clock_offset_ms).max(0) as u64;
+        let ended = self.decisions.expire(now);
+        self.end_decisions(ended, EndReason::Expired, now);
+    }
+
+    /// An operator's block (through the control socket).
+    pub fn operator_block(
+        &mut self,
+        scope: Scope,
+        value: String,
+        duration_ms: u64,
+        reason: String,
+        now_unix_ms: u64,
+    ) -> Decision {
+        let now = ((now_unix_ms as i64) + self.clock_offset_ms).max(0) as u64;
+        let id = self.ids.next_id();
+        let d = self
+            .decisions
+            .operator_block(scope, value, duration_ms, reason, id, now);
+        let rid = self.ids.next_id();
+        self.out.push(security::decision_line(
+            &d,
+            Phase::Start,
+            &rid,
+            now,
+            &self.s.host_name,
+            None,
+        ));
+        self.stats
+            .add("decisions_started_total{origin=\"operator\"}", 1);
+        self.enforce_decision(&d);
+        d
+    }
+
+    /// An operator's unblock; returns how many decisions ended.
+    pub fn operator_unblock(&mut self, scope: Scope, value: &str, now_unix_ms: u64) -> usize {
+        let now = ((now_unix_ms as i64) + self.clock_offset_ms).max(0) as u64;
+        let ended = self.decisions.unblock(scope, value);
+        let n = ended.len();
+        self.end_decisions(ended, EndReason::Unblocked, now);
+        n
     }
 
     /// Hands the counters kept locally on the hot path to the shared stats.
@@ -370,7 +607,7 @@ impl Pipeline {
                 c.parser.close(now_ns);
             }
             self.collect(id);
-            self.conns.remove(&id);
+            self.drop_conn(id);
             self.stats
                 .add("connections_closed_total{reason=\"idle_expired\"}", 1);
         }
@@ -507,11 +744,72 @@ impl Pipeline {
             }),
             _ => None,
         };
-        if let (Some(d), Some(a)) = (&disclosure, &attribution) {
-            if record::cross_tenant(Some(a), d) == Some(true) {
-                self.stats.add("disclosures_cross_tenant_total", 1);
+        let cross = match (&disclosure, &attribution) {
+            (Some(d), Some(a)) => record::cross_tenant(Some(a), d) == Some(true),
+            _ => false,
+        };
+        if cross {
+            self.stats.add("disclosures_cross_tenant_total", 1);
+        }
+        // Enforcement: a call of a blocked user or session.
+        let now_ms = self.now_ms(start_unix_ns);
+        let edge = self.is_edge(&service);
+        let mut blocked_by: Option<String> = None;
+        if let Some(a) = &attribution {
+            if let Some(c) = self.conns.get_mut(&id) {
+                c.user = a.user_id.clone();
+                c.session = a.session_id.clone();
+            }
+            if let Some(d) =
+                self.decisions
+                    .blocking(a.user_id.as_deref(), a.session_id.as_deref(), now_ms)
+            {
+                let did = d.id.clone();
+                self.stats.add("exchanges_blocked_total", 1);
+                if edge {
+                    self.block_conn(id, &did);
+                }
+                // A new session (a login while blocked) or a login name: refused from now on.
+                for t in [a.token, a.login_token].into_iter().flatten() {
+                    self.block_token(t, &did);
+                }
+                blocked_by = Some(did);
             }
         }
+        // Detection, on the edge only (behind it the same call is seen again).
+        let mut security_lines: Vec<Vec<u8>> = Vec::new();
+        let mut pending_access: Option<Access> = None;
+        if edge && !self.detector.rules().is_empty() {
+            let a = attribution.as_ref();
+            let access = Access {
+                event_id: String::new(),
+                ts_ms: now_ms,
+                service: service.clone(),
+                route: route.as_ref().map(|m| m.name.clone()),
+                has_disclosure: route
+                    .as_ref()
+                    .is_some_and(|m| self.s.disclosure.routes.contains_key(&m.name)),
+                status: ex.response.as_ref().map(|r| r.status),
+                user: a.and_then(|a| a.user_id.clone()),
+                role: a.and_then(|a| a.role.clone()),
+                tenant: a.and_then(|a| a.tenant.clone()),
+                session: a.and_then(|a| a.session_id.clone()),
+                client_ip: a.and_then(|a| a.client_ip),
+                subjects: disclosure
+                    .as_ref()
+                    .map(|d| d.ids.clone())
+                    .unwrap_or_default(),
+                cross_tenant: cross,
+                target_tenants: disclosure
+                    .as_ref()
+                    .map(|d| d.tenants.iter().cloned().collect())
+                    .unwrap_or_default(),
+                params: route.as_ref().map(|m| m.params.clone()).unwrap_or_default(),
+                query: route.as_ref().map(|m| m.query.clone()).unwrap_or_default(),
+            };
+            pending_access = Some(access);
+        }
+        let event_id = self.ids.next_id();
         let ctx = RecordContext {
             exchange: ex,
             route: route.as_ref(),
@@ -529,13 +827,39 @@ impl Pipeline {
                 response_bytes_missing: resp_missing,
                 reasons,
             },
-            event_id: self.ids.next_id(),
+            event_id: event_id.clone(),
             attribution: attribution.as_ref(),
             disclosure: disclosure.as_ref(),
+            blocked_by: blocked_by.as_deref(),
         };
         let mut line = Vec::with_capacity(1024);
         record::write_line(&ctx, &mut line);
         self.out.push(line);
+        if let Some(mut access) = pending_access {
+            access.event_id = event_id;
+            let alerts = self.detector.observe(&access, &self.stats);
+            for al in alerts {
+                let aid = self.ids.next_id();
+                security_lines.push(security::alert_line(&al, &aid, &self.s.host_name));
+                let rule = self.s.rules[al.rule_index].clone();
+                let did = self.ids.next_id();
+                if let Some(d) = self.decisions.on_alert(&rule, &al, did) {
+                    let rid = self.ids.next_id();
+                    security_lines.push(security::decision_line(
+                        &d,
+                        Phase::Start,
+                        &rid,
+                        now_ms,
+                        &self.s.host_name,
+                        None,
+                    ));
+                    self.stats
+                        .add("decisions_started_total{origin=\"rule\"}", 1);
+                    self.enforce_decision(&d);
+                }
+            }
+        }
+        self.out.append(&mut security_lines);
     }
 }
 
@@ -585,6 +909,8 @@ mod tests {
             host_name: "h".into(),
             mono_to_unix_ns: 0,
             disclosure: Default::default(),
+            detection: Default::default(),
+            rules: vec![],
         };
         let stats = Arc::new(Stats::default());
         (

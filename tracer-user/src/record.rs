@@ -79,6 +79,8 @@ pub struct RecordContext<'a> {
     pub attribution: Option<&'a Attribution>,
     /// Whose personal data the response disclosed (routes with a disclosure rule, 2xx only).
     pub disclosure: Option<&'a Disclosure>,
+    /// The decision that blocks this call's user or session, if any.
+    pub blocked_by: Option<&'a str>,
 }
 
 /// A record that holds something it should not.
@@ -153,6 +155,8 @@ pub const FIELDS: &[&str] = &[
     "abook.cross_tenant",
     "abook.disclosure.status",
     "abook.disclosure.error",
+    "abook.enforcement.blocked",
+    "abook.enforcement.decision_id",
 ];
 
 /// Builds the record for one exchange.
@@ -237,6 +241,14 @@ struct Abook<'a> {
     cross_tenant: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     disclosure: Option<DisclosureStatus>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    enforcement: Option<Enforced<'a>>,
+}
+
+#[derive(Serialize)]
+struct Enforced<'a> {
+    blocked: bool,
+    decision_id: &'a str,
 }
 
 #[derive(Serialize)]
@@ -521,7 +533,7 @@ pub fn record<'a>(ctx: &'a RecordContext<'a>) -> Record<'a> {
 fn abook<'a>(ctx: &'a RecordContext<'a>) -> Option<Abook<'a>> {
     let a = ctx.attribution;
     let d = ctx.disclosure;
-    if a.is_none() && d.is_none() {
+    if a.is_none() && d.is_none() && ctx.blocked_by.is_none() {
         return None;
     }
     Some(Abook {
@@ -547,6 +559,10 @@ fn abook<'a>(ctx: &'a RecordContext<'a>) -> Option<Abook<'a>> {
         disclosure: d.map(|d| DisclosureStatus {
             status: d.status.as_str(),
             error: d.error,
+        }),
+        enforcement: ctx.blocked_by.map(|decision_id| Enforced {
+            blocked: true,
+            decision_id,
         }),
     })
 }
@@ -757,6 +773,7 @@ mod tests {
             event_id: "ev-1".into(),
             attribution: None,
             disclosure: None,
+            blocked_by: None,
         }
     }
 

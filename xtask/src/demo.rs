@@ -90,6 +90,7 @@ pub fn run(bin: &Path, duration: u64) -> Result<()> {
         println!("    {k:<28} {n:>6} / {e}");
     }
     attribution_summary(&front);
+    detection_summary(&records, &traffic);
     let losses = stats.losses();
     println!(
         "  losses                                 : {}",
@@ -213,4 +214,58 @@ fn attribution_summary(front: &[&Value]) {
             hit.iter().filter(|t| *t != own).cloned().collect::<Vec<_>>().join(", ")
         );
     }
+}
+
+/// What the detectors raised and what was decided and enforced.
+fn detection_summary(records: &[Value], traffic: &Value) {
+    let of = |ds: &str| -> Vec<&Value> {
+        records
+            .iter()
+            .filter(|r| get(r, "event.dataset").as_str() == Some(ds))
+            .collect()
+    };
+    let alerts = of("sparbar.alert");
+    let mut per_rule: BTreeMap<String, (usize, std::collections::BTreeSet<String>)> =
+        BTreeMap::new();
+    for a in &alerts {
+        let e = per_rule
+            .entry(get(a, "rule.id").as_str().unwrap_or("?").to_string())
+            .or_default();
+        e.0 += 1;
+        e.1.insert(get(a, "user.id").as_str().unwrap_or("?").to_string());
+    }
+    println!(
+        "  alerts                                 : {}",
+        alerts.len()
+    );
+    for (rule, (n, users)) in &per_rule {
+        println!(
+            "    {rule:<28} {n:>6}  users: {}",
+            users.iter().cloned().collect::<Vec<_>>().join(", ")
+        );
+    }
+    for d in of("sparbar.decision") {
+        let action = get(d, "event.action").as_str().unwrap_or("?");
+        let dec = get(d, "abook.decision");
+        let extra = match action {
+            "block_enforced" | "block_end" => format!(
+                " (connections reset {}, tokens refused in the kernel {})",
+                dec["enforcement"]["connections_reset"], dec["enforcement"]["tokens_blocked"]
+            ),
+            _ => String::new(),
+        };
+        println!(
+            "  decision {action:<14}               : {} {} by {} (level {}, {} s){extra}",
+            dec["scope"].as_str().unwrap_or("?"),
+            dec["value"].as_str().unwrap_or("?"),
+            dec["rule_id"].as_str().unwrap_or("operator"),
+            dec["level"],
+            dec["duration_s"],
+        );
+    }
+    let ab = &traffic["totals"]["abusive"];
+    println!(
+        "  the abuser, as its client saw it       : {} requests, statuses {}, failed (blocked) {}",
+        ab["requests"], ab["perStatus"], ab["transportErrors"]
+    );
 }

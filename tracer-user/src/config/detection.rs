@@ -1,0 +1,536 @@
+//! The `[detection]` table and the `[[rules]]`: which calls are watched, the detectors with their
+//! thresholds and windows, allowlists, shadow mode and block durations.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use serde::Deserialize;
+
+use super::{format_duration, has_control, parse_duration, Cidr, Problems};
+
+pub const DEFAULT_MAX_TRACKED: usize = 100_000;
+pub const DEFAULT_IDLE_EXPIRY: Duration = Duration::from_secs(48 * 3600);
+const MAX_MAX_TRACKED: i64 = 10_000_000;
+
+/// What a rate rule counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metric {
+    /// Calls on the rule's routes.
+    Requests,
+    /// Persons disclosed (a person read twice counts twice).
+    Persons,
+    /// Distinct persons disclosed.
+    DistinctPersons,
+    /// Calls answered 4xx.
+    Errors,
+}
+
+impl Metric {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Metric::Requests => "requests",
+            Metric::Persons => "persons",
+            Metric::DistinctPersons => "distinct_persons",
+            Metric::Errors => "errors",
+        }
+    }
+}
+
+/// Whose calls a rule adds up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum By {
+    User,
+    Session,
+    ClientIp,
+    /// All accounts of one tenant together (several accounts covering a school).
+    Tenant,
+}
+
+impl By {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            By::User => "user",
+            By::Session => "session",
+            By::ClientIp => "client_ip",
+            By::Tenant => "tenant",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RuleKind {
+    /// `metric` over `window` above `limit` (or the caller role's limit).
+    Rate {
+        metric: Metric,
+        window: Duration,
+        limit: u64,
+        role_limits: BTreeMap<String, u64>,
+    },
+    /// A successful answer carrying persons outside the caller's tenant.
+    CrossTenant,
+    /// `limit` calls in `window` whose id parameter is the previous call's plus one.
+    SequentialIds {
+        param: String,
+        window: Duration,
+        limit: u64,
+    },
+    /// A query parameter above `limit` (page sizes, page numbers beyond what the platform's own
+    /// client uses).
+    QueryAbove { param: String, limit: u64 },
+    /// 4xx answers / calls over `window` at or above `ratio`, once at least `min_requests`.
+    ErrorRatio {
+        window: Duration,
+        ratio: f64,
+        min_requests: u64,
+    },
+}
+
+/// What follows a firing.
+#[derive(Debug, Clone, PartialEq, Eq, Copy)]
+pub enum BlockScope {
+    User,
+    Session,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rule {
+    pub id: String,
+    pub name: String,
+    pub kind: RuleKind,
+    pub by: By,
+    /// Route names (a trailing `*` matches a prefix); empty: the routes with a disclosure rule.
+    pub routes: Vec<String>,
+    /// Alert and record, never enforce.
+    pub shadow: bool,
+    /// Block durations by offence: the first firing blocks for `block[0]`, the next for
+    /// `block[1]` …, the last repeating. Empty: alert only.
+    pub block: Vec<Duration>,
+    pub scope: BlockScope,
+}
+
+impl Rule {
+    pub fn matches_route(&self, route: &str, has_disclosure: bool) -> bool {
+        if self.routes.is_empty() {
+            return has_disclosure;
+        }
+        self.routes.iter().any(|r| match r.strip_suffix('*') {
+            Some(p) => route.starts_with(p),
+            None => r == route,
+        })
+    }
+
+    pub fn window(&self) -> Option<Duration> {
+        match &self.kind {
+            RuleKind::Rate { window, .. }
+            | RuleKind::SequentialIds { window, .. }
+            | RuleKind::ErrorRatio { window, .. } => Some(*window),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DetectionConfig {
+    /// Target names (`service.name`) whose calls are watched and whose connections are
+    /// enforced on: the platform's edge (behind it, the same call is seen again). Empty: all.
+    pub services: Vec<String>,
+    pub allow_users: Vec<String>,
+    pub allow_roles: Vec<String>,
+    pub allow_clients: Vec<Cidr>,
+    /// Keys (users, sessions, addresses) tracked at once; past it the least recently active are
+    /// evicted, counted.
+    pub max_tracked: usize,
+    /// A key with no call for this long is forgotten.
+    pub idle_expiry: Duration,
+    /// Enforce decisions in the kernel (drop responses, reset connections).
+    pub enforce: bool,
+}
+
+impl Default for DetectionConfig {
+    fn default() -> Self {
+        DetectionConfig {
+            services: Vec::new(),
+            allow_users: Vec::new(),
+            allow_roles: Vec::new(),
+            allow_clients: Vec::new(),
+            max_tracked: DEFAULT_MAX_TRACKED,
+            idle_expiry: DEFAULT_IDLE_EXPIRY,
+            enforce: true,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDetection {
+    services: Option<Vec<String>>,
+    allow_users: Option<Vec<String>>,
+    allow_roles: Option<Vec<String>>,
+    allow_clients: Option<Vec<String>>,
+    max_tracked: Option<i64>,
+    idle_expiry: Option<String>,
+    enforce: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRule {
+    id: Option<String>,
+    name: Option<String>,
+    kind: Option<String>,
+    metric: Option<String>,
+    window: Option<String>,
+    limit: Option<i64>,
+    role_limits: Option<BTreeMap<String, i64>>,
+    param: Option<String>,
+    ratio: Option<f64>,
+    min_requests: Option<i64>,
+    by: Option<String>,
+    routes: Option<Vec<String>>,
+    shadow: Option<bool>,
+    block: Option<Vec<String>>,
+    scope: Option<String>,
+}
+
+fn duration(p: &mut Problems, key: &str, v: Option<&str>) -> Option<Duration> {
+    let v = v?;
+    match parse_duration(v) {
+        Ok(d) if d >= Duration::from_secs(1) => Some(d),
+        Ok(d) => {
+            p.push(
+                key,
+                format!(
+                    "{v:?} ({}) is too short; expected at least 1s",
+                    format_duration(d)
+                ),
+            );
+            None
+        }
+        Err(e) => {
+            p.push(key, e);
+            None
+        }
+    }
+}
+
+pub(super) fn check_detection(
+    raw: RawDetection,
+    services: &[&str],
+    p: &mut Problems,
+) -> DetectionConfig {
+    let mut c = DetectionConfig::default();
+    for (i, s) in raw.services.into_iter().flatten().enumerate() {
+        if !services.contains(&s.as_str()) {
+            p.push(
+                format!("detection.services[{i}]"),
+                format!(
+                    "{s:?} is not the name of any [[targets]] entry; expected one of {}",
+                    services
+                        .iter()
+                        .map(|n| format!("{n:?}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+        }
+        c.services.push(s);
+    }
+    c.allow_users = raw.allow_users.unwrap_or_default();
+    c.allow_roles = raw.allow_roles.unwrap_or_default();
+    for (i, a) in raw.allow_clients.into_iter().flatten().enumerate() {
+        match Cidr::parse(&a) {
+            Some(n) => c.allow_clients.push(n),
+            None => p.push(
+                format!("detection.allow_clients[{i}]"),
+                format!("{a:?} is not an address or address block; expected something like \"10.0.0.0/8\""),
+            ),
+        }
+    }
+    c.max_tracked = super::check_count(
+        p,
+        "detection.max_tracked",
+        raw.max_tracked,
+        DEFAULT_MAX_TRACKED as i64,
+        MAX_MAX_TRACKED,
+    ) as usize;
+    if let Some(d) = duration(p, "detection.idle_expiry", raw.idle_expiry.as_deref()) {
+        c.idle_expiry = d;
+    }
+    c.enforce = raw.enforce.unwrap_or(true);
+    c
+}
+
+pub(super) fn check_rules(raw: Vec<RawRule>, route_names: &[&str], p: &mut Problems) -> Vec<Rule> {
+    let mut out: Vec<Rule> = Vec::new();
+    for (i, r) in raw.into_iter().enumerate() {
+        let k = format!("rules[{i}]");
+        let id = match r.id {
+            Some(id) if !id.trim().is_empty() && !has_control(&id) => id,
+            _ => {
+                p.push(
+                    format!("{k}.id"),
+                    "is missing or empty; expected a short unique id like \"abook-rate-1h\"",
+                );
+                String::new()
+            }
+        };
+        if !id.is_empty() && out.iter().any(|o| o.id == id) {
+            p.push(
+                format!("{k}.id"),
+                format!("{id:?} is the id of an earlier rule; expected unique ids"),
+            );
+        }
+        let name = r.name.unwrap_or_else(|| id.clone());
+        let window = duration(p, &format!("{k}.window"), r.window.as_deref());
+        let need_window = |p: &mut Problems, w: Option<Duration>| -> Duration {
+            w.unwrap_or_else(|| {
+                p.push(
+                    format!("{k}.window"),
+                    "is missing; expected a duration like \"1m\", \"1h\" or \"168h\"",
+                );
+                Duration::from_secs(60)
+            })
+        };
+        let need_limit = |p: &mut Problems, l: Option<i64>| -> u64 {
+            match l {
+                Some(n) if n >= 0 => n as u64,
+                Some(n) => {
+                    p.push(
+                        format!("{k}.limit"),
+                        format!("{n} is negative; expected a whole number of 0 or more"),
+                    );
+                    0
+                }
+                None => {
+                    p.push(
+                        format!("{k}.limit"),
+                        "is missing; expected the highest value that is still normal, like 300",
+                    );
+                    0
+                }
+            }
+        };
+        let kind = match r.kind.as_deref() {
+            Some("rate") => {
+                let metric = match r.metric.as_deref() {
+                    Some("requests") => Metric::Requests,
+                    Some("persons") => Metric::Persons,
+                    Some("distinct_persons") => Metric::DistinctPersons,
+                    Some("errors") => Metric::Errors,
+                    other => {
+                        p.push(
+                            format!("{k}.metric"),
+                            format!("{} is not a metric; expected \"requests\", \"persons\", \"distinct_persons\" or \"errors\"", other.map(|o| format!("{o:?}")).unwrap_or_else(|| "(missing)".into())),
+                        );
+                        Metric::Requests
+                    }
+                };
+                let mut role_limits = BTreeMap::new();
+                for (role, l) in r.role_limits.unwrap_or_default() {
+                    if l < 0 {
+                        p.push(
+                            format!("{k}.role_limits.{role}"),
+                            format!("{l} is negative; expected a whole number"),
+                        );
+                    } else {
+                        role_limits.insert(role, l as u64);
+                    }
+                }
+                RuleKind::Rate {
+                    metric,
+                    window: need_window(p, window),
+                    limit: need_limit(p, r.limit),
+                    role_limits,
+                }
+            }
+            Some("cross_tenant") => RuleKind::CrossTenant,
+            Some("sequential_ids") => RuleKind::SequentialIds {
+                param: r.param.clone().unwrap_or_else(|| "id".into()),
+                window: need_window(p, window),
+                limit: need_limit(p, r.limit),
+            },
+            Some("query_above") => RuleKind::QueryAbove {
+                param: match r.param.clone() {
+                    Some(x) => x,
+                    None => {
+                        p.push(
+                            format!("{k}.param"),
+                            "is missing; expected the query parameter, like \"pageSize\"",
+                        );
+                        String::new()
+                    }
+                },
+                limit: need_limit(p, r.limit),
+            },
+            Some("error_ratio") => RuleKind::ErrorRatio {
+                window: need_window(p, window),
+                ratio: match r.ratio {
+                    Some(x) if (0.0..=1.0).contains(&x) && x > 0.0 => x,
+                    other => {
+                        p.push(format!("{k}.ratio"), format!("{} is not a ratio; expected a number above 0 and at most 1, like 0.5", other.map(|o| o.to_string()).unwrap_or_else(|| "(missing)".into())));
+                        0.5
+                    }
+                },
+                min_requests: r.min_requests.unwrap_or(20).max(1) as u64,
+            },
+            other => {
+                p.push(
+                    format!("{k}.kind"),
+                    format!("{} is not a rule kind; expected \"rate\", \"cross_tenant\", \"sequential_ids\", \"query_above\" or \"error_ratio\"", other.map(|o| format!("{o:?}")).unwrap_or_else(|| "(missing)".into())),
+                );
+                RuleKind::CrossTenant
+            }
+        };
+        let by = match r.by.as_deref() {
+            None | Some("user") => By::User,
+            Some("session") => By::Session,
+            Some("client_ip") => By::ClientIp,
+            Some("tenant") => By::Tenant,
+            Some(o) => {
+                p.push(format!("{k}.by"), format!("{o:?} is not a choice; expected \"user\", \"session\", \"client_ip\" or \"tenant\""));
+                By::User
+            }
+        };
+        let routes = r.routes.unwrap_or_default();
+        for (j, rt) in routes.iter().enumerate() {
+            let known = match rt.strip_suffix('*') {
+                Some(pre) => route_names.iter().any(|n| n.starts_with(pre)),
+                None => route_names.contains(&rt.as_str()),
+            };
+            if !known {
+                p.push(format!("{k}.routes[{j}]"), format!("{rt:?} matches no [[routes]] name; expected a route name, or a prefix ending in '*' like \"abook.*\""));
+            }
+        }
+        let mut block = Vec::new();
+        for (j, b) in r.block.into_iter().flatten().enumerate() {
+            block.extend(duration(p, &format!("{k}.block[{j}]"), Some(&b)));
+        }
+        let scope = match r.scope.as_deref() {
+            None | Some("user") => BlockScope::User,
+            Some("session") => BlockScope::Session,
+            Some(o) => {
+                p.push(format!("{k}.scope"), format!("{o:?} is not a choice; expected \"user\" (all their sessions) or \"session\""));
+                BlockScope::User
+            }
+        };
+        out.push(Rule {
+            id,
+            name,
+            kind,
+            by,
+            routes,
+            shadow: r.shadow.unwrap_or(false),
+            block,
+            scope,
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{parse, ConfigError, Metric, RuleKind};
+
+    const BASE: &str = r#"
+[agent]
+host_name = "web-1"
+[[targets]]
+exe = "/usr/sbin/nginx"
+[[routes]]
+route = "GET /api/persons/{id}"
+name = "abook.person"
+"#;
+
+    fn problems(extra: &str) -> Vec<String> {
+        match parse(&format!("{BASE}{extra}"), "s.toml") {
+            Err(ConfigError::Invalid { problems, .. }) => {
+                problems.iter().map(|p| p.to_string()).collect()
+            }
+            Err(e) => vec![e.to_string()],
+            Ok(_) => vec![],
+        }
+    }
+
+    #[test]
+    fn rules_parse() {
+        let c = parse(
+            &format!(
+                "{BASE}{}",
+                r#"
+[detection]
+services = ["nginx"]
+allow_users = ["svc"]
+[[rules]]
+id = "r1"
+kind = "rate"
+metric = "distinct_persons"
+window = "24h"
+limit = 500
+role_limits = { teacher = 3000 }
+block = ["15m", "1h"]
+[[rules]]
+id = "r2"
+kind = "cross_tenant"
+shadow = true
+"#
+            ),
+            "s.toml",
+        )
+        .unwrap();
+        assert_eq!(c.detection.services, vec!["nginx"]);
+        assert_eq!(c.rules.len(), 2);
+        match &c.rules[0].kind {
+            RuleKind::Rate {
+                metric,
+                limit,
+                role_limits,
+                ..
+            } => {
+                assert_eq!(*metric, Metric::DistinctPersons);
+                assert_eq!(*limit, 500);
+                assert_eq!(role_limits["teacher"], 3000);
+            }
+            k => panic!("{k:?}"),
+        }
+        assert_eq!(c.rules[0].block.len(), 2);
+        assert!(c.rules[1].shadow);
+    }
+
+    #[test]
+    fn rule_mistakes_are_explained() {
+        let p = problems(
+            r#"
+[detection]
+services = ["ngnix"]
+allow_clients = ["10.0.0.0/99"]
+[[rules]]
+id = "a"
+kind = "rate"
+metric = "reqs"
+[[rules]]
+id = "a"
+kind = "sequential"
+routes = ["abook.nope"]
+block = ["soon"]
+[[rules]]
+id = "c"
+kind = "error_ratio"
+window = "1m"
+ratio = 2.0
+"#,
+        );
+        for w in [
+            "detection.services[0]: \"ngnix\" is not the name of any [[targets]] entry; expected one of \"nginx\"",
+            "detection.allow_clients[0]: \"10.0.0.0/99\" is not an address",
+            "rules[0].metric: \"reqs\" is not a metric",
+            "rules[0].window: is missing",
+            "rules[0].limit: is missing",
+            "rules[1].id: \"a\" is the id of an earlier rule",
+            "rules[1].kind: \"sequential\" is not a rule kind",
+            "rules[1].routes[0]: \"abook.nope\" matches no [[routes]] name",
+            "rules[1].block[0]:",
+            "rules[2].ratio: 2 is not a ratio",
+        ] {
+            assert!(p.iter().any(|l| l.starts_with(w)), "missing {w:?} in {p:#?}");
+        }
+    }
+}
