@@ -142,6 +142,11 @@ impl Agent {
     /// Writes `config` (TOML; `@DIR@` is replaced by the agent's directory) and starts
     /// `sparbar run`, waiting until it says it is running.
     pub fn start(dir: &Path, config: &str) -> Result<Agent> {
+        Agent::start_with(dir, config, &[])
+    }
+
+    /// [`Agent::start`] with extra arguments to `sparbar run` (e.g. `--test-clock`).
+    pub fn start_with(dir: &Path, config: &str, extra: &[&str]) -> Result<Agent> {
         let bin = agent_bin()?;
         std::fs::create_dir_all(dir)?;
         let config = config.replace("@DIR@", &dir.display().to_string());
@@ -150,6 +155,7 @@ impl Agent {
         let mut child = Command::new(&bin)
             .args(["run", "--config"])
             .arg(&cfg_path)
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

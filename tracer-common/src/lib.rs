@@ -372,8 +372,11 @@ pub struct BlockKey {
 }
 const _: () = assert!(size_of::<BlockKey>() == 40);
 
-/// Value of `BLOCK_CONNS`: reserved for flags, written as 0.
+/// Value of `BLOCK_CONNS`: reserved for flags, written as 0 by the agent.
 pub type BlockValue = u64;
+/// `BlockValue` flag: the kernel blocked this connection itself, on a token hit
+/// (`KIND_ENFORCE_HIT`); the agent owns the entry from then on like one it wrote.
+pub const BLOCK_F_TOKEN: BlockValue = 1 << 0;
 
 /// `ENFORCE_ON[0]`: non-zero while `BLOCK_CONNS` holds at least one entry; while it is zero the
 /// enforcement program passes every packet after one array lookup.
@@ -404,6 +407,31 @@ pub const fn token_hash(seed: u64, bytes: &[u8]) -> u64 {
     }
     h
 }
+
+/// [`token_hash`] one byte at a time, as the kernel computes it while it reads a token:
+/// `token_hash(s, b) == b.iter().fold(token_hash_start(s), |h, x| token_hash_byte(h, *x))` for
+/// `b` of at most [`MAX_TOKEN_LEN`] bytes.
+pub const fn token_hash_start(seed: u64) -> u64 {
+    0xcbf2_9ce4_8422_2325 ^ seed
+}
+
+/// See [`token_hash_start`].
+pub const fn token_hash_byte(h: u64, b: u8) -> u64 {
+    (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+}
+
+const _: () = {
+    let b = b"blocked-cookie";
+    let mut h = token_hash_start(0x1234_5678_9abc_def0);
+    let mut i = 0;
+    while i < b.len() {
+        h = token_hash_byte(h, b[i]);
+        i += 1;
+    }
+    assert!(h == token_hash(0x1234_5678_9abc_def0, b));
+    // FNV-1a 64 of "a" with seed 0: the published test vector.
+    assert!(token_hash(0, b"a") == 0xaf63_dc4c_8601_ec8c);
+};
 
 /// Patterns the kernel looks for (`TOKEN_PATS` entries); the token is what follows one.
 pub const MAX_TOKEN_PATS: u32 = 8;

@@ -35,7 +35,7 @@ pub fn is_target(tgid: u32) -> bool {
 }
 
 const BPF_RB_NO_WAKEUP: u64 = 1;
-const BPF_RB_FORCE_WAKEUP: u64 = 2;
+pub const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const BPF_RB_AVAIL_DATA: u64 = 0;
 
 /// Wake the reader only when enough is waiting: it polls on a short timer anyway, and a wakeup

@@ -10,6 +10,7 @@
 mod emit;
 mod maps;
 mod probes;
+mod tokens;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -66,6 +66,9 @@ pub struct Plan {
     pub pipeline_host: String,
     /// Enforce decisions in the kernel.
     pub enforce: bool,
+    /// `detection.services`: the edge.
+    pub edge_services: Vec<String>,
+    pub feed_listen: Option<std::net::SocketAddr>,
 }
 
 impl Plan {
@@ -131,6 +134,8 @@ impl Plan {
             identity: cfg.identity.clone(),
             pipeline_host: cfg.agent.host_name.clone(),
             enforce: cfg.detection.enforce,
+            edge_services: cfg.detection.services.clone(),
+            feed_listen: cfg.detection.feed_listen,
             state_dir: cfg.agent.state_dir.clone(),
             output_file: cfg.output.file.clone(),
             stdout: cfg.output.stdout,
@@ -171,6 +176,8 @@ pub struct RunOptions {
 /// File names in the state directory.
 pub const DECISIONS_FILE: &str = "decisions.json";
 pub const DETECTOR_FILE: &str = "detector.json";
+/// The test clock's offset (ms), kept across restarts (only with `run --test-clock`).
+pub const TEST_CLOCK_FILE: &str = "test-clock";
 
 fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()
@@ -391,6 +398,13 @@ pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
     let services: Services = Arc::new(RwLock::new(Default::default()));
     discovery.scan(&mut kernel);
     publish_services(&discovery, &services);
+    let mut edge_marked = std::collections::BTreeSet::new();
+    mark_edge(
+        &discovery,
+        &mut kernel,
+        &plan.edge_services,
+        &mut edge_marked,
+    );
 
     let ring = kernel.take_events()?;
     let (tx, mut rx) = mpsc::channel(plan.queue_capacity.div_ceil(512).max(4));
@@ -417,9 +431,28 @@ pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
     let mut pipeline = Pipeline::new(plan.pipeline, services.clone(), stats.clone());
     let mut attributor = Attributor::new(plan.identity, Keyer::load_or_create(&plan.state_dir)?);
     attributor.attach_state(&plan.state_dir, &stats);
+    if kernel.enforcing() {
+        match kernel.set_token_patterns(&attributor.kernel_patterns()) {
+            Ok(()) => attributor.set_token_seed(kernel.token_seed()),
+            Err(e) => {
+                error!("blocked sessions cannot be recognised in the kernel: {e}; blocks apply to connections the agent has seen only");
+                stats.add_reason("enforcement_attach_failures_total", "tokens", 1);
+            }
+        }
+    }
     pipeline.attributor = Some(attributor);
     let host = plan.pipeline_host.clone();
     restore_detection(&mut pipeline, &plan.state_dir, &stats);
+    if opts.test_clock {
+        pipeline.clock_offset_ms = std::fs::read_to_string(plan.state_dir.join(TEST_CLOCK_FILE))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0);
+        warn!(
+            "test clock on: detection time runs {} ms ahead of the wall clock; never use --test-clock in production",
+            pipeline.clock_offset_ms
+        );
+    }
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<crate::control::Command>(16);
     let _ctl =
         crate::control::listen(&plan.state_dir, ctl_tx).map_err(|e| AgentError::StateDir {
@@ -427,6 +460,25 @@ pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
             source: e,
         })?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let feed = crate::feed::Feed::default();
+    feed.publish(&pipeline.decisions.active);
+    let _feed_task = match plan.feed_listen {
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                info!("decision feed on http://{addr}/decisions and /decisions/stream");
+                Some(feed.serve(l))
+            }
+            Err(e) => {
+                error!(
+                    "decision feed: cannot listen on {addr}: {e}; decisions are still in {}",
+                    plan.state_dir.join(DECISIONS_FILE).display()
+                );
+                stats.add_reason("feed_failures_total", "listen", 1);
+                None
+            }
+        },
+        None => None,
+    };
     let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
     let mut scan_tick = tokio::time::interval(Duration::from_secs(1));
@@ -449,11 +501,12 @@ pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
                 }
                 apply_actions(&mut pipeline, &mut kernel, &stats, &host);
                 sinks.write_all(&mut pipeline.out);
-                save_decisions(&mut pipeline, &plan.state_dir, &stats);
+                save_decisions(&mut pipeline, &plan.state_dir, &stats, &feed);
                 pipeline.flush_stats();
                 for pid in std::mem::take(&mut pipeline.execs) {
                     discovery.on_exec(&mut kernel, pid);
                     publish_services(&discovery, &services);
+                    mark_edge(&discovery, &mut kernel, &plan.edge_services, &mut edge_marked);
                 }
                 for pid in std::mem::take(&mut pipeline.exits) {
                     discovery.on_exit(pid);
@@ -462,6 +515,7 @@ pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
             _ = scan_tick.tick(), if !stopping => {
                 discovery.scan(&mut kernel);
                 publish_services(&discovery, &services);
+                mark_edge(&discovery, &mut kernel, &plan.edge_services, &mut edge_marked);
                 scans += 1;
                 if scans.is_multiple_of(30) {
                     // Keep-alive connections idle for 15 minutes whose close we never saw.
@@ -476,15 +530,18 @@ pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
                 pipeline.tick(now_unix_ms());
                 apply_actions(&mut pipeline, &mut kernel, &stats, &host);
                 sinks.write_all(&mut pipeline.out);
-                save_decisions(&mut pipeline, &plan.state_dir, &stats);
+                save_decisions(&mut pipeline, &plan.state_dir, &stats, &feed);
             }
             cmd = ctl_rx.recv() => {
                 if let Some((req, reply)) = cmd {
                     let answer = control_command(&mut pipeline, req, opts.test_clock);
+                    if opts.test_clock {
+                        let _ = std::fs::write(plan.state_dir.join(TEST_CLOCK_FILE), pipeline.clock_offset_ms.to_string());
+                    }
                     apply_actions(&mut pipeline, &mut kernel, &stats, &host);
                     sinks.write_all(&mut pipeline.out);
                     sinks.flush();
-                    save_decisions(&mut pipeline, &plan.state_dir, &stats);
+                    save_decisions(&mut pipeline, &plan.state_dir, &stats, &feed);
                     let _ = reply.send(answer);
                 }
             }
@@ -522,7 +579,7 @@ pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
     apply_actions(&mut pipeline, &mut kernel, &stats, &host);
     sinks.write_all(&mut pipeline.out);
     sinks.flush();
-    save_decisions(&mut pipeline, &plan.state_dir, &stats);
+    save_decisions(&mut pipeline, &plan.state_dir, &stats, &feed);
     save_detector(&pipeline, &plan.state_dir, &stats);
     let _ = std::fs::remove_file(plan.state_dir.join(crate::control::SOCKET_FILE));
     report(
@@ -547,6 +604,30 @@ fn publish_services(d: &Discovery, services: &Services) {
             }
         }
     }
+}
+
+/// Tells the kernel which processes are the platform's edge (`detection.services`): only their
+/// reads are scanned for blocked tokens. Behind a proxy, the app's upstream connections carry
+/// many users' requests and must never be blocked.
+fn mark_edge(
+    d: &Discovery,
+    kernel: &mut Kernel,
+    edge: &[String],
+    marked: &mut std::collections::BTreeSet<u32>,
+) {
+    if !kernel.enforcing() {
+        return;
+    }
+    for (pid, p) in &d.procs {
+        let Some(t) = p.target else { continue };
+        let name = &d.targets()[t].name;
+        if (edge.is_empty() || edge.contains(name)) && marked.insert(*pid) {
+            if let Err(e) = kernel.set_edge_tgid(*pid, true) {
+                warn!("marking pid {pid} as the edge for enforcement: {e}");
+            }
+        }
+    }
+    marked.retain(|pid| d.procs.contains_key(pid));
 }
 
 /// Logs the counters (one line, drops called out) and writes `<state_dir>/stats.json`.
@@ -655,10 +736,16 @@ fn restore_detection(p: &mut Pipeline, dir: &std::path::Path, stats: &Stats) {
 }
 
 /// The decision file is also the feed for a cooperating enforcement point (a reverse proxy).
-fn save_decisions(p: &mut Pipeline, dir: &std::path::Path, stats: &Stats) {
+fn save_decisions(
+    p: &mut Pipeline,
+    dir: &std::path::Path,
+    stats: &Stats,
+    feed: &crate::feed::Feed,
+) {
     if !p.decisions.changed {
         return;
     }
+    feed.publish(&p.decisions.active);
     let bytes = serde_json::to_vec_pretty(&p.decisions).unwrap_or_default();
     match save_private(dir, DECISIONS_FILE, &bytes) {
         Ok(()) => p.decisions.changed = false,

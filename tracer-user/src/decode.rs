@@ -67,6 +67,13 @@ pub enum Event {
         hdr: EventHeader,
         tgid: u32,
     },
+    /// The kernel recognised the blocked token whose hash is `hash` in a request connection
+    /// `conn` read; `hdr.flags` has `HIT_F_CONN_BLOCKED` if it blocked the connection itself.
+    EnforceHit {
+        hdr: EventHeader,
+        conn: ConnId,
+        hash: u64,
+    },
 }
 
 impl Event {
@@ -77,7 +84,8 @@ impl Event {
             | Event::ConnOpen { hdr, .. }
             | Event::ConnClose { hdr, .. }
             | Event::ProcExec { hdr, .. }
-            | Event::ProcExit { hdr, .. } => hdr,
+            | Event::ProcExit { hdr, .. }
+            | Event::EnforceHit { hdr, .. } => hdr,
         }
     }
 }
@@ -188,6 +196,14 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
             let mut comm = [0u8; COMM_LEN];
             comm.copy_from_slice(&b[32..48]);
             Ok(Event::ProcExec { hdr, tgid, comm })
+        }
+        KIND_ENFORCE_HIT => {
+            need(b, size_of::<EnforceHitEvent>())?;
+            Ok(Event::EnforceHit {
+                hdr,
+                conn: conn(b, 24),
+                hash: u64_at(b, 40),
+            })
         }
         k => Err(DecodeError::UnknownKind(k)),
     }
@@ -309,6 +325,39 @@ mod tests {
                 pos_out: 20
             }
         );
+    }
+
+    #[test]
+    fn enforce_hit() {
+        let ev = EnforceHitEvent {
+            hdr: EventHeader {
+                kind: KIND_ENFORCE_HIT,
+                flags: HIT_F_CONN_BLOCKED | HIT_F_TLS,
+                len: 48,
+                ts_ns: 11,
+                pid_tgid: (7 << 32) | 8,
+            },
+            conn: ConnId {
+                tgid: 7,
+                fd: 12,
+                gen: 0x0102_0304_0506_0708,
+            },
+            hash: token_hash(0xfeed, b"blocked-cookie"),
+        };
+        let got = decode(as_bytes(&ev)).unwrap();
+        assert_eq!(
+            got,
+            Event::EnforceHit {
+                hdr: ev.hdr,
+                conn: ev.conn,
+                hash: token_hash(0xfeed, b"blocked-cookie"),
+            }
+        );
+        assert_eq!(got.header().flags, HIT_F_CONN_BLOCKED | HIT_F_TLS);
+        // Cut anywhere: an error, never a partial event.
+        for n in 0..size_of::<EnforceHitEvent>() {
+            assert_eq!(decode(&as_bytes(&ev)[..n]), Err(DecodeError::Short(n)));
+        }
     }
 
     #[test]

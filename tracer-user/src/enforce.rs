@@ -3,7 +3,9 @@
 //! TCP connection with SOCK_DESTROY over NETLINK_SOCK_DIAG (what `ss -K` does).
 //!
 //! The kernel side (attaching `enforce_egress`, writing `BLOCK_CONNS`) is driven through
-//! `loader::Kernel::{attach_enforce, block_conn, unblock_conn, blocked_conns}`. A blocked
+//! `loader::Kernel::{attach_enforce, block_conn, unblock_conn, blocked_conns}`; refusing the
+//! requests of blocked session tokens in the kernel through `loader::Kernel::{block_token,
+//! unblock_token, set_token_patterns, set_edge_tgid, token_seed}`. A blocked
 //! connection stays blocked until it is unblocked, also after it was destroyed: the caller removes
 //! the entry once the connection is gone, so that a later connection reusing the same 4-tuple is
 //! not caught.
@@ -18,7 +20,9 @@ use std::{
 };
 
 use thiserror::Error;
-use tracer_common::{BlockKey, AF_INET, AF_INET6, MAX_BLOCKED_CONNS};
+use tracer_common::{
+    BlockKey, TokenPattern, AF_INET, AF_INET6, MAX_BLOCKED_CONNS, MAX_TOKEN_PATS, TOKEN_PAT_LEN,
+};
 
 use crate::record::Tuple;
 
@@ -58,6 +62,23 @@ pub enum EnforceError {
         local: SocketAddr,
         peer: SocketAddr,
     },
+    #[error("blocking tokens is not available: the egress filter is not attached (Kernel::attach_enforce failed or was not called), so a request the kernel recognised could not be refused; token {hash:#018x} is not blocked")]
+    TokensNotAttached { hash: u64 },
+    #[error("the table of blocked tokens is full ({max} entries); token {hash:#018x} is not blocked; unblock tokens of users who are no longer blocked")]
+    TokenTableFull { max: u32, hash: u64 },
+    #[error("{n} token patterns given, the kernel holds at most {max}; drop some of the configured credential patterns")]
+    TooManyPatterns { n: usize, max: u32 },
+    #[error(
+        "token pattern {index} ({pattern:?}) is {len} bytes; patterns must be 1 to {max} bytes"
+    )]
+    BadPattern {
+        index: usize,
+        pattern: String,
+        len: usize,
+        max: usize,
+    },
+    #[error("the table of edge processes is full ({max} entries); pid {tgid} is not scanned for blocked tokens")]
+    EdgeTableFull { max: u32, tgid: u32 },
     #[error("opening a NETLINK_SOCK_DIAG socket: {0}")]
     Socket(io::Error),
     #[error("sending a sock_diag request about {local} <-> {peer} to the kernel: {source}")]
@@ -148,6 +169,33 @@ pub fn block_key(t: &Tuple) -> Result<BlockKey, EnforceError> {
         local_addr: addr_bytes(&l),
         remote_addr: addr_bytes(&p),
     })
+}
+
+/// The `TOKEN_PATS` entries for `pats` (the rest unused): at most `MAX_TOKEN_PATS` patterns of
+/// 1 to `TOKEN_PAT_LEN` bytes each, matched case-sensitively.
+pub fn token_patterns(
+    pats: &[Vec<u8>],
+) -> Result<[TokenPattern; MAX_TOKEN_PATS as usize], EnforceError> {
+    if pats.len() > MAX_TOKEN_PATS as usize {
+        return Err(EnforceError::TooManyPatterns {
+            n: pats.len(),
+            max: MAX_TOKEN_PATS,
+        });
+    }
+    let mut out = [TokenPattern::default(); MAX_TOKEN_PATS as usize];
+    for (index, (p, slot)) in pats.iter().zip(out.iter_mut()).enumerate() {
+        if p.is_empty() || p.len() > TOKEN_PAT_LEN {
+            return Err(EnforceError::BadPattern {
+                index,
+                pattern: String::from_utf8_lossy(p).into_owned(),
+                len: p.len(),
+                max: TOKEN_PAT_LEN,
+            });
+        }
+        slot.len = p.len() as u32;
+        slot.bytes[..p.len()].copy_from_slice(p);
+    }
+    Ok(out)
 }
 
 pub(crate) fn table_full(t: &Tuple) -> EnforceError {
@@ -724,6 +772,42 @@ mod tests {
         ));
         let e = errno_to_result(libc::EBUSY, l, p).unwrap_err().to_string();
         assert!(e.contains("127.0.0.1:1 <-> 127.0.0.1:2"), "{e}");
+    }
+
+    #[test]
+    fn token_pattern_limits() {
+        let pats: Vec<Vec<u8>> = vec![b"skolsid=".to_vec(), b"\"username\":\"".to_vec()];
+        let t = token_patterns(&pats).unwrap();
+        assert_eq!(t[0].len, 8);
+        assert_eq!(&t[0].bytes[..8], b"skolsid=");
+        assert!(t[0].bytes[8..].iter().all(|b| *b == 0));
+        assert_eq!(t[1].len, 12);
+        assert!(t[2..].iter().all(|p| *p == TokenPattern::default()));
+        assert!(token_patterns(&[]).unwrap().iter().all(|p| p.len == 0));
+        let full: Vec<Vec<u8>> = (0..8).map(|i| vec![b'a' + i; 32]).collect();
+        assert_eq!(token_patterns(&full).unwrap()[7].len, 32);
+        let nine: Vec<Vec<u8>> = (0..9).map(|i| vec![b'a' + i]).collect();
+        assert!(matches!(
+            token_patterns(&nine),
+            Err(EnforceError::TooManyPatterns { n: 9, max: 8 })
+        ));
+        let long = vec![b"ok=".to_vec(), vec![b'x'; 33]];
+        let e = token_patterns(&long).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                EnforceError::BadPattern {
+                    index: 1,
+                    len: 33,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(matches!(
+            token_patterns(&[Vec::new()]),
+            Err(EnforceError::BadPattern { len: 0, .. })
+        ));
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod disclosure;
 pub mod discovery;
 pub mod enforce;
 pub mod exchange;
+pub mod feed;
 pub mod http;
 pub mod ids;
 pub mod jsonpath;

@@ -42,6 +42,8 @@ pub enum LoadError {
     },
     #[error("no tracepoint could be attached; see the errors above")]
     NothingAttached,
+    #[error("reading a random token-hash seed from /dev/urandom: {0}")]
+    Seed(std::io::Error),
 }
 
 /// The settings the loader needs, extracted from the validated config.
@@ -109,6 +111,18 @@ pub struct Kernel {
     pub tracepoints: BTreeMap<String, Option<String>>,
     /// The cgroup `enforce_egress` is attached to, once it is.
     enforce_cgroup: Option<PathBuf>,
+    /// Seed of `tracer_common::token_hash` for this run, also in `TOKEN_CTL`.
+    token_seed: u64,
+}
+
+/// A fresh random seed for the token hashes, so they mean nothing outside this run.
+fn random_seed() -> Result<u64, LoadError> {
+    use std::io::Read as _;
+    let mut b = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(LoadError::Seed)?;
+    Ok(u64::from_ne_bytes(b))
 }
 
 /// Mounts tracefs at /sys/kernel/tracing when it is not there; tracepoints need it.
@@ -178,6 +192,19 @@ pub fn load(s: &LoadSettings) -> Result<Kernel, LoadError> {
             source: e,
         })?;
     }
+    let token_seed = random_seed()?;
+    {
+        let mut a: Array<_, TokenCtl> = map(&mut ebpf, MAP_TOKEN_CTL)?;
+        let ctl = TokenCtl {
+            seed: token_seed,
+            on: 0,
+            _pad: 0,
+        };
+        a.set(0, ctl, 0).map_err(|e| LoadError::Map {
+            name: MAP_TOKEN_CTL,
+            source: e,
+        })?;
+    }
     {
         let mut m: BpfHashMap<_, u16, u32> = map(&mut ebpf, MAP_PLAIN_PORTS)?;
         for p in &s.plaintext_ports {
@@ -232,6 +259,7 @@ pub fn load(s: &LoadSettings) -> Result<Kernel, LoadError> {
         ebpf,
         tracepoints,
         enforce_cgroup: None,
+        token_seed,
     })
 }
 
@@ -446,19 +474,166 @@ impl Kernel {
         let empty = m.keys().next().is_none();
         if empty {
             self.set_enforce_on(false)?;
+            // The kernel adds entries itself on a token hit (entry first, then the flag): one
+            // that came between the look and the store above must not be left unenforced.
+            if self.blocked_conns() > 0 {
+                self.set_enforce_on(true)?;
+            }
         }
         Ok(removed)
     }
 
-    /// STUB (to be replaced by the kernel's token recognition): refuse requests carrying a token
-    /// whose `tracer_common::token_hash` is `hash`.
-    pub fn block_token(&mut self, _hash: u64) -> Result<(), EnforceError> {
-        Err(EnforceError::MissingMap("BLOCK_TOKENS"))
+    /// The seed of `tracer_common::token_hash` the kernel uses in this run (random, from
+    /// /dev/urandom at load). Hash a token with it to block it.
+    pub fn token_seed(&self) -> u64 {
+        self.token_seed
     }
 
-    /// STUB: see `block_token`.
-    pub fn unblock_token(&mut self, _hash: u64) -> Result<bool, EnforceError> {
-        Ok(false)
+    /// The patterns after which the kernel looks for tokens in what an edge process reads, e.g.
+    /// `skolsid=`, `Bearer `, `username=`, `"username":"` (case-sensitive, matched anywhere in
+    /// the first `TOKEN_SCAN_BYTES` of each read). Replaces the previous set; at most
+    /// `MAX_TOKEN_PATS` patterns of 1 to `TOKEN_PAT_LEN` bytes.
+    pub fn set_token_patterns(&mut self, pats: &[Vec<u8>]) -> Result<(), EnforceError> {
+        let slots = enforce::token_patterns(pats)?;
+        let m = self
+            .ebpf
+            .map_mut(MAP_TOKEN_PATS)
+            .ok_or(EnforceError::MissingMap(MAP_TOKEN_PATS))?;
+        let mut a = Array::<_, TokenPattern>::try_from(m).map_err(|e| EnforceError::Map {
+            name: MAP_TOKEN_PATS,
+            source: e,
+        })?;
+        for (i, p) in slots.iter().enumerate() {
+            a.set(i as u32, p, 0).map_err(|e| EnforceError::Map {
+                name: MAP_TOKEN_PATS,
+                source: e,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Makes process `tgid` an edge process (`on`), whose reads are scanned for blocked tokens,
+    /// or not. Its children forked from now on inherit it. Only a traced process (a target) is
+    /// scanned, and only the platform's edge should be: never an application behind it, whose
+    /// connection from the edge carries many users' requests.
+    pub fn set_edge_tgid(&mut self, tgid: u32, on: bool) -> Result<(), EnforceError> {
+        let m = self
+            .ebpf
+            .map_mut(MAP_ENFORCE_TGIDS)
+            .ok_or(EnforceError::MissingMap(MAP_ENFORCE_TGIDS))?;
+        let mut m = BpfHashMap::<_, u32, u32>::try_from(m).map_err(|e| EnforceError::Map {
+            name: MAP_ENFORCE_TGIDS,
+            source: e,
+        })?;
+        let res = if on {
+            m.insert(tgid, TARGET_FROM_AGENT, 0)
+        } else {
+            m.remove(&tgid)
+        };
+        match res {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(s)) if !on && is_errno(&s, libc::ENOENT) => {
+                Ok(())
+            }
+            Err(aya::maps::MapError::SyscallError(s)) if on && is_errno(&s, libc::E2BIG) => {
+                Err(EnforceError::EdgeTableFull {
+                    max: MAX_ENFORCE_TGIDS,
+                    tgid,
+                })
+            }
+            Err(e) => Err(EnforceError::Map {
+                name: MAP_ENFORCE_TGIDS,
+                source: e,
+            }),
+        }
+    }
+
+    /// Edge processes the kernel currently knows (including children it added at fork).
+    pub fn edge_tgids(&self) -> Vec<u32> {
+        let Some(m) = self.ebpf.map(MAP_ENFORCE_TGIDS) else {
+            return Vec::new();
+        };
+        match BpfHashMap::<_, u32, u32>::try_from(m) {
+            Ok(m) => m.keys().filter_map(Result::ok).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Refuses, from now on, every request an edge process reads that carries a token whose
+    /// `tracer_common::token_hash(self.token_seed(), token)` is `hash`, on any connection: the
+    /// kernel puts that connection into the blocked-connection table (its responses are
+    /// dropped) and reports a `KIND_ENFORCE_HIT` event. Needs the egress filter attached.
+    /// Blocking a blocked token again is not an error.
+    pub fn block_token(&mut self, hash: u64) -> Result<(), EnforceError> {
+        if self.enforce_cgroup.is_none() {
+            return Err(EnforceError::TokensNotAttached { hash });
+        }
+        let mut m = token_map(&mut self.ebpf)?;
+        m.insert(hash, 0, 0).map_err(|e| match &e {
+            aya::maps::MapError::SyscallError(s) if is_errno(s, libc::E2BIG) => {
+                EnforceError::TokenTableFull {
+                    max: MAX_BLOCKED_TOKENS,
+                    hash,
+                }
+            }
+            _ => EnforceError::Map {
+                name: MAP_BLOCK_TOKENS,
+                source: e,
+            },
+        })?;
+        self.set_token_scan(true)
+    }
+
+    /// Stops refusing requests with token `hash`; `Ok(false)` if it was not blocked. Connections
+    /// the kernel already blocked on it stay blocked until `unblock_conn`.
+    pub fn unblock_token(&mut self, hash: u64) -> Result<bool, EnforceError> {
+        let mut m = token_map(&mut self.ebpf)?;
+        let removed = match m.remove(&hash) {
+            Ok(()) => true,
+            Err(aya::maps::MapError::SyscallError(s)) if is_errno(&s, libc::ENOENT) => false,
+            Err(e) => {
+                return Err(EnforceError::Map {
+                    name: MAP_BLOCK_TOKENS,
+                    source: e,
+                })
+            }
+        };
+        if m.keys().next().is_none() {
+            self.set_token_scan(false)?;
+        }
+        Ok(removed)
+    }
+
+    /// Tokens blocked right now (walks the kernel table: one syscall per entry).
+    pub fn blocked_tokens(&self) -> usize {
+        let Some(m) = self.ebpf.map(MAP_BLOCK_TOKENS) else {
+            return 0;
+        };
+        match BpfHashMap::<_, u64, BlockTokenValue>::try_from(m) {
+            Ok(m) => m.keys().filter(Result::is_ok).count(),
+            Err(_) => 0,
+        }
+    }
+
+    /// Turns the kernel's token scan on or off (`TOKEN_CTL[0].on`), keeping the seed.
+    fn set_token_scan(&mut self, on: bool) -> Result<(), EnforceError> {
+        let ctl = TokenCtl {
+            seed: self.token_seed,
+            on: on as u32,
+            _pad: 0,
+        };
+        let m = self
+            .ebpf
+            .map_mut(MAP_TOKEN_CTL)
+            .ok_or(EnforceError::MissingMap(MAP_TOKEN_CTL))?;
+        let mut a = Array::<_, TokenCtl>::try_from(m).map_err(|e| EnforceError::Map {
+            name: MAP_TOKEN_CTL,
+            source: e,
+        })?;
+        a.set(0, ctl, 0).map_err(|e| EnforceError::Map {
+            name: MAP_TOKEN_CTL,
+            source: e,
+        })
     }
 
     /// Connections blocked right now (walks the kernel table: one syscall per entry).
@@ -487,6 +662,22 @@ impl Kernel {
                 source: e,
             })
     }
+}
+
+fn is_errno(e: &aya::sys::SyscallError, errno: i32) -> bool {
+    e.io_error.raw_os_error() == Some(errno)
+}
+
+fn token_map(
+    ebpf: &mut Ebpf,
+) -> Result<BpfHashMap<&mut MapData, u64, BlockTokenValue>, EnforceError> {
+    let m = ebpf
+        .map_mut(MAP_BLOCK_TOKENS)
+        .ok_or(EnforceError::MissingMap(MAP_BLOCK_TOKENS))?;
+    BpfHashMap::try_from(m).map_err(|e| EnforceError::Map {
+        name: MAP_BLOCK_TOKENS,
+        source: e,
+    })
 }
 
 fn block_map(

@@ -375,6 +375,7 @@ impl Pipeline {
                 self.procs.remove(&tgid);
                 self.execs.push(tgid);
             }
+            Event::EnforceHit { conn, hash, .. } => self.enforce_hit(conn, hash),
             Event::ProcExit { tgid, .. } => {
                 self.procs.remove(&tgid);
                 self.exits.push(tgid);

@@ -3,9 +3,13 @@
 //! real keep-alive connections on loopback: a blocked connection gets no more bytes from its
 //! server while the others do, unblocking lets it (and new connections) through again, and
 //! `enforce::destroy` resets a connection, blocked or not, so its client sees ECONNRESET.
+//! Session tokens: a TLS edge server's requests that carry a blocked token are refused in the
+//! kernel on new connections (no answer arrives, the hit is counted and reported), others are
+//! answered, the application behind the edge is never scanned, and unblocking lets them through.
 //!
 //! Needs root; without it each test prints why it did nothing and passes (`cargo xtask test`
-//! runs this as root). Anything else missing (cgroup v2, IPv6 on loopback, python3) fails.
+//! runs this as root). Anything else missing (cgroup v2, IPv6 on loopback, python3, openssl,
+//! curl) fails.
 
 use std::{
     io::{self, BufRead, BufReader, Read, Write},
@@ -16,11 +20,18 @@ use std::{
 };
 
 use sparbar::{
+    config::TargetMatch,
+    decode::{decode, Event},
+    discovery::{Discovery, TargetSpec},
     enforce::{self, EnforceError},
     loader::{self, Kernel, LoadSettings},
     record::Tuple,
 };
-use tracer_common::{C_ENFORCE_DROPPED, DEFAULT_MAX_MESSAGE_BYTES};
+use tracer_common::{
+    token_hash, C_ENFORCE_DROPPED, C_REFUSED_NO_TUPLE, C_REQUESTS_REFUSED, C_SSL_CALLS,
+    C_TOKEN_SCANS, C_TOKEN_SCAN_BUDGET, C_TOKEN_SCAN_FAILED, DEFAULT_MAX_MESSAGE_BYTES,
+    HIT_F_CONN_BLOCKED, HIT_F_TLS,
+};
 
 /// How long "nothing arrives" is watched for.
 const QUIET: Duration = Duration::from_secs(3);
@@ -461,4 +472,463 @@ fn block_needs_the_filter_attached() {
     let e = k.block_conn(t).unwrap_err();
     assert!(matches!(e, EnforceError::NotAttached { .. }), "{e}");
     assert_eq!(k.blocked_conns(), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Session tokens recognised in the kernel: CPython's http.server over TLS (OpenSSL 3).
+// ---------------------------------------------------------------------------------------------
+
+/// An HTTP/1.1 server over TLS on 127.0.0.1 that answers `ok <path>` (to GET and POST). Mode
+/// `fork`: each connection is served by a forked child, the way nginx's workers are children of
+/// its master (so the edge flag must be inherited at fork); `thread`: by threads; `plain`: by
+/// threads, without TLS.
+const TLS_SERVER: &str = r#"
+import http.server, os, socketserver, ssl, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = ("ok " + self.path + "\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.do_GET()
+    def log_message(self, *a):
+        pass
+forking = sys.argv[3] == "fork"
+base = socketserver.ForkingMixIn if forking else socketserver.ThreadingMixIn
+class S(base, http.server.HTTPServer):
+    daemon_threads = True
+    def handle_error(self, request, client_address):
+        pass  # clients that time out on a refused request leave broken connections
+s = S(("127.0.0.1", 0), H)
+if sys.argv[3] != "plain":
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(sys.argv[1], sys.argv[2])
+    s.socket = ctx.wrap_socket(s.socket, server_side=True)
+print("READY", s.server_address[1], os.getpid(), flush=True)
+s.serve_forever()
+"#;
+
+struct TlsServer {
+    child: Child,
+    port: u16,
+    pid: u32,
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A self-signed certificate for 127.0.0.1 made with `openssl req`: (cert, key).
+fn self_signed(dir: &std::path::Path) -> (String, String) {
+    let cert = dir.join("cert.pem").to_string_lossy().into_owned();
+    let key = dir.join("key.pem").to_string_lossy().into_owned();
+    let out = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=127.0.0.1", "-keyout", &key, "-out", &cert])
+        .output()
+        .unwrap_or_else(|e| panic!("running openssl req (the openssl tool is needed): {e}"));
+    assert!(
+        out.status.success(),
+        "openssl req failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
+}
+
+fn tls_server(cert: &str, key: &str, mode: &str) -> TlsServer {
+    let mut child = Command::new("python3")
+        .args(["-c", TLS_SERVER, cert, key, mode])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("starting python3 http.server over TLS (CPython 3 is needed): {e}")
+        });
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let mut f = line.split_whitespace();
+    let (Some("READY"), Some(port), Some(pid)) = (f.next(), f.next(), f.next()) else {
+        panic!("the TLS server did not print READY <port> <pid>: {line:?}");
+    };
+    TlsServer {
+        child,
+        port: port.parse().unwrap(),
+        pid: pid.parse().unwrap(),
+    }
+}
+
+/// One GET over a new TLS connection with curl: `Some(body)` if answered, `None` if no answer
+/// came within `QUIET` (curl's timeout).
+fn curl_get(port: u16, path: &str, header: &str) -> Option<String> {
+    let out = Command::new("curl")
+        .args(["--silent", "--show-error", "--insecure", "--http1.1"])
+        .args(["--max-time", &QUIET.as_secs().to_string()])
+        .args(["-H", header])
+        .arg(format!("https://127.0.0.1:{port}{path}"))
+        .output()
+        .unwrap_or_else(|e| panic!("running curl: {e}"));
+    match out.status.code() {
+        Some(0) => Some(String::from_utf8_lossy(&out.stdout).into_owned()),
+        // CURLE_OPERATION_TIMEDOUT: the request went out and no answer came back.
+        Some(28) => {
+            assert!(
+                out.stdout.is_empty(),
+                "curl timed out but got part of an answer: {:?}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            None
+        }
+        other => panic!(
+            "curl GET {path} ({header}) failed with {other:?} instead of an answer or a timeout: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// The enforce-hit events waiting in the ring buffer (other events are skipped).
+fn hits(rb: &mut aya::maps::RingBuf<aya::maps::MapData>) -> Vec<(tracer_common::ConnId, u64, u16)> {
+    let mut out = Vec::new();
+    while let Some(item) = rb.next() {
+        if let Ok(Event::EnforceHit { hdr, conn, hash }) = decode(&item) {
+            out.push((conn, hash, hdr.flags));
+        }
+    }
+    out
+}
+
+fn parent_of(pid: u32) -> Option<u32> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s[s.rfind(')')? + 2..].split(' ').nth(1)?.parse().ok()
+}
+
+#[test]
+fn kernel_refuses_requests_with_blocked_tokens() {
+    if !is_root("kernel_refuses_requests_with_blocked_tokens") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(dir.path());
+    let edge = tls_server(&cert, &key, "fork");
+    let app = tls_server(&cert, &key, "thread");
+
+    let mut k = kernel();
+    let failed: Vec<_> = k.tracepoints.iter().filter(|(_, e)| e.is_some()).collect();
+    assert!(failed.is_empty(), "tracepoints not attached: {failed:?}");
+    // Both servers are traced (and get their libssl's uprobes), the agent's way.
+    let mut disc = Discovery::new(
+        [("edge", edge.pid), ("app", app.pid)]
+            .into_iter()
+            .map(|(name, pid)| TargetSpec {
+                matcher: TargetMatch::Pid(pid),
+                tls: true,
+                name: name.to_string(),
+            })
+            .collect(),
+    );
+    disc.scan(&mut k);
+    assert!(
+        disc.libraries()
+            .iter()
+            .any(|l| l.attached.contains(&"SSL_read_ex")),
+        "no libssl with SSL_read_ex attached: {:?}",
+        disc.libraries()
+    );
+    let mut rb = k.take_events().unwrap();
+
+    // Nothing blocked yet: requests are answered and nothing is scanned.
+    assert_eq!(
+        curl_get(edge.port, "/warm", "Cookie: skolsid=blocked-cookie").as_deref(),
+        Some("ok /warm\n")
+    );
+    let c = k.counters();
+    assert_eq!(
+        c[C_TOKEN_SCANS as usize], 0,
+        "scanned with no token blocked"
+    );
+    assert!(
+        c[C_SSL_CALLS as usize] > 0,
+        "the TLS server's reads were not traced"
+    );
+
+    k.set_token_patterns(&[b"skolsid=".to_vec(), b"Bearer ".to_vec()])
+        .unwrap();
+    k.set_edge_tgid(edge.pid, true).unwrap();
+    let seed = k.token_seed();
+    let cookie = token_hash(seed, b"blocked-cookie");
+    let bearer = token_hash(seed, b"blocked-bearer");
+    k.block_token(cookie).unwrap();
+    k.block_token(cookie).unwrap(); // again: not an error
+    k.block_token(bearer).unwrap();
+    assert_eq!(k.blocked_tokens(), 2);
+    hits(&mut rb);
+    let refused = |k: &Kernel| k.counters()[C_REQUESTS_REFUSED as usize];
+
+    // A new connection carrying the blocked cookie among others: no answer reaches the client.
+    let (r0, d0) = (refused(&k), drops(&k));
+    assert_eq!(
+        curl_get(
+            edge.port,
+            "/refused",
+            "Cookie: a=1; skolsid=blocked-cookie; b=2"
+        ),
+        None,
+        "a request with the blocked cookie was answered"
+    );
+    assert_eq!(refused(&k), r0 + 1);
+    assert!(drops(&k) > d0, "no egress packet was dropped");
+    let got = hits(&mut rb);
+    assert_eq!(got.len(), 1, "{got:?}");
+    let (conn, hash, flags) = got[0];
+    assert_eq!(hash, cookie);
+    assert!(
+        flags & HIT_F_CONN_BLOCKED != 0 && flags & HIT_F_TLS != 0,
+        "flags {flags:#x}"
+    );
+    // Served by a forked child of the edge server: the edge flag was inherited.
+    assert_ne!(conn.tgid, edge.pid);
+    assert_eq!(parent_of(conn.tgid).unwrap_or(edge.pid), edge.pid);
+    assert!(k.blocked_conns() >= 1);
+
+    // Another value of the same cookie, and the blocked value under another name that the
+    // pattern does not cover: answered.
+    assert_eq!(
+        curl_get(edge.port, "/other", "Cookie: skolsid=other").as_deref(),
+        Some("ok /other\n")
+    );
+    assert_eq!(
+        curl_get(edge.port, "/prefix", "Cookie: skolsid=blocked-cookie-2").as_deref(),
+        Some("ok /prefix\n")
+    );
+    assert_eq!(refused(&k), r0 + 1);
+
+    // A blocked bearer token.
+    assert_eq!(
+        curl_get(edge.port, "/bearer", "Authorization: Bearer blocked-bearer"),
+        None,
+        "a request with the blocked bearer token was answered"
+    );
+    assert_eq!(refused(&k), r0 + 2);
+    let got = hits(&mut rb);
+    assert_eq!(got.iter().map(|h| h.1).collect::<Vec<_>>(), vec![bearer]);
+
+    // The application behind the edge is traced but not an edge: never scanned, answered.
+    let scans = k.counters()[C_TOKEN_SCANS as usize];
+    let ssl_calls = k.counters()[C_SSL_CALLS as usize];
+    assert_eq!(
+        curl_get(app.port, "/app", "Cookie: skolsid=blocked-cookie").as_deref(),
+        Some("ok /app\n")
+    );
+    assert!(k.counters()[C_SSL_CALLS as usize] > ssl_calls);
+    assert_eq!(k.counters()[C_TOKEN_SCANS as usize], scans);
+    assert_eq!(refused(&k), r0 + 2);
+
+    // Unblocked: new connections with the formerly blocked cookie are answered.
+    assert!(k.unblock_token(cookie).unwrap());
+    assert!(!k.unblock_token(cookie).unwrap());
+    assert_eq!(
+        curl_get(edge.port, "/again", "Cookie: a=1; skolsid=blocked-cookie").as_deref(),
+        Some("ok /again\n")
+    );
+    // The last blocked token gone: the scan is off again.
+    assert!(k.unblock_token(bearer).unwrap());
+    assert_eq!(k.blocked_tokens(), 0);
+    let scans = k.counters()[C_TOKEN_SCANS as usize];
+    assert_eq!(
+        curl_get(edge.port, "/off", "Authorization: Bearer blocked-bearer").as_deref(),
+        Some("ok /off\n")
+    );
+    assert_eq!(k.counters()[C_TOKEN_SCANS as usize], scans);
+    assert_eq!(refused(&k), r0 + 2);
+    assert!(hits(&mut rb).is_empty());
+    let c = k.counters();
+    assert_eq!(c[C_REFUSED_NO_TUPLE as usize], 0);
+    assert_eq!(c[C_TOKEN_SCAN_BUDGET as usize], 0);
+    assert_eq!(c[C_TOKEN_SCAN_FAILED as usize], 0);
+}
+
+/// One request over a new plaintext connection: `Some(body)` if answered within `QUIET`.
+fn plain_request(port: u16, request: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    s.set_read_timeout(Some(QUIET)).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => panic!("the server closed without answering: {got:?}"),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                assert!(got.is_empty(), "part of an answer arrived: {got:?}");
+                return None;
+            }
+            Err(e) => panic!("reading the answer: {e}"),
+        }
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            assert!(
+                head.starts_with("HTTP/1.1 200"),
+                "unexpected answer: {head}"
+            );
+            if body.ends_with('\n') {
+                return Some(body.to_string());
+            }
+        }
+    }
+}
+
+fn post(path: &str, content_type: &str, body: &str) -> String {
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: enforce.test\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// The same on plaintext reads of an edge on a configured plaintext port, with login names in
+/// form and JSON bodies.
+#[test]
+fn kernel_refuses_blocked_tokens_on_plaintext_ports() {
+    if !is_root("kernel_refuses_blocked_tokens_on_plaintext_ports") {
+        return;
+    }
+    let edge = tls_server("-", "-", "plain");
+    let mut k = loader::load(&LoadSettings {
+        ring_buffer_size: 1 << 20,
+        max_connections: 4096,
+        max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+        plaintext_ports: vec![edge.port],
+        comms: Vec::new(),
+        cgroup_ids: Vec::new(),
+    })
+    .unwrap_or_else(|e| panic!("loading the kernel programs: {e}"));
+    k.attach_enforce().unwrap();
+    k.add_target(edge.pid).unwrap();
+    k.set_edge_tgid(edge.pid, true).unwrap();
+    k.set_token_patterns(&[b"username=".to_vec(), b"\"username\":\"".to_vec()])
+        .unwrap();
+    let seed = k.token_seed();
+    let alice = token_hash(seed, b"alice");
+    k.block_token(alice).unwrap();
+    let mut rb = k.take_events().unwrap();
+    let refused = |k: &Kernel| k.counters()[C_REQUESTS_REFUSED as usize];
+    let r0 = refused(&k);
+
+    let form = "application/x-www-form-urlencoded";
+    assert_eq!(
+        plain_request(
+            edge.port,
+            &post("/login", form, "username=alice&password=x")
+        ),
+        None,
+        "a form login of the blocked user was answered"
+    );
+    assert_eq!(
+        plain_request(
+            edge.port,
+            &post("/login", form, "password=x&username=alice")
+        ),
+        None,
+        "a form login of the blocked user (last field) was answered"
+    );
+    assert_eq!(
+        plain_request(
+            edge.port,
+            &post("/api", "application/json", r#"{"username":"alice","x":1}"#)
+        ),
+        None,
+        "a JSON login of the blocked user was answered"
+    );
+    assert_eq!(refused(&k), r0 + 3);
+    let got = hits(&mut rb);
+    assert_eq!(got.len(), 3, "{got:?}");
+    for (conn, hash, flags) in got {
+        assert_eq!((conn.tgid, hash), (edge.pid, alice));
+        assert_eq!(flags, HIT_F_CONN_BLOCKED, "plaintext hit flags {flags:#x}");
+    }
+    assert_eq!(
+        plain_request(
+            edge.port,
+            &post("/login", form, "username=alicia&password=x")
+        )
+        .as_deref(),
+        Some("ok /login\n")
+    );
+    assert_eq!(
+        plain_request(
+            edge.port,
+            &post("/api", "application/json", r#"{"username":"bob"}"#)
+        )
+        .as_deref(),
+        Some("ok /api\n")
+    );
+    assert_eq!(refused(&k), r0 + 3);
+
+    // No longer an edge: not scanned.
+    k.set_edge_tgid(edge.pid, false).unwrap();
+    assert_eq!(
+        plain_request(edge.port, &post("/login", form, "username=alice")).as_deref(),
+        Some("ok /login\n")
+    );
+    assert_eq!(refused(&k), r0 + 3);
+}
+
+/// `block_token` refuses to pretend when the filter is not attached; patterns are checked.
+#[test]
+fn block_token_needs_the_filter_attached() {
+    if !is_root("block_token_needs_the_filter_attached") {
+        return;
+    }
+    let mut k = loader::load(&LoadSettings {
+        ring_buffer_size: 1 << 20,
+        max_connections: 1024,
+        max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+        plaintext_ports: Vec::new(),
+        comms: Vec::new(),
+        cgroup_ids: Vec::new(),
+    })
+    .unwrap();
+    let e = k.block_token(token_hash(k.token_seed(), b"x")).unwrap_err();
+    assert!(matches!(e, EnforceError::TokensNotAttached { .. }), "{e}");
+    assert_eq!(k.blocked_tokens(), 0);
+    let nine: Vec<Vec<u8>> = (0..9).map(|i| vec![b'a' + i]).collect();
+    assert!(matches!(
+        k.set_token_patterns(&nine),
+        Err(EnforceError::TooManyPatterns { .. })
+    ));
+    assert!(matches!(
+        k.set_token_patterns(&[vec![b'x'; 33]]),
+        Err(EnforceError::BadPattern { .. })
+    ));
+    k.set_token_patterns(&[b"skolsid=".to_vec()]).unwrap();
+    k.set_edge_tgid(std::process::id(), true).unwrap();
+    assert_eq!(k.edge_tgids(), vec![std::process::id()]);
+    k.set_edge_tgid(std::process::id(), false).unwrap();
+    k.set_edge_tgid(std::process::id(), false).unwrap(); // again: not an error
+    assert!(k.edge_tgids().is_empty());
+    // Two loads, two seeds.
+    let other = loader::load(&LoadSettings {
+        ring_buffer_size: 1 << 20,
+        max_connections: 1024,
+        max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+        plaintext_ports: Vec::new(),
+        comms: Vec::new(),
+        cgroup_ids: Vec::new(),
+    })
+    .unwrap();
+    assert_ne!(k.token_seed(), other.token_seed());
 }

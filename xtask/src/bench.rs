@@ -3,6 +3,10 @@
 //! `capture`: nginx over TLS serving a small static file, driven by wrk; runs alternate
 //! without and with the agent, and the throughput ratio, the agent's CPU time and records
 //! captured versus requests served are printed.
+//!
+//! `detect`: recorded-shape exchanges through parsing, attribution, disclosure and detection
+//! without the kernel (tracer-user/benches/detect.rs): exchanges per second on one core and
+//! memory per tracked user.
 
 use std::{path::Path, process::Command, time::Duration};
 
@@ -26,6 +30,13 @@ pub enum Which {
         #[arg(long, default_value_t = 16)]
         connections: u32,
     },
+    /// Exchanges per second through attribution and detection (no kernel), and memory per
+    /// tracked user.
+    Detect {
+        /// Simulated users (each logs in and reads three pages).
+        #[arg(long, default_value_t = 100_000)]
+        users: u32,
+    },
 }
 
 pub fn run(bin: &Path, which: Which) -> Result<()> {
@@ -35,6 +46,19 @@ pub fn run(bin: &Path, which: Which) -> Result<()> {
             rounds,
             connections,
         } => capture(bin, seconds, rounds, connections),
+        Which::Detect { users } => {
+            step(&format!(
+                "bench detect: {users} users through the userspace path"
+            ));
+            let status = Command::new(env!("CARGO"))
+                .current_dir(sparbar_tests::repo_root())
+                .args(["bench", "--quiet", "-p", "tracer-user", "--bench", "detect"])
+                .env("BENCH_USERS", users.to_string())
+                .status()
+                .context("cargo bench")?;
+            anyhow::ensure!(status.success(), "the detect benchmark failed: {status}");
+            Ok(())
+        }
     }
 }
 

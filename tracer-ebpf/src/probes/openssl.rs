@@ -6,6 +6,9 @@
 //! during the call; the per-SSL* cache (seeded by SSL_set_fd); the last socket this thread read
 //! (for memory-BIO users such as node, whose socket I/O happens outside the SSL call); else the
 //! data still flows, positioned per SSL* and flagged unmapped. Every fallback is counted.
+//!
+//! What an edge process reads is also checked for blocked session tokens (`tokens`), before
+//! its data event is sent.
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
@@ -18,6 +21,7 @@ use crate::{
     emit::*,
     maps::*,
     probes::socket::{new_conn, send_close},
+    tokens::check_read,
 };
 
 #[inline(always)]
@@ -146,6 +150,13 @@ pub fn openssl_ssl_rw_ret(ctx: RetProbeContext) -> u32 {
         st.flags |= CONN_F_UNMAPPED;
     }
     announce(&key, st, pid_tgid);
+    let ub = UserBuf {
+        ptr: call.buf,
+        iovcnt: 0,
+    };
+    if call.op == OP_READ {
+        check_read(&key, st, pid_tgid, ub, n, true);
+    }
     let id = conn_id(&key, st);
     let (dir, pos) = if call.op == OP_READ {
         let p = st.pos_in;
@@ -156,19 +167,7 @@ pub fn openssl_ssl_rw_ret(ctx: RetProbeContext) -> u32 {
         st.pos_out += n;
         (DIR_OUT, p)
     };
-    emit_data(
-        id,
-        pid_tgid,
-        dir,
-        flags,
-        SRC_TLS,
-        UserBuf {
-            ptr: call.buf,
-            iovcnt: 0,
-        },
-        pos,
-        n,
-    );
+    emit_data(id, pid_tgid, dir, flags, SRC_TLS, ub, pos, n);
     0
 }
 

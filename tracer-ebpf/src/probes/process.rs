@@ -1,6 +1,7 @@
 //! Process lifecycle: children of target processes are targets at once (nginx workers, also
 //! after a reload), processes whose name is configured become targets at exec, and the entries
-//! of exited threads and processes are removed.
+//! of exited threads and processes are removed. The same holds for edge processes
+//! (`ENFORCE_TGIDS`), the ones scanned for blocked tokens.
 //!
 //! Assumes the sched tracepoint layouts of this kernel generation: sched_process_fork has
 //! parent_pid at 12 and child_pid at 20 (comms as __data_loc strings).
@@ -29,12 +30,26 @@ fn proc_event(kind: u16, pid_tgid: u64, comm: [u8; COMM_LEN]) {
     }
 }
 
-/// sched:sched_process_fork: the child of a target is a target.
+// Separate for the same reason as `comm_is_target` below.
+#[inline(never)]
+fn tgid_is_edge(tgid: u32) -> u32 {
+    ENFORCE_TGIDS.get_ptr(tgid).is_some() as u32
+}
+
+/// sched:sched_process_fork: the child of a target is a target, the child of an edge process
+/// (whose reads are scanned for blocked tokens) an edge process.
 #[tracepoint]
 pub fn process_fork(ctx: TracePointContext) -> u32 {
     let parent: i32 = tp_arg(&ctx, 12);
     let child: i32 = tp_arg(&ctx, 20);
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if (tgid_is_edge(tgid) != 0 || tgid_is_edge(parent as u32) != 0)
+        && ENFORCE_TGIDS
+            .insert(child as u32, TARGET_FROM_FORK, 0)
+            .is_err()
+    {
+        count(C_TARGETS_FULL, 1);
+    }
     if TARGET_TGIDS.get_ptr(tgid).is_none() && TARGET_TGIDS.get_ptr(parent as u32).is_none() {
         return 0;
     }
@@ -90,12 +105,16 @@ pub fn process_exec(_ctx: TracePointContext) -> u32 {
     0
 }
 
-/// sched:sched_process_exit: fires per thread; forget its per-thread state and its target entry.
+/// sched:sched_process_exit: fires per thread; forget its per-thread state, its target entry
+/// and its edge entry (a process's when its leader exits, a thread's own when it exits).
 #[tracepoint]
 pub fn process_exit(_ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tid = pid_tgid as u32;
     let tgid = (pid_tgid >> 32) as u32;
+    if tgid_is_edge(tid) != 0 {
+        let _ = ENFORCE_TGIDS.remove(tid);
+    }
     if TARGET_TGIDS.get_ptr(tgid).is_none() && TARGET_TGIDS.get_ptr(tid).is_none() {
         return 0;
     }

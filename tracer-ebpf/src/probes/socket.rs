@@ -1,5 +1,6 @@
 //! Socket syscalls and the sock tracepoints: plaintext capture on the configured ports, the
 //! connection table (accept/connect/close, 4-tuples), and the fd that an SSL call touches.
+//! Plaintext reads of an edge process are checked for blocked session tokens (`tokens`).
 //!
 //! Assumes the fixed syscall tracepoint layout (args at 16 + 8*i, `ret` at 16) and the
 //! `sock:sock_{recv,send}_length` layout (sk at 8, family at 16, protocol at 18), which fire
@@ -14,7 +15,7 @@ use aya_ebpf::{
 };
 use tracer_common::*;
 
-use crate::{emit::*, maps::*};
+use crate::{emit::*, maps::*, tokens::check_read};
 
 const ARG0: usize = 16;
 const ARG1: usize = 24;
@@ -139,19 +140,14 @@ fn exit(ctx: &TracePointContext) -> u32 {
         count(C_SENDFILE_BYTES, n);
         emit_hole(id, pid_tgid, dir, 0, pos, n, HOLE_SENDFILE);
     } else {
-        emit_data(
-            id,
-            pid_tgid,
-            dir,
-            0,
-            SRC_SYSCALL,
-            UserBuf {
-                ptr: inf.buf,
-                iovcnt: inf.iovcnt,
-            },
-            pos,
-            n,
-        );
+        let ub = UserBuf {
+            ptr: inf.buf,
+            iovcnt: inf.iovcnt,
+        };
+        if inf.op == OP_READ {
+            check_read(&key, st, pid_tgid, ub, n, false);
+        }
+        emit_data(id, pid_tgid, dir, 0, SRC_SYSCALL, ub, pos, n);
     }
     0
 }

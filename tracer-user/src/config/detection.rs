@@ -143,6 +143,8 @@ pub struct DetectionConfig {
     pub idle_expiry: Duration,
     /// Enforce decisions in the kernel (drop responses, reset connections).
     pub enforce: bool,
+    /// Loopback address of the decision feed (`GET /decisions`, `GET /decisions/stream`).
+    pub feed_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for DetectionConfig {
@@ -155,6 +157,7 @@ impl Default for DetectionConfig {
             max_tracked: DEFAULT_MAX_TRACKED,
             idle_expiry: DEFAULT_IDLE_EXPIRY,
             enforce: true,
+            feed_listen: None,
         }
     }
 }
@@ -169,6 +172,7 @@ pub(super) struct RawDetection {
     max_tracked: Option<i64>,
     idle_expiry: Option<String>,
     enforce: Option<bool>,
+    feed_listen: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -256,6 +260,15 @@ pub(super) fn check_detection(
         c.idle_expiry = d;
     }
     c.enforce = raw.enforce.unwrap_or(true);
+    if let Some(f) = raw.feed_listen {
+        match f.parse::<std::net::SocketAddr>() {
+            Ok(a) if a.ip().is_loopback() => c.feed_listen = Some(a),
+            _ => p.push(
+                "detection.feed_listen",
+                format!("{f:?} is not a loopback address and port; expected something like \"127.0.0.1:9471\" (the feed is for a proxy on the same host)"),
+            ),
+        }
+    }
     c
 }
 
