@@ -23,6 +23,7 @@ pub const MAP_TOKEN_PATS: &str = "TOKEN_PATS";
 pub const MAP_BLOCK_TOKENS: &str = "BLOCK_TOKENS";
 pub const MAP_ENFORCE_TGIDS: &str = "ENFORCE_TGIDS";
 pub const MAP_TOKEN_CTL: &str = "TOKEN_CTL";
+pub const MAP_TOKEN_CARRY: &str = "TOKEN_CARRY";
 
 // ---------------------------------------------------------------------------------------------
 // Limits.
@@ -441,8 +442,9 @@ pub const TOKEN_PAT_LEN: usize = 32;
 pub const MAX_BLOCKED_TOKENS: u32 = 16384;
 /// Entries of the edge-process table (`ENFORCE_TGIDS`).
 pub const MAX_ENFORCE_TGIDS: u32 = 16384;
-/// Bytes at the start of each read in which a pattern may begin; a token that begins there is
-/// read on past this, up to [`MAX_TOKEN_LEN`] bytes, if the read holds them.
+/// Bytes at the start of each read in which a pattern may begin (after the end of the
+/// connection's previous read, which is scanned again in front of it); a token that begins there
+/// is read on past this, up to [`MAX_TOKEN_LEN`] bytes, if the read holds them.
 pub const TOKEN_SCAN_BYTES: usize = 4096;
 
 /// A `TOKEN_PATS` entry: `bytes[..len]` is matched case-sensitively anywhere in the scanned

@@ -96,6 +96,12 @@ pub static ENFORCE_TGIDS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_ENFO
 #[map(name = "TOKEN_CTL")]
 pub static TOKEN_CTL: Array<TokenCtl> = Array::with_max_entries(1, 0);
 
+/// The end of each edge connection's last scanned read, scanned again in front of its next
+/// (`tokens::Carry`). LRU: losing one only loses a token cut between two reads.
+#[map(name = "TOKEN_CARRY")]
+pub static TOKEN_CARRY: LruHashMap<ConnKey, crate::tokens::Carry> =
+    LruHashMap::with_max_entries(8192, 0);
+
 /// Per-CPU state of the token scan (see `tokens::Scan`).
 #[map(name = "TOKEN_SCAN")]
 pub static TOKEN_SCAN: PerCpuArray<crate::tokens::Scan> = PerCpuArray::with_max_entries(1, 0);

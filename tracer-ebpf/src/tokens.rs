@@ -8,30 +8,53 @@
 //! `BLOCK_TOKENS`. On a hit the connection goes into `BLOCK_CONNS`, so `enforce_egress` drops
 //! its responses, and the agent is told with a `KIND_ENFORCE_HIT` event.
 //!
+//! A pattern or token that one read cuts off and the next continues (nginx reads a request's
+//! first KiB on its own) is found too: the last `CARRY_LEN` bytes each scanned read leaves are
+//! kept per connection (`TOKEN_CARRY`) and scanned again in front of the next read.
+//!
 //! While no token is blocked (`TOKEN_CTL[0].on == 0`) a read costs one array lookup.
 
-use aya_ebpf::helpers::{bpf_probe_read_user, bpf_probe_read_user_buf, generated::bpf_loop};
+use aya_ebpf::helpers::{
+    bpf_probe_read_kernel_buf, bpf_probe_read_user, bpf_probe_read_user_buf, generated::bpf_loop,
+};
+use core::cmp::min;
+
 use tracer_common::*;
 
 use crate::{emit::*, maps::*};
 
-/// Size of the scan buffer: a power of two at least `TOKEN_SCAN_BYTES + TOKEN_PAT_LEN +
-/// MAX_TOKEN_LEN`, so that every index can be masked into bounds for the verifier.
+/// Size of the scan buffer: a power of two that holds the previous read's end and the copied
+/// part of this one, so that every index can be masked into bounds for the verifier.
 pub const SCAN_BUF: usize = 8192;
 const MASK: u32 = SCAN_BUF as u32 - 1;
 /// Bytes copied from a read: a pattern may begin anywhere in the first `TOKEN_SCAN_BYTES`, and
 /// it and its token may run on past them.
 const COPY_MAX: u64 = (TOKEN_SCAN_BYTES + TOKEN_PAT_LEN + MAX_TOKEN_LEN) as u64;
-const _: () = assert!(COPY_MAX as usize <= SCAN_BUF && SCAN_BUF.is_power_of_two());
+/// Bytes of a read's end kept for the next read of the connection: a pattern that begins
+/// earlier has had its longest token before the cut.
+pub const CARRY_LEN: usize = TOKEN_PAT_LEN + MAX_TOKEN_LEN;
+const _: () = assert!(CARRY_LEN + COPY_MAX as usize <= SCAN_BUF && SCAN_BUF.is_power_of_two());
+
+/// The end of a connection's last scanned read (`TOKEN_CARRY` value).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Carry {
+    /// `ConnState::gen` of the connection: a reused fd does not inherit it.
+    gen: u64,
+    len: u32,
+    _pad: u32,
+    bytes: [u8; CARRY_LEN],
+}
 
 /// Positions tested per loop step while no pattern's first byte is seen.
 const STRIDE: u32 = 16;
 /// Token bytes hashed per loop step.
 const TOKEN_STRIDE: u32 = 32;
-/// Upper bound of loop steps per read. Typical requests need about `len / STRIDE` plus a few per
-/// candidate position; the worst case (every position a candidate of all 8 patterns) needs
-/// `8 * TOKEN_SCAN_BYTES` plus the scan steps. What is left unscanned is counted.
-const LOOP_BUDGET: u32 = 8 * TOKEN_SCAN_BYTES as u32 + 1024;
+/// Upper bound of loop steps per read, which bounds what a hostile request can cost. Typical
+/// requests need about `len / STRIDE` plus one per candidate position and pattern; the worst case
+/// (every position a candidate of all 8 patterns) needs 8 per position. A scan cut short by the
+/// budget is counted (`C_TOKEN_SCAN_BUDGET`).
+const LOOP_BUDGET: u32 = 8 * (TOKEN_SCAN_BYTES + CARRY_LEN) as u32 + 2048;
 
 const MODE_SCAN: u32 = 0;
 const MODE_CHECK: u32 = 1;
@@ -61,6 +84,8 @@ pub struct Scan {
     tok_start: u32,
     mode: u32,
     hit: u32,
+    /// Where the next `TOKEN_CARRY` value is built.
+    carry: Carry,
 }
 
 /// Does pattern `p` (of `len` bytes) begin at `s.pos`?
@@ -171,9 +196,10 @@ fn token_end(s: &mut Scan) -> i64 {
     0
 }
 
-/// Scans `n` bytes at user address `ptr`; the blocked token's hash if one is there.
+/// Scans `n` bytes at user address `ptr` that connection `key` read, after what its previous
+/// read left; the blocked token's hash if one is there.
 #[inline(always)]
-fn scan(ptr: u64, n: u64, seed: u64) -> Option<u64> {
+fn scan(key: &ConnKey, st: &ConnState, ptr: u64, n: u64, seed: u64) -> Option<u64> {
     let Some(s) = TOKEN_SCAN.get_ptr_mut(0) else {
         count(C_SCRATCH_MISSING, 1);
         return None;
@@ -194,24 +220,38 @@ fn scan(ptr: u64, n: u64, seed: u64) -> Option<u64> {
         }
         j += 1;
     }
-    let m = if n < COPY_MAX { n } else { COPY_MAX } as usize;
-    if m == 0 || m > SCAN_BUF {
-        return None;
+    // What the previous read of this connection left, in front.
+    let mut c = 0usize;
+    if let Some(prev) = TOKEN_CARRY.get_ptr(key) {
+        // SAFETY: map value pointer, valid for this run.
+        let prev = unsafe { &*prev };
+        // A clamp, not `0 < l <= CARRY_LEN`: LLVM turns that into one compare of `l - 1` in
+        // another register, and the verifier then knows no bound of `l`. Zero bytes is fine.
+        let l = min(prev.len as usize, CARRY_LEN);
+        if prev.gen == st.gen
+            // SAFETY: copying between two map values of this program.
+            && unsafe { bpf_probe_read_kernel_buf(prev.bytes.as_ptr(), &mut s.buf[..l]) }.is_ok()
+        {
+            c = l;
+        }
     }
+    let m = min(n as usize, COPY_MAX as usize);
+    let c = min(c, CARRY_LEN);
     // SAFETY: reading the traced process's buffer, which the call just filled, into our scratch.
-    if unsafe { bpf_probe_read_user_buf(ptr as *const u8, &mut s.buf[..m]) }.is_err() {
+    if unsafe { bpf_probe_read_user_buf(ptr as *const u8, &mut s.buf[c..c + m]) }.is_err() {
         count(C_TOKEN_SCAN_FAILED, 1);
         return None;
     }
     count(C_TOKEN_SCANS, 1);
     s.seed = seed;
     s.hash = 0;
-    s.have = m as u32;
-    s.limit = if n < TOKEN_SCAN_BYTES as u64 {
-        n as u32
-    } else {
-        TOKEN_SCAN_BYTES as u32
-    };
+    s.have = (c + m) as u32;
+    s.limit = (c as u32)
+        + if n < TOKEN_SCAN_BYTES as u64 {
+            n as u32
+        } else {
+            TOKEN_SCAN_BYTES as u32
+        };
     s.pos = 0;
     s.cand = 0;
     s.tok = 0;
@@ -229,12 +269,48 @@ fn scan(ptr: u64, n: u64, seed: u64) -> Option<u64> {
         );
     }
     if s.hit != 0 {
+        // Refused: the next request starts afresh.
+        let _ = TOKEN_CARRY.remove(key);
         return Some(s.hash);
     }
     if s.mode != MODE_DONE {
         count(C_TOKEN_SCAN_BUDGET, 1);
     }
+    keep_end(s, key, st, ptr, n);
     None
+}
+
+/// Keeps the last `CARRY_LEN` bytes of the stream so far for the connection's next read: from
+/// the scan buffer when it holds the whole read, else from the read's own end.
+#[inline(always)]
+fn keep_end(s: &mut Scan, key: &ConnKey, st: &ConnState, ptr: u64, n: u64) {
+    let have = s.have as usize;
+    let ok = if n <= COPY_MAX {
+        let t = min(have, CARRY_LEN);
+        let start = have - t;
+        if start + t > SCAN_BUF {
+            return;
+        }
+        s.carry.len = t as u32;
+        // SAFETY: copying within this CPU's scan state, inside `buf`.
+        unsafe { bpf_probe_read_kernel_buf(s.buf.as_ptr().add(start), &mut s.carry.bytes[..t]) }
+            .is_ok()
+    } else {
+        s.carry.len = CARRY_LEN as u32;
+        let end = (ptr + n - CARRY_LEN as u64) as *const u8;
+        // SAFETY: reading the traced process's buffer, which the call just filled.
+        unsafe { bpf_probe_read_user_buf(end, &mut s.carry.bytes) }.is_ok()
+    };
+    if ok && s.carry.len != 0 {
+        s.carry.gen = st.gen;
+        s.carry._pad = 0;
+        // Losing it (LRU) only loses a pattern cut at this read's end. By reference: a copy
+        // of the value would not fit the stack.
+        #[allow(clippy::needless_borrows_for_generic_args)]
+        let _ = TOKEN_CARRY.insert(key, &s.carry, 0);
+    } else {
+        let _ = TOKEN_CARRY.remove(key);
+    }
 }
 
 #[repr(C)]
@@ -334,7 +410,7 @@ pub fn check_read(key: &ConnKey, st: &ConnState, pid_tgid: u64, ub: UserBuf, n: 
             }
         }
     };
-    if let Some(hash) = scan(ptr, len, seed) {
+    if let Some(hash) = scan(key, st, ptr, len, seed) {
         hit(key, st, pid_tgid, hash, tls);
     }
 }

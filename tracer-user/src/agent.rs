@@ -234,6 +234,10 @@ fn apply_actions(pipeline: &mut Pipeline, kernel: &mut Kernel, stats: &Stats, ho
                         e.connections_reset += 1;
                         stats.add("enforcement_connections_reset_total", 1);
                     }
+                    // Closed before the reset came: nothing left to do.
+                    Err(crate::enforce::EnforceError::NoSuchConnection { .. }) => {
+                        stats.add("enforcement_connections_gone_total", 1);
+                    }
                     Err(err) => {
                         stats.add_reason("enforcement_failures_total", "reset", 1);
                         e.errors.push(err.to_string());

@@ -486,6 +486,7 @@ const TLS_SERVER: &str = r#"
 import http.server, os, socketserver, ssl, sys
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
     def do_GET(self):
         body = ("ok " + self.path + "\n").encode()
         self.send_response(200)
@@ -594,6 +595,51 @@ fn curl_get(port: u16, path: &str, header: &str) -> Option<String> {
             String::from_utf8_lossy(&out.stderr)
         ),
     }
+}
+
+/// Sends `parts` over one new TLS connection, pausing between them so that the server reads
+/// each on its own; `Some(body)` if an answer came within `QUIET`.
+fn tls_request_in_parts(port: u16, parts: &[&str]) -> Option<String> {
+    const CLIENT: &str = r#"
+import socket, ssl, sys, time
+ctx = ssl._create_unverified_context()
+s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", int(sys.argv[1]))))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+for part in sys.argv[3:]:
+    s.sendall(part.encode())
+    time.sleep(0.3)
+s.settimeout(float(sys.argv[2]))
+got = b""
+try:
+    while b"\n" not in got.partition(b"\r\n\r\n")[2]:
+        b = s.recv(4096)
+        if not b:
+            sys.exit("closed without an answer: %r" % got)
+        got += b
+except TimeoutError:
+    if got:
+        sys.exit("part of an answer arrived: %r" % got)
+    print("TIMEOUT")
+    sys.exit(0)
+print(got.partition(b"\r\n\r\n")[2].decode(), end="")
+"#;
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            CLIENT,
+            &port.to_string(),
+            &QUIET.as_secs().to_string(),
+        ])
+        .args(parts)
+        .output()
+        .unwrap_or_else(|e| panic!("running the python3 TLS client: {e}"));
+    assert!(
+        out.status.success(),
+        "the TLS client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let body = String::from_utf8_lossy(&out.stdout).into_owned();
+    (body != "TIMEOUT\n").then_some(body)
 }
 
 /// The enforce-hit events waiting in the ring buffer (other events are skipped).
@@ -722,6 +768,33 @@ fn kernel_refuses_requests_with_blocked_tokens() {
     let got = hits(&mut rb);
     assert_eq!(got.iter().map(|h| h.1).collect::<Vec<_>>(), vec![bearer]);
 
+    // Cut between two reads, inside the token or inside the pattern: still recognised.
+    let head = "GET /cut HTTP/1.1\r\nHost: enforce.test\r\nCookie: a=1; ";
+    for (first, second) in [
+        ("skolsid=blocked-", "cookie\r\n\r\n"),
+        ("sko", "lsid=blocked-cookie; b=2\r\n\r\n"),
+    ] {
+        let first = format!("{head}{first}");
+        assert_eq!(
+            tls_request_in_parts(edge.port, &[&first, second]),
+            None,
+            "a request with the blocked cookie cut as {first:?} + {second:?} was answered"
+        );
+    }
+    assert_eq!(refused(&k), r0 + 4);
+    let got = hits(&mut rb);
+    assert_eq!(
+        got.iter().map(|h| h.1).collect::<Vec<_>>(),
+        vec![cookie, cookie]
+    );
+    // The same cut around a value that is not blocked.
+    let first = format!("{head}skolsid=blocked-");
+    assert_eq!(
+        tls_request_in_parts(edge.port, &[&first, "other\r\n\r\n"]).as_deref(),
+        Some("ok /cut\n")
+    );
+    assert_eq!(refused(&k), r0 + 4);
+
     // The application behind the edge is traced but not an edge: never scanned, answered.
     let scans = k.counters()[C_TOKEN_SCANS as usize];
     let ssl_calls = k.counters()[C_SSL_CALLS as usize];
@@ -731,7 +804,7 @@ fn kernel_refuses_requests_with_blocked_tokens() {
     );
     assert!(k.counters()[C_SSL_CALLS as usize] > ssl_calls);
     assert_eq!(k.counters()[C_TOKEN_SCANS as usize], scans);
-    assert_eq!(refused(&k), r0 + 2);
+    assert_eq!(refused(&k), r0 + 4);
 
     // Unblocked: new connections with the formerly blocked cookie are answered.
     assert!(k.unblock_token(cookie).unwrap());
@@ -749,7 +822,7 @@ fn kernel_refuses_requests_with_blocked_tokens() {
         Some("ok /off\n")
     );
     assert_eq!(k.counters()[C_TOKEN_SCANS as usize], scans);
-    assert_eq!(refused(&k), r0 + 2);
+    assert_eq!(refused(&k), r0 + 4);
     assert!(hits(&mut rb).is_empty());
     let c = k.counters();
     assert_eq!(c[C_REFUSED_NO_TUPLE as usize], 0);

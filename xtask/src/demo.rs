@@ -120,6 +120,16 @@ pub fn run(bin: &Path, duration: u64) -> Result<()> {
     Ok(())
 }
 
+/// A cross-tenant caller: (role, own school, answers, schools hit, persons, answers blocked).
+type Cross = (
+    String,
+    String,
+    usize,
+    std::collections::BTreeSet<String>,
+    u64,
+    usize,
+);
+
 /// Who called and whose data left, as the records at nginx tell it.
 fn attribution_summary(front: &[&Value]) {
     use std::collections::BTreeSet;
@@ -131,8 +141,7 @@ fn attribution_summary(front: &[&Value]) {
     let mut disclosing = 0usize;
     let mut categories: BTreeSet<String> = BTreeSet::new();
     // Cross-tenant callers: user -> (role, own school, records, schools hit, persons).
-    let mut cross: BTreeMap<String, (String, String, usize, BTreeSet<String>, u64)> =
-        BTreeMap::new();
+    let mut cross: BTreeMap<String, Cross> = BTreeMap::new();
     for r in front {
         let src = s(r, "abook.identity.source").unwrap_or_else(|| "(none)".into());
         *sources.entry(src).or_default() += 1;
@@ -159,9 +168,13 @@ fn attribution_summary(front: &[&Value]) {
                     0,
                     BTreeSet::new(),
                     0,
+                    0,
                 )
             });
             e.2 += 1;
+            if get(r, "abook.enforcement.blocked").as_bool() == Some(true) {
+                e.5 += 1;
+            }
             e.4 += get(r, "abook.target.count").as_u64().unwrap_or(0);
             if let Some(t) = get(r, "abook.target.tenants").as_array() {
                 e.3.extend(t.iter().filter_map(|v| v.as_str().map(str::to_string)));
@@ -208,11 +221,16 @@ fn attribution_summary(front: &[&Value]) {
     if cross.is_empty() {
         println!("  cross-tenant disclosures               : none");
     }
-    for (u, (role, own, n, hit, persons)) in &cross {
+    for (u, (role, own, n, hit, persons, blocked)) in &cross {
         println!(
             "  cross-tenant disclosures               : user {u} ({role} of {own}): {n} answers, {persons} persons, schools hit: {}",
             hit.iter().filter(|t| *t != own).cloned().collect::<Vec<_>>().join(", ")
         );
+        if *blocked > 0 {
+            println!(
+                "    of which blocked in the kernel       : {blocked} (written by the server, dropped before leaving the host)"
+            );
+        }
     }
 }
 
