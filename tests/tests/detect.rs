@@ -36,6 +36,18 @@ fn run(name: &str, config_edit: impl Fn(String) -> String, traffic_args: &[&str]
     })
 }
 
+/// The demo platform (the flaw switched off), a scratch directory and the platform's dataset.
+fn platform_with_dataset(name: &str) -> Result<(std::path::PathBuf, Platform, Value)> {
+    require_root()?;
+    let dir = scratch(name);
+    let (tls_port, app_port) = (free_port(), free_port());
+    let platform = Platform::up(&dir.join("platform"), tls_port, app_port, false)?;
+    let ds: Value = serde_json::from_str(&std::fs::read_to_string(
+        platform.info["dataset"].as_str().unwrap_or_default(),
+    )?)?;
+    Ok((dir, platform, ds))
+}
+
 fn dataset_of<'a>(records: &'a [Value], ds: &str) -> Vec<&'a Value> {
     records
         .iter()
@@ -306,13 +318,8 @@ fn sparbar(args: &[&str]) -> Result<Value> {
 /// restores access. Every step is in the decision and access records.
 #[test]
 fn operator_block_survives_relogin_and_unblock_restores() -> Result<()> {
-    require_root()?;
-    let dir = scratch("detect-operator");
-    let (tls_port, app_port) = (free_port(), free_port());
-    let platform = Platform::up(&dir.join("platform"), tls_port, app_port, false)?;
-    let ds: Value = serde_json::from_str(&std::fs::read_to_string(
-        platform.info["dataset"].as_str().unwrap_or_default(),
-    )?)?;
+    let (dir, platform, ds) = platform_with_dataset("detect-operator")?;
+    let tls_port = platform.info["tls_port"].as_u64().context("tls_port")? as u16;
     let pupils: Vec<&Value> = ds["accounts"]
         .as_array()
         .context("accounts")?
@@ -498,13 +505,8 @@ fn operator_block_survives_relogin_and_unblock_restores() -> Result<()> {
 /// it is the alert's last evidence, and from two requests later on nothing is answered.
 #[test]
 fn a_scraper_in_its_own_school_is_blocked_past_the_threshold() -> Result<()> {
-    require_root()?;
-    let dir = scratch("detect-scraper");
-    let (tls_port, app_port) = (free_port(), free_port());
-    let platform = Platform::up(&dir.join("platform"), tls_port, app_port, false)?;
-    let ds: Value = serde_json::from_str(&std::fs::read_to_string(
-        platform.info["dataset"].as_str().unwrap_or_default(),
-    )?)?;
+    let (dir, platform, ds) = platform_with_dataset("detect-scraper")?;
+    let tls_port = platform.info["tls_port"].as_u64().context("tls_port")? as u16;
     let acct = ds["accounts"]
         .as_array()
         .context("accounts")?
@@ -654,13 +656,8 @@ block = ["24h"]
 /// moves a day between the calls).
 #[test]
 fn low_and_slow_is_caught_by_the_weekly_rule_across_a_restart() -> Result<()> {
-    require_root()?;
-    let dir = scratch("detect-slow");
-    let (tls_port, app_port) = (free_port(), free_port());
-    let platform = Platform::up(&dir.join("platform"), tls_port, app_port, false)?;
-    let ds: Value = serde_json::from_str(&std::fs::read_to_string(
-        platform.info["dataset"].as_str().unwrap_or_default(),
-    )?)?;
+    let (dir, platform, ds) = platform_with_dataset("detect-slow")?;
+    let tls_port = platform.info["tls_port"].as_u64().context("tls_port")? as u16;
     let p = pupils_of(&ds, "sch-01", 1)
         .pop()
         .context("a pupil of sch-01")?;
@@ -765,13 +762,8 @@ limit = 250
 /// school: no per-user rule fires, but the per-address and per-school-accounts rules do.
 #[test]
 fn several_accounts_covering_a_school_raise_the_collusion_signal() -> Result<()> {
-    require_root()?;
-    let dir = scratch("detect-collusion");
-    let (tls_port, app_port) = (free_port(), free_port());
-    let platform = Platform::up(&dir.join("platform"), tls_port, app_port, false)?;
-    let ds: Value = serde_json::from_str(&std::fs::read_to_string(
-        platform.info["dataset"].as_str().unwrap_or_default(),
-    )?)?;
+    let (dir, platform, ds) = platform_with_dataset("detect-collusion")?;
+    let tls_port = platform.info["tls_port"].as_u64().context("tls_port")? as u16;
     let pupils = pupils_of(&ds, "sch-01", 4);
     let config = format!("{}{COLLUSION}", demo_config(&platform)?);
     let (cert, url) = (platform.cert(), format!("https://127.0.0.1:{tls_port}"));

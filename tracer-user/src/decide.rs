@@ -179,11 +179,10 @@ impl Decisions {
         d
     }
 
-    /// Ends the blocks of this scope and value.
-    pub fn unblock(&mut self, scope: Scope, value: &str) -> Vec<Decision> {
-        let (ended, keep): (Vec<Decision>, Vec<Decision>) = std::mem::take(&mut self.active)
-            .into_iter()
-            .partition(|d| d.scope == scope && d.value == value);
+    /// Removes and returns the decisions `end` picks.
+    fn take(&mut self, end: impl Fn(&Decision) -> bool) -> Vec<Decision> {
+        let (ended, keep): (Vec<Decision>, Vec<Decision>) =
+            std::mem::take(&mut self.active).into_iter().partition(end);
         self.active = keep;
         if !ended.is_empty() {
             self.changed = true;
@@ -191,16 +190,14 @@ impl Decisions {
         ended
     }
 
+    /// Ends the blocks of this scope and value.
+    pub fn unblock(&mut self, scope: Scope, value: &str) -> Vec<Decision> {
+        self.take(|d| d.scope == scope && d.value == value)
+    }
+
     /// Ends the blocks whose time is up.
     pub fn expire(&mut self, now_ms: u64) -> Vec<Decision> {
-        let (ended, keep): (Vec<Decision>, Vec<Decision>) = std::mem::take(&mut self.active)
-            .into_iter()
-            .partition(|d| d.until_ms <= now_ms);
-        self.active = keep;
-        if !ended.is_empty() {
-            self.changed = true;
-        }
-        ended
+        self.take(|d| d.until_ms <= now_ms)
     }
 }
 
