@@ -100,7 +100,14 @@ impl Decisions {
 
     /// A block for an alert of an enforcing rule; `None` for shadow rules, or when a block at
     /// least as long is already in force.
-    pub fn on_alert(&mut self, rule: &Rule, alert: &Alert, id: String) -> Option<Decision> {
+    /// The block starts `now_ms`, when it is decided: calls made before that were not blocked.
+    pub fn on_alert(
+        &mut self,
+        rule: &Rule,
+        alert: &Alert,
+        id: String,
+        now_ms: u64,
+    ) -> Option<Decision> {
         if alert.shadow || rule.shadow || rule.block.is_empty() {
             return None;
         }
@@ -110,7 +117,7 @@ impl Decisions {
             (BlockScope::Session, Some(u), None) => (Scope::User, u.clone()),
             _ => return None,
         };
-        let now = alert.ts_ms;
+        let now = now_ms.max(alert.ts_ms);
         if self
             .active
             .iter()
@@ -249,19 +256,21 @@ mod tests {
     fn escalates_for_repeat_offenders() {
         let mut d = Decisions::default();
         let r = rule(&[60, 600], false);
-        let a = d.on_alert(&r, &alert(1000), "d1".into()).unwrap();
+        let a = d.on_alert(&r, &alert(1000), "d1".into(), 1000).unwrap();
         assert_eq!((a.level, a.until_ms, a.scope), (1, 61_000, Scope::User));
         // Already blocked: no second decision.
-        assert!(d.on_alert(&r, &alert(2000), "d2".into()).is_none());
+        assert!(d.on_alert(&r, &alert(2000), "d2".into(), 2000).is_none());
         assert!(d.blocking(Some("7"), None, 5000).is_some());
         assert!(d.blocking(Some("8"), Some("s"), 5000).is_none());
         assert_eq!(d.expire(61_000).len(), 1);
-        let b = d.on_alert(&r, &alert(70_000), "d3".into()).unwrap();
+        let b = d.on_alert(&r, &alert(70_000), "d3".into(), 70_000).unwrap();
         assert_eq!((b.level, b.until_ms), (2, 670_000));
         let c = d.unblock(Scope::User, "7");
         assert_eq!(c.len(), 1);
         // The last duration repeats.
-        let e = d.on_alert(&r, &alert(700_000), "d4".into()).unwrap();
+        let e = d
+            .on_alert(&r, &alert(700_000), "d4".into(), 700_000)
+            .unwrap();
         assert_eq!((e.level, e.until_ms), (3, 1_300_000));
     }
 
@@ -269,10 +278,10 @@ mod tests {
     fn shadow_rules_never_block() {
         let mut d = Decisions::default();
         assert!(d
-            .on_alert(&rule(&[60], true), &alert(1), "x".into())
+            .on_alert(&rule(&[60], true), &alert(1), "x".into(), 1)
             .is_none());
         assert!(d
-            .on_alert(&rule(&[], false), &alert(1), "x".into())
+            .on_alert(&rule(&[], false), &alert(1), "x".into(), 1)
             .is_none());
         assert!(d.active.is_empty());
     }

@@ -844,7 +844,8 @@ impl Pipeline {
                 security_lines.push(security::alert_line(&al, &aid, &self.s.host_name));
                 let rule = self.s.rules[al.rule_index].clone();
                 let did = self.ids.next_id();
-                if let Some(d) = self.decisions.on_alert(&rule, &al, did) {
+                let decided = self.now_ms(wall_ns());
+                if let Some(d) = self.decisions.on_alert(&rule, &al, did, decided) {
                     let rid = self.ids.next_id();
                     security_lines.push(security::decision_line(
                         &d,
@@ -862,6 +863,14 @@ impl Pipeline {
         }
         self.out.append(&mut security_lines);
     }
+}
+
+/// CLOCK_REALTIME now, in ns (when a decision is made).
+fn wall_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 /// CLOCK_MONOTONIC now, in ns (the clock of the kernel's timestamps).
