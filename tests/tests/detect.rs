@@ -174,8 +174,8 @@ fn incident_is_alerted_and_blocked_others_unaffected() -> Result<()> {
     }
 
     // At the client: no address-book answer to the abuser for any request sent after the
-    // decision was made.
-    let decided = unix_s(get(start, "event.created").as_str().context("created")?)?;
+    // decision was in force in the kernel (the block_enforced record is made right after).
+    let decided = unix_s(get(enforced, "event.created").as_str().context("created")?)?;
     let t0 = s["startedAt"].as_f64().context("startedAt")?;
     let reqs = s["requests"].as_array().context("requests")?;
     let mut after = 0;
