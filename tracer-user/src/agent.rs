@@ -188,18 +188,7 @@ fn now_unix_ms() -> u64 {
 
 /// Writes `bytes` to `dir/name` atomically, mode 0600.
 fn save_private(dir: &std::path::Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = dir.join(format!("{name}.tmp"));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, dir.join(name))
+    crate::statefile::write_private(&dir.join(name), bytes)
 }
 
 /// Carries out the pipeline's kernel actions; one `block_enforced` record per decision.

@@ -408,20 +408,7 @@ impl Attributor {
         let bytes = serde_json::to_vec(&doc).unwrap_or_default();
         self.sessions = doc.sessions;
         self.users = doc.users;
-        let tmp = path.with_extension("json.tmp");
-        let res = (|| {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)
-        })();
+        let res = crate::statefile::write_private(path, &bytes);
         match res {
             Ok(()) => {
                 self.dirty = false;
@@ -863,30 +850,12 @@ impl Attributor {
     /// Keeps the maps within their budget: the least recently seen tenth goes first, counted.
     fn bound(&mut self, stats: &Stats) {
         let max = self.cfg.max_sessions;
-        if self.sessions.len() > max {
-            let mut seen: Vec<(u64, String)> = self
-                .sessions
-                .iter()
-                .map(|(k, e)| (e.last_seen, k.clone()))
-                .collect();
-            seen.sort_unstable();
-            let n = self.sessions.len() - max + max / 10;
-            for (_, k) in seen.into_iter().take(n) {
-                self.sessions.remove(&k);
-            }
+        let n = crate::statefile::evict_oldest(&mut self.sessions, max, |e| e.last_seen);
+        if n > 0 {
             stats.add_reason("sessions_evicted_total", "budget", n as u64);
         }
-        if self.users.len() > max {
-            let mut seen: Vec<(u64, String)> = self
-                .users
-                .iter()
-                .map(|(k, e)| (e.last_seen, k.clone()))
-                .collect();
-            seen.sort_unstable();
-            let n = self.users.len() - max + max / 10;
-            for (_, k) in seen.into_iter().take(n) {
-                self.users.remove(&k);
-            }
+        let n = crate::statefile::evict_oldest(&mut self.users, max, |e| e.last_seen);
+        if n > 0 {
             stats.add_reason("users_evicted_total", "budget", n as u64);
         }
     }

@@ -1161,6 +1161,19 @@ fn check_output(raw: RawOutput, state_dir: &Path, p: &mut Problems) -> OutputCon
     }
 }
 
+/// Every problem `parse` finds in `text`, one line each (a syntax error is one line; a valid
+/// text none), for the tests of this module and its parts.
+#[cfg(test)]
+fn problem_lines(text: &str) -> Vec<String> {
+    match parse(text, "s.toml") {
+        Err(ConfigError::Invalid { problems, .. }) => {
+            problems.iter().map(|p| p.to_string()).collect()
+        }
+        Err(e) => vec![e.to_string()],
+        Ok(_) => vec![],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

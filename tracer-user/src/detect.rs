@@ -46,6 +46,29 @@ pub struct Access {
     pub query: std::collections::BTreeMap<String, Vec<String>>,
 }
 
+impl Access {
+    /// The who, whose and where of a recorded exchange, taken apart (the rest left empty).
+    pub fn from_parts(
+        a: Option<crate::attribution::Attribution>,
+        d: Option<crate::disclosure::Disclosure>,
+        route: Option<crate::routes::RouteMatch>,
+    ) -> Access {
+        let mut x = Access::default();
+        if let Some(a) = a {
+            (x.user, x.role, x.tenant, x.session, x.client_ip) =
+                (a.user_id, a.role, a.tenant, a.session_id, a.client_ip);
+        }
+        if let Some(d) = d {
+            x.subjects = d.ids;
+            x.target_tenants = d.tenants.into_iter().collect();
+        }
+        if let Some(m) = route {
+            (x.route, x.params, x.query) = (Some(m.name), m.params, m.query);
+        }
+        x
+    }
+}
+
 /// One detector firing.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Alert {
@@ -540,20 +563,10 @@ impl Detector {
 
     fn bound(&mut self, stats: &Stats) {
         let max = self.cfg().max_tracked;
-        if self.keys.len() <= max {
-            return;
+        let n = crate::statefile::evict_oldest(&mut self.keys, max, |k| k.last_ms);
+        if n > 0 {
+            stats.add_reason("detector_keys_evicted_total", "budget", n as u64);
         }
-        let mut v: Vec<(u64, String)> = self
-            .keys
-            .iter()
-            .map(|(k, s)| (s.last_ms, k.clone()))
-            .collect();
-        v.sort_unstable();
-        let n = self.keys.len() - max + max / 10;
-        for (_, k) in v.into_iter().take(n) {
-            self.keys.remove(&k);
-        }
-        stats.add_reason("detector_keys_evicted_total", "budget", n as u64);
     }
 
     /// The state as JSON (for the state directory: long windows survive restarts).

@@ -26,4 +26,5 @@ pub mod routes;
 pub mod security;
 pub mod sink;
 pub mod source;
+pub mod statefile;
 pub mod stats;

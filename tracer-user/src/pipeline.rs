@@ -778,38 +778,6 @@ impl Pipeline {
             }
         }
         // Detection, on the edge only (behind it the same call is seen again).
-        let mut security_lines: Vec<Vec<u8>> = Vec::new();
-        let mut pending_access: Option<Access> = None;
-        if edge && !self.detector.rules().is_empty() {
-            let a = attribution.as_ref();
-            let access = Access {
-                event_id: String::new(),
-                ts_ms: now_ms,
-                service: service.clone(),
-                route: route.as_ref().map(|m| m.name.clone()),
-                has_disclosure: route
-                    .as_ref()
-                    .is_some_and(|m| self.s.disclosure.routes.contains_key(&m.name)),
-                status: ex.response.as_ref().map(|r| r.status),
-                user: a.and_then(|a| a.user_id.clone()),
-                role: a.and_then(|a| a.role.clone()),
-                tenant: a.and_then(|a| a.tenant.clone()),
-                session: a.and_then(|a| a.session_id.clone()),
-                client_ip: a.and_then(|a| a.client_ip),
-                subjects: disclosure
-                    .as_ref()
-                    .map(|d| d.ids.clone())
-                    .unwrap_or_default(),
-                cross_tenant: cross,
-                target_tenants: disclosure
-                    .as_ref()
-                    .map(|d| d.tenants.iter().cloned().collect())
-                    .unwrap_or_default(),
-                params: route.as_ref().map(|m| m.params.clone()).unwrap_or_default(),
-                query: route.as_ref().map(|m| m.query.clone()).unwrap_or_default(),
-            };
-            pending_access = Some(access);
-        }
         let event_id = self.ids.next_id();
         let ctx = RecordContext {
             exchange: ex,
@@ -836,32 +804,48 @@ impl Pipeline {
         let mut line = Vec::with_capacity(1024);
         record::write_line(&ctx, &mut line);
         self.out.push(line);
-        if let Some(mut access) = pending_access {
-            access.event_id = event_id;
-            let alerts = self.detector.observe(&access, &self.stats);
-            for al in alerts {
-                let aid = self.ids.next_id();
-                security_lines.push(security::alert_line(&al, &aid, &self.s.host_name));
-                let rule = self.s.rules[al.rule_index].clone();
-                let did = self.ids.next_id();
-                let decided = self.now_ms(wall_ns());
-                if let Some(d) = self.decisions.on_alert(&rule, &al, did, decided) {
-                    let rid = self.ids.next_id();
-                    security_lines.push(security::decision_line(
-                        &d,
-                        Phase::Start,
-                        &rid,
-                        now_ms,
-                        &self.s.host_name,
-                        None,
-                    ));
-                    self.stats
-                        .add("decisions_started_total{origin=\"rule\"}", 1);
-                    self.enforce_decision(&d);
-                }
+        // Detection, on the edge only (behind it the same call is seen again). The record is
+        // written, so what it was built from moves into the detector's view of the call.
+        if edge && !self.detector.rules().is_empty() {
+            self.detect(Access {
+                event_id,
+                ts_ms: now_ms,
+                has_disclosure: route
+                    .as_ref()
+                    .is_some_and(|m| self.s.disclosure.routes.contains_key(&m.name)),
+                service,
+                status: ex.response.as_ref().map(|r| r.status),
+                cross_tenant: cross,
+                ..Access::from_parts(attribution, disclosure, route)
+            });
+        }
+    }
+
+    /// Feeds one access to the detectors; alerts and the decisions they make become records,
+    /// and decisions are enforced.
+    fn detect(&mut self, access: Access) {
+        for al in self.detector.observe(&access, &self.stats) {
+            let aid = self.ids.next_id();
+            self.out
+                .push(security::alert_line(&al, &aid, &self.s.host_name));
+            let rule = self.s.rules[al.rule_index].clone();
+            let did = self.ids.next_id();
+            let decided = self.now_ms(wall_ns());
+            if let Some(d) = self.decisions.on_alert(&rule, &al, did, decided) {
+                let rid = self.ids.next_id();
+                self.out.push(security::decision_line(
+                    &d,
+                    Phase::Start,
+                    &rid,
+                    d.start_ms,
+                    &self.s.host_name,
+                    None,
+                ));
+                self.stats
+                    .add("decisions_started_total{origin=\"rule\"}", 1);
+                self.enforce_decision(&d);
             }
         }
-        self.out.append(&mut security_lines);
     }
 }
 

@@ -571,7 +571,7 @@ pub(super) fn check_route_disclosure(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{parse, ConfigError};
+    use crate::config::parse;
 
     const BASE: &str = r#"
 [agent]
@@ -590,13 +590,7 @@ name = "photo"
 "#;
 
     fn problems(extra: &str) -> Vec<String> {
-        match parse(&format!("{BASE}{extra}"), "s.toml") {
-            Err(ConfigError::Invalid { problems, .. }) => {
-                problems.iter().map(|p| p.to_string()).collect()
-            }
-            Err(e) => vec![e.to_string()],
-            Ok(_) => vec![],
-        }
+        crate::config::problem_lines(&format!("{BASE}{extra}"))
     }
 
     #[test]
