@@ -23,10 +23,15 @@ use crate::routes;
 
 mod detection;
 mod identity;
+mod sinks;
 pub use detection::{BlockScope, By, DetectionConfig, Metric, Rule, RuleKind};
 pub use identity::{
     Cidr, DisclosureConfig, EndpointRule, IdentityConfig, JwtClaims, LoginRule, ProxyHeaders,
     RouteDisclosure,
+};
+pub use sinks::{
+    FileSinkConfig, HttpSinkConfig, OnFull, SinkConfig, SinkKind, SpoolConfig, SyslogSinkConfig,
+    SyslogTransport, TlsClientConfig,
 };
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/sparbar";
@@ -77,6 +82,11 @@ pub struct Config {
     pub detection: DetectionConfig,
     /// The detectors.
     pub rules: Vec<Rule>,
+    /// Where records wait on disk until every sink has them.
+    pub spool: SpoolConfig,
+    /// The destinations: `output.file` (named `file`), `output.stdout` (`stdout`), then
+    /// `[[sinks]]` in order.
+    pub sinks: Vec<SinkConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -499,6 +509,10 @@ struct RawConfig {
     detection: detection::RawDetection,
     #[serde(default)]
     rules: Vec<detection::RawRule>,
+    #[serde(default)]
+    spool: sinks::RawSpool,
+    #[serde(default)]
+    sinks: Vec<sinks::RawSink>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -613,6 +627,8 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
     let target_names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
     let detection = detection::check_detection(raw.detection, &target_names, &mut p);
     let rules = detection::check_rules(raw.rules, &route_names, &mut p);
+    let spool = sinks::check_spool(raw.spool, &agent.state_dir, &mut p);
+    let sinks = sinks::check_sinks(raw.sinks, Some(&output.file), output.stdout, &mut p);
     let mut disclosure = identity::check_disclosure(raw.disclosure, &mut p);
     for (i, (d, r)) in route_disclosures.into_iter().zip(&routes).enumerate() {
         if let Some(d) = d {
@@ -644,6 +660,8 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             disclosure,
             detection,
             rules,
+            spool,
+            sinks,
         })
     } else {
         Err(ConfigError::Invalid {

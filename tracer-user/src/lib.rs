@@ -24,6 +24,7 @@ pub mod reassembly;
 pub mod record;
 pub mod routes;
 pub mod security;
+pub mod ship;
 pub mod sink;
 pub mod source;
 pub mod statefile;

@@ -1,0 +1,144 @@
+//! Ships the audit trail: every record goes first into a durable spool on disk (one per stream),
+//! sealed into that stream's hash chain, and from there to each configured sink by a worker of
+//! its own that keeps its own acknowledged position. A slow or dead sink delays only itself;
+//! nothing is deleted from the spool until every sink has it; what cannot be delivered is
+//! dead-lettered with its reason, and what was never spooled is stated in a gap record.
+//!
+//! The data path: [`spool::Spool::append`] (agent thread) → segment files → [`deliver`] workers
+//! (one thread per sink) → a [`Destination`] (file, stdout, syslog, Loki, Elasticsearch, OTLP).
+
+pub mod chain;
+pub mod deliver;
+pub mod file;
+pub mod spool;
+
+use std::time::Duration;
+
+/// The two streams, with separate spools: `access` is high volume; `security` (alerts,
+/// decisions, gaps, checkpoints, agent state) is low volume, synced per record, never dropped,
+/// and delivered before any access backlog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Stream {
+    Access,
+    Security,
+}
+
+impl Stream {
+    pub const ALL: [Stream; 2] = [Stream::Security, Stream::Access];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Stream::Access => "access",
+            Stream::Security => "security",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Stream> {
+        match s {
+            "access" => Some(Stream::Access),
+            "security" => Some(Stream::Security),
+            _ => None,
+        }
+    }
+}
+
+/// One spooled record as a destination sees it: the exact sealed JSON line (no newline), which
+/// carries `event.id`, `event.sequence` and `sparbar.chain`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    pub stream: Stream,
+    pub seq: u64,
+    pub bytes: Vec<u8>,
+}
+
+impl Line {
+    /// The record parsed (destinations that re-encode it: Loki, OTLP, Elasticsearch).
+    pub fn json(&self) -> Option<serde_json::Value> {
+        serde_json::from_slice(&self.bytes).ok()
+    }
+}
+
+/// How a destination wants its batches cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    pub max_records: usize,
+    pub max_bytes: usize,
+    /// How long a worker waits for a batch to fill before sending what it has.
+    pub linger: Duration,
+}
+
+impl Default for BatchLimits {
+    fn default() -> Self {
+        BatchLimits {
+            max_records: 500,
+            max_bytes: 1 << 20,
+            linger: Duration::from_millis(200),
+        }
+    }
+}
+
+/// What a destination did with a batch it answered for.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Outcome {
+    /// Indexes into the batch rejected for good, with the receiver's reason: these go to the
+    /// dead-letter file and are not sent again.
+    pub rejected: Vec<(usize, String)>,
+    /// Indexes into the batch to send again later (a partial failure the receiver says is
+    /// retryable). Everything not listed in `rejected` or `retry` was accepted.
+    pub retry: Vec<usize>,
+    /// Receiver asked to wait before the retry (`Retry-After`).
+    pub retry_after: Option<Duration>,
+}
+
+impl Outcome {
+    pub fn delivered() -> Outcome {
+        Outcome::default()
+    }
+}
+
+/// A batch that failed as a whole.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// The receiver is unreachable or answered with a transient error (connection refused,
+    /// timeout, 429, 5xx, a RELP error): send the same batch again after a backoff, or after
+    /// `after` when the receiver said (`Retry-After`).
+    #[error("{reason} (will retry)")]
+    Retry {
+        reason: String,
+        after: Option<Duration>,
+    },
+    /// The receiver refused the whole batch for good (400, 413 after splitting down to one
+    /// record, 401/403 are NOT this: they are retried, an operator can fix credentials):
+    /// every record goes to the dead-letter file with this reason.
+    #[error("rejected: {reason}")]
+    Reject { reason: String },
+}
+
+impl SendError {
+    pub fn retry(reason: impl Into<String>) -> SendError {
+        SendError::Retry {
+            reason: reason.into(),
+            after: None,
+        }
+    }
+}
+
+/// A place records are delivered to. Implementations block (each runs on its own worker
+/// thread), must not panic on bad answers, and say precisely why a batch failed.
+pub trait Destination: Send {
+    /// The sink's configured name, for logs, counters and the position files.
+    fn name(&self) -> &str;
+    /// How batches for this destination are cut.
+    fn limits(&self) -> BatchLimits {
+        BatchLimits::default()
+    }
+    /// Delivers `batch` (all of one stream, in sequence order). `Ok` means the receiver answered
+    /// for every record as the [`Outcome`] says; only then does the worker move past them.
+    fn send(&mut self, batch: &[Line]) -> Result<Outcome, SendError>;
+    /// Makes what was delivered durable at the destination where that means something (file
+    /// fsync); called before the worker records its position as acknowledged... for
+    /// destinations whose `send` already waits for the receiver's acknowledgement, a no-op.
+    fn flush(&mut self) -> Result<(), SendError> {
+        Ok(())
+    }
+}
