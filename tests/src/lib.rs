@@ -215,7 +215,25 @@ impl Agent {
     }
 }
 
+/// The records of a JSON Lines file the agent wrote, without the trail's own bookkeeping
+/// (agent start, state, gap, sink and checkpoint records; see [`read_trail`]).
 pub fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
+    Ok(read_trail(path)?
+        .into_iter()
+        .filter(|r| !is_trail_record(r))
+        .collect())
+}
+
+/// The audit trail's own records: agent start and state, gaps, sink events, checkpoints.
+pub fn is_trail_record(r: &Value) -> bool {
+    matches!(
+        r["event"]["dataset"].as_str(),
+        Some("sparbar.agent" | "sparbar.state" | "sparbar.gap" | "sparbar.sink" | "sparbar.checkpoint")
+    )
+}
+
+/// Every line of a JSON Lines file the agent wrote.
+pub fn read_trail(path: &Path) -> Result<Vec<Value>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     text.lines()

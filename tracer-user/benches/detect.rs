@@ -246,6 +246,7 @@ fn main() {
         };
         p.handle(close);
         p.out.clear();
+        p.security_out.clear();
     }
     let secs = t0.elapsed().as_secs_f64();
     let rss1 = rss_kib();

@@ -24,7 +24,7 @@ use crate::{
     loader::{self, Kernel, LoadSettings},
     pipeline::{self, Pipeline, Services},
     routes::RouteTable,
-    sink::{JsonlFile, Sink, Stdout},
+    ship::shipper::{ShipError, Shipper, DRAIN_TIMEOUT},
     source,
     stats::{self, Stats},
 };
@@ -33,11 +33,8 @@ use crate::{
 pub enum AgentError {
     #[error(transparent)]
     Load(#[from] loader::LoadError),
-    #[error("opening the record file {path}: {source}")]
-    Sink {
-        path: PathBuf,
-        source: crate::sink::SinkError,
-    },
+    #[error("audit trail: {0}")]
+    Ship(#[from] ShipError),
     #[error("creating the state directory {path}: {source}")]
     StateDir {
         path: PathBuf,
@@ -58,7 +55,8 @@ pub struct Plan {
     pub pipeline: pipeline::Settings,
     pub state_dir: PathBuf,
     pub output_file: PathBuf,
-    pub stdout: bool,
+    pub spool: crate::config::SpoolConfig,
+    pub sinks: Vec<crate::config::SinkConfig>,
     pub stats_interval: Duration,
     pub queue_capacity: usize,
     pub identity: IdentityConfig,
@@ -138,7 +136,8 @@ impl Plan {
             feed_listen: cfg.detection.feed_listen,
             state_dir: cfg.agent.state_dir.clone(),
             output_file: cfg.output.file.clone(),
-            stdout: cfg.output.stdout,
+            spool: cfg.spool.clone(),
+            sinks: cfg.sinks.clone(),
             stats_interval: cfg.agent.stats_interval,
             queue_capacity: cfg.capture.queue_capacity,
         })
@@ -290,7 +289,7 @@ fn apply_actions(pipeline: &mut Pipeline, kernel: &mut Kernel, stats: &Stats, ho
             .cloned();
         if let Some(d) = d {
             let rid = crate::ids::EventIds::new().next_id();
-            pipeline.out.push(decision_line(
+            pipeline.security_out.push(decision_line(
                 &d,
                 Phase::Enforced,
                 &rid,
@@ -302,49 +301,6 @@ fn apply_actions(pipeline: &mut Pipeline, kernel: &mut Kernel, stats: &Stats, ho
     }
 }
 
-struct Sinks {
-    sinks: Vec<Box<dyn Sink>>,
-    /// Per sink: the counter names for written and dropped records, built once.
-    names: Vec<(String, String)>,
-    stats: Arc<Stats>,
-    last_error_log: Option<Instant>,
-}
-
-impl Sinks {
-    fn write_all(&mut self, records: &mut Vec<Vec<u8>>) {
-        for r in records.drain(..) {
-            for (s, (written, dropped)) in self.sinks.iter_mut().zip(&self.names) {
-                match s.write_line(&r) {
-                    Ok(()) => self.stats.add(written, 1),
-                    Err(e) => {
-                        self.stats.add(dropped, 1);
-                        if self
-                            .last_error_log
-                            .is_none_or(|t| t.elapsed() > Duration::from_secs(10))
-                        {
-                            error!(
-                                "sink {}: {e}; records are being dropped (counted)",
-                                s.name()
-                            );
-                            self.last_error_log = Some(Instant::now());
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    fn flush(&mut self) {
-        for s in self.sinks.iter_mut() {
-            if let Err(e) = s.flush() {
-                error!("flushing sink {}: {e}", s.name());
-                self.stats
-                    .add_reason("sink_flush_errors_total", s.name(), 1);
-            }
-        }
-    }
-}
-
 pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
     let started = Instant::now();
     std::fs::create_dir_all(&plan.state_dir).map_err(|e| AgentError::StateDir {
@@ -352,33 +308,14 @@ pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
         source: e,
     })?;
     let stats = Arc::new(Stats::default());
-    let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(
-        JsonlFile::open(&plan.output_file).map_err(|e| AgentError::Sink {
-            path: plan.output_file.clone(),
-            source: e,
-        })?,
-    )];
-    if plan.stdout {
-        sinks.push(Box::new(Stdout::new()));
-    }
-    let names = sinks
-        .iter()
-        .map(|s| {
-            (
-                format!("records_written_total{{sink=\"{}\"}}", s.name()),
-                format!(
-                    "records_dropped_total{{reason=\"sink_error\",sink=\"{}\"}}",
-                    s.name()
-                ),
-            )
-        })
-        .collect();
-    let mut sinks = Sinks {
-        sinks,
-        names,
-        stats: stats.clone(),
-        last_error_log: None,
-    };
+    let mut shipper = Shipper::start(
+        &plan.spool,
+        &plan.sinks,
+        &plan.state_dir,
+        &plan.pipeline_host,
+        stats.clone(),
+    )?;
+    shipper.write(&mut Vec::new(), &mut Vec::new());
 
     let mut kernel = loader::load(&plan.load)?;
     if plan.enforce {
@@ -493,7 +430,7 @@ pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
                     pipeline.handle(ev);
                 }
                 apply_actions(&mut pipeline, &mut kernel, &stats, &host);
-                sinks.write_all(&mut pipeline.out);
+                shipper.write(&mut pipeline.out, &mut pipeline.security_out);
                 save_decisions(&mut pipeline, &plan.state_dir, &stats, &feed);
                 pipeline.flush_stats();
                 for pid in std::mem::take(&mut pipeline.execs) {
@@ -513,16 +450,16 @@ pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
                 if scans.is_multiple_of(30) {
                     // Keep-alive connections idle for 15 minutes whose close we never saw.
                     pipeline.expire_idle(pipeline::monotonic_ns(), 15 * 60 * 1_000_000_000);
-                    sinks.write_all(&mut pipeline.out);
+                    shipper.write(&mut pipeline.out, &mut pipeline.security_out);
                     let pruned = kernel.prune_conns(|tgid| std::path::Path::new(&format!("/proc/{tgid}")).exists());
                     stats.add("kernel_connections_pruned_total", pruned as u64);
                 }
-                sinks.flush();
             }
             _ = tick.tick() => {
+                shipper.tick();
                 pipeline.tick(now_unix_ms());
                 apply_actions(&mut pipeline, &mut kernel, &stats, &host);
-                sinks.write_all(&mut pipeline.out);
+                shipper.write(&mut pipeline.out, &mut pipeline.security_out);
                 save_decisions(&mut pipeline, &plan.state_dir, &stats, &feed);
             }
             cmd = ctl_rx.recv() => {
@@ -532,8 +469,7 @@ pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
                         let _ = std::fs::write(plan.state_dir.join(TEST_CLOCK_FILE), pipeline.clock_offset_ms.to_string());
                     }
                     apply_actions(&mut pipeline, &mut kernel, &stats, &host);
-                    sinks.write_all(&mut pipeline.out);
-                    sinks.flush();
+                    shipper.write(&mut pipeline.out, &mut pipeline.security_out);
                     save_decisions(&mut pipeline, &plan.state_dir, &stats, &feed);
                     let _ = reply.send(answer);
                 }
@@ -545,7 +481,10 @@ pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
                     a.save(&stats);
                     stats.set("sessions_known", a.sessions_known() as u64);
                 }
-                report(&kernel, &discovery, &stats, &plan.state_dir, started, pipeline.open_connections(), false);
+                let state = report(&kernel, &discovery, &stats, &plan.state_dir, started, pipeline.open_connections(), false, Some(shipper.usage()));
+                if shipper.state_due() {
+                    shipper.state_record(state);
+                }
             }
             _ = term.recv(), if !stopping => { info!("SIGTERM: draining and stopping"); stopping = true; let _ = stop_tx.send(true); }
             _ = int.recv(), if !stopping => { info!("SIGINT: draining and stopping"); stopping = true; let _ = stop_tx.send(true); }
@@ -563,18 +502,27 @@ pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
     }
     pipeline.finish();
     pipeline.flush_stats();
-    sinks.write_all(&mut pipeline.out);
-    sinks.flush();
+    shipper.write(&mut pipeline.out, &mut pipeline.security_out);
     if let Some(a) = pipeline.attributor.as_mut() {
         a.save(&stats);
         stats.set("sessions_known", a.sessions_known() as u64);
     }
     apply_actions(&mut pipeline, &mut kernel, &stats, &host);
-    sinks.write_all(&mut pipeline.out);
-    sinks.flush();
+    shipper.write(&mut pipeline.out, &mut pipeline.security_out);
     save_decisions(&mut pipeline, &plan.state_dir, &stats, &feed);
     save_detector(&pipeline, &plan.state_dir, &stats);
     let _ = std::fs::remove_file(plan.state_dir.join(crate::control::SOCKET_FILE));
+    let state = report(
+        &kernel,
+        &discovery,
+        &stats,
+        &plan.state_dir,
+        started,
+        0,
+        true,
+        Some(shipper.usage()),
+    );
+    shipper.stop(state, DRAIN_TIMEOUT);
     report(
         &kernel,
         &discovery,
@@ -583,6 +531,7 @@ pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
         started,
         0,
         true,
+        None,
     );
     info!("sparbar stopped; probes detached");
     Ok(())
@@ -632,7 +581,8 @@ fn report(
     started: Instant,
     open_conns: usize,
     last: bool,
-) {
+    spool: Option<serde_json::Value>,
+) -> serde_json::Value {
     let k = kernel.counters();
     let mut kernel_map = BTreeMap::new();
     for (i, v) in k.iter().enumerate() {
@@ -654,7 +604,7 @@ fn report(
     );
     let records: u64 = agent
         .iter()
-        .filter(|(n, _)| n.starts_with("records_written_total"))
+        .filter(|(n, _)| n.starts_with("records_spooled_total"))
         .map(|(_, v)| *v)
         .sum();
     info!(
@@ -680,6 +630,7 @@ fn report(
         "tracepoints": kernel.tracepoints,
         "libraries": libs,
         "targets": d.procs.values().map(|p| serde_json::json!({"pid": p.pid, "name": p.name, "executable": p.executable})).collect::<Vec<_>>(),
+        "spool": spool,
     });
     let path = state_dir.join("stats.json");
     let tmp = state_dir.join("stats.json.tmp");
@@ -688,6 +639,7 @@ fn report(
     if let Err(e) = res {
         warn!("writing {}: {e}", path.display());
     }
+    doc
 }
 
 fn restore_detection(p: &mut Pipeline, dir: &std::path::Path, stats: &Stats) {

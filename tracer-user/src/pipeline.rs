@@ -154,9 +154,10 @@ pub struct Pipeline {
     services: Services,
     stats: Arc<Stats>,
     ids: EventIds,
-    /// Records ready for the sinks.
-    /// Records ready for the sinks, one compact JSON line each.
+    /// Access records ready for the spool, one compact JSON line each.
     pub out: Vec<Vec<u8>>,
+    /// Security records (alerts, decisions) ready for the security spool.
+    pub security_out: Vec<Vec<u8>>,
     /// Processes that exec'd, for discovery to re-check.
     pub execs: Vec<u32>,
     pub exits: Vec<u32>,
@@ -232,6 +233,7 @@ impl Pipeline {
             stats,
             ids: EventIds::new(),
             out: Vec::new(),
+            security_out: Vec::new(),
             execs: Vec::new(),
             exits: Vec::new(),
             route_counters: Vec::new(),
@@ -504,7 +506,7 @@ impl Pipeline {
         for d in ended {
             let id = self.ids.next_id();
             let enf = self.enforced.remove(&d.id);
-            self.out.push(security::decision_line(
+            self.security_out.push(security::decision_line(
                 &d,
                 Phase::End(why),
                 &id,
@@ -561,7 +563,7 @@ impl Pipeline {
             .decisions
             .operator_block(scope, value, duration_ms, reason, id, now);
         let rid = self.ids.next_id();
-        self.out.push(security::decision_line(
+        self.security_out.push(security::decision_line(
             &d,
             Phase::Start,
             &rid,
@@ -826,14 +828,14 @@ impl Pipeline {
     fn detect(&mut self, access: Access) {
         for al in self.detector.observe(&access, &self.stats) {
             let aid = self.ids.next_id();
-            self.out
+            self.security_out
                 .push(security::alert_line(&al, &aid, &self.s.host_name));
             let rule = self.s.rules[al.rule_index].clone();
             let did = self.ids.next_id();
             let decided = self.now_ms(wall_ns());
             if let Some(d) = self.decisions.on_alert(&rule, &al, did, decided) {
                 let rid = self.ids.next_id();
-                self.out.push(security::decision_line(
+                self.security_out.push(security::decision_line(
                     &d,
                     Phase::Start,
                     &rid,

@@ -10,6 +10,7 @@
 pub mod chain;
 pub mod deliver;
 pub mod file;
+pub mod shipper;
 pub mod spool;
 
 use std::time::Duration;
