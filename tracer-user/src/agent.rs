@@ -519,7 +519,7 @@ pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
         &plan.state_dir,
         started,
         0,
-        true,
+        false,
         Some(shipper.usage()),
     );
     shipper.stop(state, DRAIN_TIMEOUT);

@@ -7,6 +7,9 @@
 //! `detect`: recorded-shape exchanges through parsing, attribution, disclosure and detection
 //! without the kernel (tracer-user/benches/detect.rs): exchanges per second on one core and
 //! memory per tracked user.
+//!
+//! `ship`: records through the durable spool to a file sink and to a loopback HTTP sink, beside
+//! a direct file write, and the security stream's fsync cost (tracer-user/benches/ship.rs).
 
 use std::{path::Path, process::Command, time::Duration};
 
@@ -37,6 +40,13 @@ pub enum Which {
         #[arg(long, default_value_t = 100_000)]
         users: u32,
     },
+    /// Records per second through the spool to a file sink and a loopback HTTP sink, and the
+    /// cost of the security stream's fsync.
+    Ship {
+        /// Access records per run.
+        #[arg(long, default_value_t = 200_000)]
+        records: u64,
+    },
 }
 
 pub fn run(bin: &Path, which: Which) -> Result<()> {
@@ -57,6 +67,17 @@ pub fn run(bin: &Path, which: Which) -> Result<()> {
                 .status()
                 .context("cargo bench")?;
             anyhow::ensure!(status.success(), "the detect benchmark failed: {status}");
+            Ok(())
+        }
+        Which::Ship { records } => {
+            step(&format!("bench ship: {records} records through the spool"));
+            let status = Command::new(env!("CARGO"))
+                .current_dir(sparbar_tests::repo_root())
+                .args(["bench", "--quiet", "-p", "tracer-user", "--bench", "ship"])
+                .env("BENCH_RECORDS", records.to_string())
+                .status()
+                .context("cargo bench")?;
+            anyhow::ensure!(status.success(), "the ship benchmark failed: {status}");
             Ok(())
         }
     }
