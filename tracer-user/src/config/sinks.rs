@@ -782,3 +782,135 @@ pub(super) fn check_sinks(
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse;
+
+    const BASE: &str = r#"
+[agent]
+host_name = "web-1"
+state_dir = "/srv/sp"
+[[targets]]
+exe = "/usr/sbin/nginx"
+[[routes]]
+route = "GET /api/persons/{id}"
+name = "abook.person"
+"#;
+
+    fn problems(extra: &str) -> Vec<String> {
+        crate::config::problem_lines(&format!("{BASE}{extra}"))
+    }
+
+    #[test]
+    fn defaults_give_the_embedded_file_sink_and_a_spool_under_the_state_dir() {
+        let c = parse(BASE, "s.toml").unwrap();
+        assert_eq!(c.spool.dir, PathBuf::from("/srv/sp/spool"));
+        assert_eq!(c.spool.on_full, OnFull::DropNew);
+        assert_eq!(c.sinks.len(), 1);
+        assert_eq!(c.sinks[0].name, "file");
+        assert_eq!(c.sinks[0].streams, vec![Stream::Security, Stream::Access]);
+        assert!(matches!(&c.sinks[0].kind, SinkKind::File(f) if f.path == "/srv/sp/access.jsonl"));
+    }
+
+    #[test]
+    fn every_sink_type_parses() {
+        let c = parse(
+            &format!(
+                "{BASE}{}",
+                r#"
+[spool]
+max_bytes = "64MiB"
+on_full = "drop_oldest"
+[[sinks]]
+type = "syslog"
+name = "siem"
+address = "127.0.0.1:2514"
+transport = "relp"
+tls = true
+ca = "/etc/ca.pem"
+streams = ["security"]
+[[sinks]]
+type = "loki"
+url = "https://l:3100/loki/api/v1/push"
+labels = { job = "x" }
+[[sinks]]
+type = "elasticsearch"
+url = "http://es:9200"
+gzip = false
+[[sinks]]
+type = "otlp"
+url = "http://c:4318/v1/logs"
+batch_records = 10
+batch_linger = "2s"
+[[sinks]]
+type = "file"
+name = "arch"
+path = "/var/log/s/{stream}.jsonl"
+rotate_bytes = "1MiB"
+keep_files = 3
+"#
+            ),
+            "s.toml",
+        )
+        .unwrap();
+        assert_eq!(c.spool.on_full, OnFull::DropOldest);
+        let names: Vec<&str> = c.sinks.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["file", "siem", "loki", "elasticsearch", "otlp", "arch"]);
+        assert!(matches!(&c.sinks[1].kind, SinkKind::Syslog(s) if s.transport == SyslogTransport::Relp && s.tls.as_ref().is_some_and(|t| t.ca.is_some())));
+        assert_eq!(c.sinks[1].streams, vec![Stream::Security]);
+        assert!(matches!(&c.sinks[3].kind, SinkKind::Elasticsearch { http, index } if !http.gzip && index == "sparbar-{stream}"));
+        assert_eq!(c.sinks[4].batch.max_records, 10);
+        assert!(matches!(&c.sinks[5].kind, SinkKind::File(f) if f.keep_files == 3 && f.rotate_bytes == 1 << 20));
+    }
+
+    #[test]
+    fn mistakes_are_explained() {
+        let p = problems(
+            r#"
+[spool]
+on_full = "block"
+access_sync = "0s"
+[[sinks]]
+type = "kafka"
+[[sinks]]
+type = "syslog"
+address = "nohost"
+transport = "udp"
+url = "http://x"
+[[sinks]]
+type = "loki"
+url = "ftp://x"
+labels = { "user.id" = "1", stream = "x" }
+[[sinks]]
+type = "file"
+name = "file"
+[[sinks]]
+type = "elasticsearch"
+url = "http://es:9200"
+index = "Sparbar"
+streams = ["audit"]
+"#,
+        );
+        let want = [
+            "spool.on_full: \"block\" is not a choice",
+            "spool.access_sync: \"0s\" is zero",
+            "sinks[0].type: \"kafka\" is not a sink type",
+            "sinks[1].url: is not used by a \"syslog\" sink",
+            "sinks[1].address: \"nohost\" is not host:port",
+            "sinks[1].transport: \"udp\" is not a choice",
+            "sinks[2].labels: \"user.id\" is not a Loki label name",
+            "sinks[2].labels: \"stream\" is set by the agent",
+            "sinks[2].url: \"ftp://x\" is not an http:// or https:// URL",
+            "sinks[3].name: \"file\" is already the name of another sink",
+            "sinks[3]: has no path",
+            "sinks[4].streams: \"audit\" is not a stream",
+            "sinks[4].index: \"Sparbar\" is not an Elasticsearch index name",
+        ];
+        for w in want {
+            assert!(p.iter().any(|l| l.contains(w)), "missing {w:?} in {p:#?}");
+        }
+        assert_eq!(p.len(), want.len() + 1, "{p:#?}"); // + streams is empty
+    }
+}
