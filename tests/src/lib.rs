@@ -228,7 +228,13 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
 pub fn is_trail_record(r: &Value) -> bool {
     matches!(
         r["event"]["dataset"].as_str(),
-        Some("sparbar.agent" | "sparbar.state" | "sparbar.gap" | "sparbar.sink" | "sparbar.checkpoint")
+        Some(
+            "sparbar.agent"
+                | "sparbar.state"
+                | "sparbar.gap"
+                | "sparbar.sink"
+                | "sparbar.checkpoint"
+        )
     )
 }
 

@@ -57,7 +57,14 @@ fn shipped(dir: &Path, n: u64, sink: SinkConfig) -> f64 {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).unwrap();
     let stats = Arc::new(Stats::default());
-    let mut sh = Shipper::start(&spool_cfg(dir), &[sink.clone()], dir, "bench", stats.clone()).unwrap();
+    let mut sh = Shipper::start(
+        &spool_cfg(dir),
+        &[sink.clone()],
+        dir,
+        "bench",
+        stats.clone(),
+    )
+    .unwrap();
     // The start record and the first state go first; measure from here.
     sh.write(&mut Vec::new(), &mut Vec::new());
     let base = sh.spool.stream(Stream::Access).head().0;
@@ -68,7 +75,10 @@ fn shipped(dir: &Path, n: u64, sink: SinkConfig) -> f64 {
         i += batch.len() as u64;
         sh.write(&mut batch, &mut Vec::new());
     }
-    let key = format!("sink_acked_sequence{{sink=\"{}\",stream=\"access\"}}", sink.name);
+    let key = format!(
+        "sink_acked_sequence{{sink=\"{}\",stream=\"access\"}}",
+        sink.name
+    );
     while stats.get(&key) < base + n {
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -134,11 +144,18 @@ fn security_fsync(dir: &Path, n: u64) -> (f64, f64) {
 }
 
 fn main() {
-    let n: u64 = std::env::var("BENCH_RECORDS").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
+    let n: u64 = std::env::var("BENCH_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-ship");
     let _ = std::fs::remove_dir_all(&root);
     std::fs::create_dir_all(&root).unwrap();
-    let limits = BatchLimits { max_records: 1000, max_bytes: 1 << 20, linger: Duration::from_millis(20) };
+    let limits = BatchLimits {
+        max_records: 1000,
+        max_bytes: 1 << 20,
+        linger: Duration::from_millis(20),
+    };
     let base = direct(&root, n);
     let file = shipped(
         &root.join("file"),

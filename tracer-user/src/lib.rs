@@ -29,3 +29,4 @@ pub mod sink;
 pub mod source;
 pub mod statefile;
 pub mod stats;
+pub mod verify;

@@ -3,7 +3,7 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use sparbar::{agent, config, control};
+use sparbar::{agent, config, control, verify};
 
 fn scope_value(user: Option<String>, session: Option<String>) -> (String, String) {
     match (user, session) {
@@ -110,6 +110,22 @@ enum Cmd {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Check audit-trail files for edited, deleted or reordered records (exit 0: none found,
+    /// 1: problems found, 2: could not check).
+    Verify {
+        /// The agent's checkpoint.pub, kept apart from the trail (repeat it for an older key).
+        #[arg(long, value_name = "CHECKPOINT_PUB")]
+        key: Vec<PathBuf>,
+        /// Print a JSON document instead of the report.
+        #[arg(long)]
+        json: bool,
+        /// The sink that wrote the files: only gaps stated for it excuse missing records.
+        #[arg(long, value_name = "NAME")]
+        sink: Option<String>,
+        /// Files, or directories (every *.jsonl* file in them, rotated and .gz ones included).
+        #[arg(required = true, value_name = "FILE_OR_DIR")]
+        paths: Vec<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -128,6 +144,19 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Cmd::Verify {
+            key,
+            json,
+            sink,
+            paths,
+        } => ExitCode::from(verify::command(
+            &verify::Options {
+                paths,
+                keys: key,
+                sink,
+            },
+            json,
+        )),
         Cmd::Block {
             config,
             user,

@@ -17,6 +17,9 @@ const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "procps",
     "iproute2",
+    "rsyslog",
+    "rsyslog-relp",
+    "rsyslog-gnutls",
 ];
 
 fn installed(pkg: &str) -> bool {

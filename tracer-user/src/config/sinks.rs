@@ -857,12 +857,21 @@ keep_files = 3
         .unwrap();
         assert_eq!(c.spool.on_full, OnFull::DropOldest);
         let names: Vec<&str> = c.sinks.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, ["file", "siem", "loki", "elasticsearch", "otlp", "arch"]);
-        assert!(matches!(&c.sinks[1].kind, SinkKind::Syslog(s) if s.transport == SyslogTransport::Relp && s.tls.as_ref().is_some_and(|t| t.ca.is_some())));
+        assert_eq!(
+            names,
+            ["file", "siem", "loki", "elasticsearch", "otlp", "arch"]
+        );
+        assert!(
+            matches!(&c.sinks[1].kind, SinkKind::Syslog(s) if s.transport == SyslogTransport::Relp && s.tls.as_ref().is_some_and(|t| t.ca.is_some()))
+        );
         assert_eq!(c.sinks[1].streams, vec![Stream::Security]);
-        assert!(matches!(&c.sinks[3].kind, SinkKind::Elasticsearch { http, index } if !http.gzip && index == "sparbar-{stream}"));
+        assert!(
+            matches!(&c.sinks[3].kind, SinkKind::Elasticsearch { http, index } if !http.gzip && index == "sparbar-{stream}")
+        );
         assert_eq!(c.sinks[4].batch.max_records, 10);
-        assert!(matches!(&c.sinks[5].kind, SinkKind::File(f) if f.keep_files == 3 && f.rotate_bytes == 1 << 20));
+        assert!(
+            matches!(&c.sinks[5].kind, SinkKind::File(f) if f.keep_files == 3 && f.rotate_bytes == 1 << 20)
+        );
     }
 
     #[test]

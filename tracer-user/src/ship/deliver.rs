@@ -45,8 +45,14 @@ pub enum Notice {
         reason: String,
     },
     /// The sink failed after working (or at its first attempt), or recovered.
-    Down { sink: String, reason: String },
-    Up { sink: String, after_failures: u64 },
+    Down {
+        sink: String,
+        reason: String,
+    },
+    Up {
+        sink: String,
+        after_failures: u64,
+    },
 }
 
 pub struct WorkerCtx {
@@ -74,7 +80,11 @@ fn jitter(d: Duration, state: &mut u64) -> Duration {
 }
 
 /// Starts the worker of `dest` over `streams`.
-pub fn spawn(mut dest: Box<dyn Destination>, streams: Vec<Stream>, ctx: WorkerCtx) -> std::io::Result<JoinHandle<()>> {
+pub fn spawn(
+    mut dest: Box<dyn Destination>,
+    streams: Vec<Stream>,
+    ctx: WorkerCtx,
+) -> std::io::Result<JoinHandle<()>> {
     let name = dest.name().to_string();
     std::thread::Builder::new()
         .name(format!("sink-{name}").chars().take(15).collect())
@@ -83,7 +93,8 @@ pub fn spawn(mut dest: Box<dyn Destination>, streams: Vec<Stream>, ctx: WorkerCt
 
 fn run(dest: &mut dyn Destination, streams: &[Stream], ctx: &WorkerCtx) {
     let name = dest.name().to_string();
-    let label = |what: &str, s: Stream| format!("{what}{{sink=\"{name}\",stream=\"{}\"}}", s.name());
+    let label =
+        |what: &str, s: Stream| format!("{what}{{sink=\"{name}\",stream=\"{}\"}}", s.name());
     let names = Names {
         delivered: streams.iter().map(|s| (*s, label("records_delivered_total", *s))).collect(),
         dead: streams.iter().map(|s| (*s, label("records_dead_lettered_total", *s))).collect(),
@@ -109,7 +120,8 @@ fn run(dest: &mut dyn Destination, streams: &[Stream], ctx: &WorkerCtx) {
         })
         .collect();
     let limits = dest.limits();
-    let mut rng = (std::process::id() as u64) << 32 | (Instant::now().elapsed().subsec_nanos() as u64 | 1);
+    let mut rng =
+        (std::process::id() as u64) << 32 | (Instant::now().elapsed().subsec_nanos() as u64 | 1);
     let mut generation = 0;
     let mut failures = 0u64;
     let mut last_log: Option<Instant> = None;
@@ -142,13 +154,24 @@ fn run(dest: &mut dyn Destination, streams: &[Stream], ctx: &WorkerCtx) {
                 continue;
             }
             // Access batches wait a little to fill; security records go at once.
-            if r.stream == Stream::Access && batch.len() < limits.max_records && !limits.linger.is_zero() && !ctx.shared.lock().draining {
+            if r.stream == Stream::Access
+                && batch.len() < limits.max_records
+                && !limits.linger.is_zero()
+                && !ctx.shared.lock().draining
+            {
                 let deadline = Instant::now() + limits.linger;
                 while batch.len() < limits.max_records && Instant::now() < deadline {
-                    generation = ctx.shared.wait(generation, deadline.saturating_duration_since(Instant::now()));
+                    generation = ctx.shared.wait(
+                        generation,
+                        deadline.saturating_duration_since(Instant::now()),
+                    );
                     let visible = ctx.shared.visible(r.stream);
                     let bytes: usize = batch.iter().map(|l| l.bytes.len()).sum();
-                    match r.read(visible, limits.max_records - batch.len(), limits.max_bytes.saturating_sub(bytes)) {
+                    match r.read(
+                        visible,
+                        limits.max_records - batch.len(),
+                        limits.max_bytes.saturating_sub(bytes),
+                    ) {
                         Ok((more, _)) if !more.is_empty() => batch.extend(more),
                         _ => {}
                     }
@@ -158,7 +181,15 @@ fn run(dest: &mut dyn Destination, streams: &[Stream], ctx: &WorkerCtx) {
                 }
             }
             let last = batch.last().map_or(0, |l| l.seq);
-            deliver(dest, batch, ctx, &names, &mut rng, &mut failures, &mut last_log);
+            deliver(
+                dest,
+                batch,
+                ctx,
+                &names,
+                &mut rng,
+                &mut failures,
+                &mut last_log,
+            );
             if let Err(e) = write_pos(&ctx.root, r.stream, &name, last) {
                 warn!("sink {name}: saving its position: {e}; it may deliver some records again after a restart");
             }
@@ -199,57 +230,117 @@ fn deliver(
     let stream = batch[0].stream;
     let mut pending = batch;
     let mut attempt = 0u32;
+    let mut partial_attempt = 0u32;
     loop {
         let result = dest.send(&pending).and_then(|o| dest.flush().map(|_| o));
-        let (wait, reason) = match result {
-            Ok(Outcome { rejected, retry, retry_after }) => {
+        let (wait, reason, partial) = match result {
+            Ok(Outcome {
+                rejected,
+                retry,
+                retry_after,
+            }) => {
                 if !rejected.is_empty() {
                     dead_letter(&name, &pending, &rejected, ctx, names);
                 }
                 let accepted = pending.len() - rejected.len() - retry.len();
                 ctx.stats.add(&names.delivered[&stream], accepted as u64);
                 if *failures > 0 {
-                    info!("sink {name}: delivering again after {} failed attempt(s)", failures);
-                    let _ = ctx.notices.send(Notice::Up { sink: name.clone(), after_failures: *failures });
+                    info!(
+                        "sink {name}: delivering again after {} failed attempt(s)",
+                        failures
+                    );
+                    let _ = ctx.notices.send(Notice::Up {
+                        sink: name.clone(),
+                        after_failures: *failures,
+                    });
                     *failures = 0;
                 }
                 if retry.is_empty() {
                     return;
                 }
+                // The receiver answered: whole-batch backoff starts over.
+                attempt = 0;
                 let keep: std::collections::BTreeSet<usize> = retry.into_iter().collect();
-                pending = pending.into_iter().enumerate().filter(|(i, _)| keep.contains(i)).map(|(_, l)| l).collect();
-                (retry_after, format!("{} record(s) to retry", pending.len()))
+                pending = pending
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(i, _)| keep.contains(i))
+                    .map(|(_, l)| l)
+                    .collect();
+                (
+                    retry_after,
+                    format!("{} record(s) to retry", pending.len()),
+                    true,
+                )
             }
             Err(SendError::Reject { reason }) => {
-                let all: Vec<(usize, String)> = (0..pending.len()).map(|i| (i, reason.clone())).collect();
+                let all: Vec<(usize, String)> =
+                    (0..pending.len()).map(|i| (i, reason.clone())).collect();
                 dead_letter(&name, &pending, &all, ctx, names);
                 return;
             }
-            Err(SendError::Retry { reason, after }) => (after, reason),
+            Err(SendError::Retry { reason, after }) => (after, reason, false),
         };
-        *failures += 1;
         ctx.stats.add(&names.retries, 1);
-        if *failures == 1 {
-            let _ = ctx.notices.send(Notice::Down { sink: name.clone(), reason: reason.clone() });
+        // Items the receiver asked to resend are not the sink being down.
+        if !partial {
+            *failures += 1;
+        }
+        if *failures == 1 && !partial {
+            let _ = ctx.notices.send(Notice::Down {
+                sink: name.clone(),
+                reason: reason.clone(),
+            });
         }
         if last_log.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-            warn!("sink {name}: {reason}; retrying (attempt {}), records wait in the spool", attempt + 1);
+            warn!(
+                "sink {name}: {reason}; retrying (attempt {}), records wait in the spool",
+                attempt + 1
+            );
             *last_log = Some(Instant::now());
         }
-        let backoff = jitter(FIRST_BACKOFF.saturating_mul(1 << attempt.min(8)).min(MAX_BACKOFF), rng);
+        // Items the receiver asked to resend: it is up, so the wait stays short (at most 5 s).
+        let backoff = if partial {
+            partial_attempt += 1;
+            jitter(
+                FIRST_BACKOFF
+                    .saturating_mul(1 << (partial_attempt - 1).min(5))
+                    .min(Duration::from_secs(5)),
+                rng,
+            )
+        } else {
+            jitter(
+                FIRST_BACKOFF
+                    .saturating_mul(1 << attempt.min(8))
+                    .min(MAX_BACKOFF),
+                rng,
+            )
+        };
         let wait = match wait {
             Some(w) => w.min(MAX_RETRY_AFTER).max(backoff / 4),
             None => backoff,
         };
-        attempt += 1;
+        if !partial {
+            attempt += 1;
+        }
         let until = Instant::now() + wait;
         while Instant::now() < until {
-            std::thread::sleep(until.saturating_duration_since(Instant::now()).min(Duration::from_millis(100)));
+            std::thread::sleep(
+                until
+                    .saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(100)),
+            );
         }
     }
 }
 
-fn dead_letter(name: &str, batch: &[Line], rejected: &[(usize, String)], ctx: &WorkerCtx, names: &Names) {
+fn dead_letter(
+    name: &str,
+    batch: &[Line],
+    rejected: &[(usize, String)],
+    ctx: &WorkerCtx,
+    names: &Names,
+) {
     let stream = batch[0].stream;
     let path = ctx.deadletter_dir.join(format!("{name}.jsonl"));
     let mut out = Vec::new();
@@ -263,23 +354,52 @@ fn dead_letter(name: &str, batch: &[Line], rejected: &[(usize, String)], ctx: &W
         if serde_json::from_slice::<serde::de::IgnoredAny>(&l.bytes).is_ok() {
             out.extend_from_slice(&l.bytes);
         } else {
-            out.extend_from_slice(serde_json::to_string(&String::from_utf8_lossy(&l.bytes)).unwrap_or_default().as_bytes());
+            out.extend_from_slice(
+                serde_json::to_string(&String::from_utf8_lossy(&l.bytes))
+                    .unwrap_or_default()
+                    .as_bytes(),
+            );
         }
         out.extend_from_slice(b"}\n");
     }
     let res = std::fs::create_dir_all(&ctx.deadletter_dir).and_then(|_| {
-        let mut f = OpenOptions::new().create(true).append(true).mode(0o640).open(&path)?;
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o640)
+            .open(&path)?;
         f.write_all(&out)?;
         f.sync_data()
     });
     let n = rejected.len() as u64;
     ctx.stats.add(&names.dead[&stream], n);
     if let Err(e) = res {
-        error!("sink {name}: {n} rejected record(s) could not be written to {}: {e}", path.display());
-        ctx.stats.add(&format!("records_dropped_total{{reason=\"dead_letter_failed\",sink=\"{name}\"}}"), n);
+        error!(
+            "sink {name}: {n} rejected record(s) could not be written to {}: {e}",
+            path.display()
+        );
+        ctx.stats.add(
+            &format!("records_dropped_total{{reason=\"dead_letter_failed\",sink=\"{name}\"}}"),
+            n,
+        );
     }
     let reason = rejected.first().map(|r| r.1.clone()).unwrap_or_default();
-    warn!("sink {name}: {n} {} record(s) rejected for good ({reason}); kept in {}", stream.name(), path.display());
+    // A receiver that refuses the notices of its own refusals must not make a loop of them.
+    let only_notices = rejected.iter().all(|(i, _)| {
+        batch.get(*i).is_some_and(|l| {
+            l.bytes
+                .windows(24)
+                .any(|w| w == b"\"dataset\":\"sparbar.sink\"")
+        })
+    });
+    if only_notices {
+        return;
+    }
+    warn!(
+        "sink {name}: {n} {} record(s) rejected for good ({reason}); kept in {}",
+        stream.name(),
+        path.display()
+    );
     let _ = ctx.notices.send(Notice::DeadLettered {
         sink: name.to_string(),
         stream,

@@ -52,7 +52,11 @@ impl FileDest {
             buf: Vec::with_capacity(1 << 20),
         };
         // Open now, so a wrong path or permission is reported at start.
-        for s in if per_stream { &Stream::ALL[..] } else { &[Stream::Access][..] } {
+        for s in if per_stream {
+            &Stream::ALL[..]
+        } else {
+            &[Stream::Access][..]
+        } {
             d.file(*s).map_err(|e| e.to_string())?;
         }
         Ok(d)
@@ -88,25 +92,46 @@ impl FileDest {
                 .open(&path)
                 .map_err(|e| err(&path, "cannot open for appending", e))?;
             let md = file.metadata().map_err(|e| err(&path, "stat", e))?;
-            let opened = md.created().or_else(|_| md.modified()).unwrap_or_else(|_| SystemTime::now());
-            self.open.insert(k, Open { path, file, len: md.len(), opened });
+            let opened = md
+                .created()
+                .or_else(|_| md.modified())
+                .unwrap_or_else(|_| SystemTime::now());
+            self.open.insert(
+                k,
+                Open {
+                    path,
+                    file,
+                    len: md.len(),
+                    opened,
+                },
+            );
         }
         Ok(self.open.get_mut(&k).expect("just inserted"))
     }
 
     fn rotate_if_due(&mut self, s: Stream) -> Result<(), SendError> {
-        let (bytes, interval, keep) = (self.cfg.rotate_bytes, self.cfg.rotate_interval, self.cfg.keep_files);
+        let (bytes, interval, keep) = (
+            self.cfg.rotate_bytes,
+            self.cfg.rotate_interval,
+            self.cfg.keep_files,
+        );
         let k = self.key(s);
-        let Some(o) = self.open.get(&k) else { return Ok(()) };
+        let Some(o) = self.open.get(&k) else {
+            return Ok(());
+        };
         let by_size = bytes > 0 && o.len >= bytes;
-        let by_age = interval.is_some_and(|i| o.len > 0 && o.opened.elapsed().unwrap_or(Duration::ZERO) >= i);
+        let by_age = interval
+            .is_some_and(|i| o.len > 0 && o.opened.elapsed().unwrap_or(Duration::ZERO) >= i);
         if !(by_size || by_age) {
             return Ok(());
         }
         let path = o.path.clone();
         let _ = o.file.sync_data();
         let stamp = crate::record::rfc3339_micros(
-            SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0),
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0),
         )
         .replace([':', '-'], "");
         let mut to = PathBuf::from(format!("{}.{stamp}", path.display()));
@@ -155,7 +180,9 @@ impl Destination for FileDest {
     }
 
     fn send(&mut self, batch: &[Line]) -> Result<Outcome, SendError> {
-        let Some(first) = batch.first() else { return Ok(Outcome::delivered()) };
+        let Some(first) = batch.first() else {
+            return Ok(Outcome::delivered());
+        };
         let s = first.stream;
         self.rotate_if_due(s)?;
         let mut buf = std::mem::take(&mut self.buf);
@@ -166,7 +193,10 @@ impl Destination for FileDest {
         }
         let sync = self.cfg.sync;
         let o = self.file(s)?;
-        let res = o.file.write_all(&buf).and_then(|_| if sync { o.file.sync_data() } else { Ok(()) });
+        let res = o
+            .file
+            .write_all(&buf)
+            .and_then(|_| if sync { o.file.sync_data() } else { Ok(()) });
         let out = match res {
             Ok(()) => {
                 o.len += buf.len() as u64;
@@ -249,14 +279,28 @@ mod tests {
         };
         let mut f = FileDest::new("f", &cfg, BatchLimits::default()).unwrap();
         for i in 1..=10 {
-            f.send(&[line(Stream::Access, i), line(Stream::Access, i + 100)]).unwrap();
+            f.send(&[line(Stream::Access, i), line(Stream::Access, i + 100)])
+                .unwrap();
             std::thread::sleep(Duration::from_millis(2));
         }
         f.send(&[line(Stream::Security, 1)]).unwrap();
-        let names: Vec<String> = fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let names: Vec<String> = fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
         assert!(names.contains(&"access.jsonl".to_string()));
         assert!(names.contains(&"security.jsonl".to_string()));
-        assert_eq!(names.iter().filter(|n| n.starts_with("access.jsonl.")).count(), 2, "{names:?}");
-        assert_eq!(fs::read_to_string(d.path().join("security.jsonl")).unwrap(), "{\"n\":1}\n");
+        assert_eq!(
+            names
+                .iter()
+                .filter(|n| n.starts_with("access.jsonl."))
+                .count(),
+            2,
+            "{names:?}"
+        );
+        assert_eq!(
+            fs::read_to_string(d.path().join("security.jsonl")).unwrap(),
+            "{\"n\":1}\n"
+        );
     }
 }

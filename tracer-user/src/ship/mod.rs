@@ -9,9 +9,14 @@
 
 pub mod chain;
 pub mod deliver;
+pub mod elastic;
 pub mod file;
+pub mod http;
+pub mod loki;
+pub mod otlp;
 pub mod shipper;
 pub mod spool;
+pub mod syslog;
 
 use std::time::Duration;
 

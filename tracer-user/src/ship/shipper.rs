@@ -70,13 +70,21 @@ fn ts(ms: u64) -> String {
 
 /// Builds the destination a sink's config describes.
 pub fn destination(cfg: &SinkConfig, host: &str) -> Result<Box<dyn Destination>, String> {
-    #[allow(unused_variables)]
-    let host = host;
     Ok(match &cfg.kind {
         SinkKind::File(f) => Box::new(FileDest::new(&cfg.name, f, cfg.batch)?),
         SinkKind::Stdout => Box::new(StdoutDest::new(&cfg.name, cfg.batch)),
-        #[allow(unreachable_patterns)]
-        other => return Err(format!("sink type {:?} is not built into this agent", other.type_name())),
+        SinkKind::Syslog(s) => {
+            Box::new(super::syslog::SyslogDest::new(&cfg.name, s, host)?.with_limits(cfg.batch))
+        }
+        SinkKind::Loki { http, labels } => Box::new(super::loki::LokiDest::new(
+            &cfg.name, http, labels, cfg.batch,
+        )?),
+        SinkKind::Elasticsearch { http, index } => Box::new(super::elastic::ElasticDest::new(
+            &cfg.name, http, index, cfg.batch,
+        )?),
+        SinkKind::Otlp { http } => {
+            Box::new(super::otlp::OtlpDest::new(&cfg.name, http, cfg.batch)?)
+        }
     })
 }
 
@@ -98,21 +106,40 @@ pub struct Shipper {
     last_heartbeat: Instant,
     state_dir: PathBuf,
     started_ms: u64,
+    last_error_log: Option<Instant>,
+    dead: BTreeMap<(String, Stream), (u64, String)>,
+    last_dead_emit: Instant,
 }
 
 impl Shipper {
     /// Opens the spools, starts one worker per sink, and states in the security stream how the
     /// previous run ended and what was not observed since.
-    pub fn start(cfg: &SpoolConfig, sinks: &[SinkConfig], state_dir: &Path, host: &str, stats: Arc<Stats>) -> Result<Shipper, ShipError> {
+    pub fn start(
+        cfg: &SpoolConfig,
+        sinks: &[SinkConfig],
+        state_dir: &Path,
+        host: &str,
+        stats: Arc<Stats>,
+    ) -> Result<Shipper, ShipError> {
         let spool = Spool::open(&cfg.dir, cfg.segment_bytes, cfg.security_reserve)?;
         for (s, sp) in &spool.streams {
             if sp.recovered.torn_bytes > 0 {
-                warn!("spool {}: cut a torn last record ({} bytes) left by a crash", s.name(), sp.recovered.torn_bytes);
-                stats.add(&format!("spool_torn_bytes_total{{stream=\"{}\"}}", s.name()), sp.recovered.torn_bytes);
+                warn!(
+                    "spool {}: cut a torn last record ({} bytes) left by a crash",
+                    s.name(),
+                    sp.recovered.torn_bytes
+                );
+                stats.add(
+                    &format!("spool_torn_bytes_total{{stream=\"{}\"}}", s.name()),
+                    sp.recovered.torn_bytes,
+                );
             }
         }
         if !spool.reserve.held && cfg.security_reserve > 0 {
-            warn!("spool: cannot reserve {} bytes for the security stream (disk full?)", cfg.security_reserve);
+            warn!(
+                "spool: cannot reserve {} bytes for the security stream (disk full?)",
+                cfg.security_reserve
+            );
         }
         let signer = Signer_::load_or_create(state_dir).map_err(|e| ShipError::Key {
             path: state_dir.join(chain::KEY_FILE),
@@ -122,7 +149,10 @@ impl Shipper {
         let mut workers = Vec::new();
         let mut names = Vec::new();
         for s in sinks {
-            let dest = destination(s, host).map_err(|reason| ShipError::Sink { name: s.name.clone(), reason })?;
+            let dest = destination(s, host).map_err(|reason| ShipError::Sink {
+                name: s.name.clone(),
+                reason,
+            })?;
             let ctx = WorkerCtx {
                 root: cfg.dir.clone(),
                 shared: spool.shared.clone(),
@@ -139,7 +169,16 @@ impl Shipper {
                 name: s.name.clone(),
                 reason: format!("cannot start its worker thread: {e}"),
             })?;
-            info!("sink {} ({}): {}", s.name, s.kind.type_name(), s.streams.iter().map(|x| x.name()).collect::<Vec<_>>().join(" and "));
+            info!(
+                "sink {} ({}): {}",
+                s.name,
+                s.kind.type_name(),
+                s.streams
+                    .iter()
+                    .map(|x| x.name())
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            );
             workers.push((s.name.clone(), h));
             names.push((s.name.clone(), s.streams.clone()));
         }
@@ -162,6 +201,9 @@ impl Shipper {
             last_heartbeat: now,
             state_dir: state_dir.to_path_buf(),
             started_ms: now_ms(),
+            last_error_log: None,
+            dead: BTreeMap::new(),
+            last_dead_emit: now,
         };
         sh.previous_run();
         sh.heartbeat(false);
@@ -186,7 +228,9 @@ impl Shipper {
 
     /// The start record, and a gap record for the time the agent was not running.
     fn previous_run(&mut self) {
-        let prev: Option<Value> = std::fs::read(self.state_dir.join(RUN_FILE)).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        let prev: Option<Value> = std::fs::read(self.state_dir.join(RUN_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
         let now = now_ms();
         let mut m = self.base("sparbar.agent", now, "started");
         let mut agent = json!({"version": env!("CARGO_PKG_VERSION"), "pid": std::process::id()});
@@ -200,7 +244,8 @@ impl Shipper {
         if let Some(p) = &prev {
             let clean = p["clean"].as_bool().unwrap_or(false);
             let last = p["last_seen_ms"].as_u64().unwrap_or(0);
-            agent["previous"] = json!({"clean_stop": clean, "last_seen": ts(last), "pid": p["pid"]});
+            agent["previous"] =
+                json!({"clean_stop": clean, "last_seen": ts(last), "pid": p["pid"]});
             if !clean {
                 warn!("the previous run (pid {}) did not stop cleanly: last seen {}; records it had not yet spooled are lost and traffic since was not observed", p["pid"], ts(last));
             }
@@ -225,7 +270,10 @@ impl Shipper {
     /// `run.json`: when this run was last seen alive, and whether it stopped cleanly.
     fn heartbeat(&mut self, clean: bool) {
         let doc = json!({"pid": std::process::id(), "started_ms": self.started_ms, "last_seen_ms": now_ms(), "clean": clean});
-        let _ = crate::statefile::write_private(&self.state_dir.join(RUN_FILE), &serde_json::to_vec(&doc).unwrap_or_default());
+        let _ = crate::statefile::write_private(
+            &self.state_dir.join(RUN_FILE),
+            &serde_json::to_vec(&doc).unwrap_or_default(),
+        );
         self.last_heartbeat = Instant::now();
     }
 
@@ -234,8 +282,18 @@ impl Shipper {
             return;
         }
         let now = now_ms();
-        self.stats.add(&format!("records_dropped_total{{reason=\"{reason}\",stream=\"{}\"}}", stream.name()), n);
-        let l = self.losses.entry((stream, reason)).or_insert(Loss { first_ms: now, last_ms: now, records: 0 });
+        self.stats.add(
+            &format!(
+                "records_dropped_total{{reason=\"{reason}\",stream=\"{}\"}}",
+                stream.name()
+            ),
+            n,
+        );
+        let l = self.losses.entry((stream, reason)).or_insert(Loss {
+            first_ms: now,
+            last_ms: now,
+            records: 0,
+        });
         l.last_ms = now;
         l.records += n;
     }
@@ -275,7 +333,10 @@ impl Shipper {
                 }
             }
             if dropped_segments {
-                self.stats.add("spool_segments_dropped_total{reason=\"spool_full\",stream=\"access\"}", 1);
+                self.stats.add(
+                    "spool_segments_dropped_total{reason=\"spool_full\",stream=\"access\"}",
+                    1,
+                );
             }
             self.lose(Stream::Access, "spool_full", refused);
             self.flush_access();
@@ -285,10 +346,22 @@ impl Shipper {
 
     fn flush_access(&mut self) {
         match self.spool.stream(Stream::Access).flush() {
-            Ok(n) => self.stats.add("records_spooled_total{stream=\"access\"}", n),
+            Ok(n) => self
+                .stats
+                .add("records_spooled_total{stream=\"access\"}", n),
             Err((e, lost)) => {
-                let reason = if e.is_disk_full() { "disk_full" } else { "spool_write_error" };
-                error!("{e}: {lost} access record(s) lost (stated in a gap record)");
+                let reason = if e.is_disk_full() {
+                    "disk_full"
+                } else {
+                    "spool_write_error"
+                };
+                if self
+                    .last_error_log
+                    .is_none_or(|t| t.elapsed() > Duration::from_secs(10))
+                {
+                    error!("{e}: access records are being lost ({lost} now; counted, and stated in a gap record)");
+                    self.last_error_log = Some(Instant::now());
+                }
                 self.lose(Stream::Access, reason, lost);
             }
         }
@@ -301,14 +374,19 @@ impl Shipper {
             let sp = self.spool.stream(Stream::Security);
             sp.append(&line);
             match sp.flush() {
-                Ok(n) => self.stats.add("records_spooled_total{stream=\"security\"}", n),
+                Ok(n) => self
+                    .stats
+                    .add("records_spooled_total{stream=\"security\"}", n),
                 Err((e, _)) => {
                     if e.is_disk_full() && self.spool.reserve.release() {
                         warn!("spool: disk full; gave up the security reserve to keep writing security records");
                         self.pending_security.push_front(line);
                         continue;
                     }
-                    error!("{e}: security records wait in memory ({} held)", self.pending_security.len() + 1);
+                    error!(
+                        "{e}: security records wait in memory ({} held)",
+                        self.pending_security.len() + 1
+                    );
                     self.pending_security.push_front(line);
                     while self.pending_security.len() > MAX_PENDING_SECURITY {
                         self.pending_security.pop_back();
@@ -320,6 +398,22 @@ impl Shipper {
         }
     }
 
+    /// One `dead_lettered` record per sink and stream at most every 10 s (and at stop), with the
+    /// count and the last reason.
+    fn dead_letter_records(&mut self, force: bool) {
+        if self.dead.is_empty()
+            || (!force && self.last_dead_emit.elapsed() < Duration::from_secs(10))
+        {
+            return;
+        }
+        for ((sink, stream), (records, reason)) in std::mem::take(&mut self.dead) {
+            let mut g = self.base("sparbar.sink", now_ms(), "dead_lettered");
+            g.insert("sparbar".into(), json!({"sink": {"name": sink, "stream": stream.name(), "records": records, "reason": reason}}));
+            self.security(g);
+        }
+        self.last_dead_emit = Instant::now();
+    }
+
     fn gap_records(&mut self) {
         for ((stream, reason), l) in std::mem::take(&mut self.losses) {
             let mut g = self.base("sparbar.gap", l.first_ms, reason);
@@ -327,12 +421,23 @@ impl Shipper {
                 "sparbar".into(),
                 json!({"gap": {"stream": stream.name(), "reason": reason, "records": l.records, "start": ts(l.first_ms), "end": ts(l.last_ms)}}),
             );
-            warn!("{} {} record(s) lost between {} and {}: {reason}", l.records, stream.name(), ts(l.first_ms), ts(l.last_ms));
+            warn!(
+                "{} {} record(s) lost between {} and {}: {reason}",
+                l.records,
+                stream.name(),
+                ts(l.first_ms),
+                ts(l.last_ms)
+            );
             self.security(g);
         }
         while let Ok(n) = self.notices.try_recv() {
             match n {
-                Notice::Skipped { sink, stream, first, last } => {
+                Notice::Skipped {
+                    sink,
+                    stream,
+                    first,
+                    last,
+                } => {
                     let mut g = self.base("sparbar.gap", now_ms(), "spool_full");
                     g.insert(
                         "sparbar".into(),
@@ -340,19 +445,36 @@ impl Shipper {
                     );
                     self.security(g);
                 }
-                Notice::DeadLettered { sink, stream, records, reason } => {
-                    let mut g = self.base("sparbar.sink", now_ms(), "dead_lettered");
-                    g.insert("sparbar".into(), json!({"sink": {"name": sink, "stream": stream.name(), "records": records, "reason": reason}}));
-                    self.security(g);
+                Notice::DeadLettered {
+                    sink,
+                    stream,
+                    records,
+                    reason,
+                } => {
+                    let e = self
+                        .dead
+                        .entry((sink, stream))
+                        .or_insert((0, String::new()));
+                    e.0 += records;
+                    e.1 = reason;
                 }
                 Notice::Down { sink, reason } => {
                     let mut g = self.base("sparbar.sink", now_ms(), "down");
-                    g.insert("sparbar".into(), json!({"sink": {"name": sink, "reason": reason}}));
+                    g.insert(
+                        "sparbar".into(),
+                        json!({"sink": {"name": sink, "reason": reason}}),
+                    );
                     self.security(g);
                 }
-                Notice::Up { sink, after_failures } => {
+                Notice::Up {
+                    sink,
+                    after_failures,
+                } => {
                     let mut g = self.base("sparbar.sink", now_ms(), "up");
-                    g.insert("sparbar".into(), json!({"sink": {"name": sink, "failed_attempts": after_failures}}));
+                    g.insert(
+                        "sparbar".into(),
+                        json!({"sink": {"name": sink, "failed_attempts": after_failures}}),
+                    );
                     self.security(g);
                 }
             }
@@ -362,7 +484,12 @@ impl Shipper {
     /// Per sink and stream: records spooled and not yet acknowledged.
     pub fn lag(&self) -> BTreeMap<String, BTreeMap<&'static str, u64>> {
         let g = self.spool.shared.lock();
-        let acked = self.spool.shared.acked.lock().unwrap_or_else(|e| e.into_inner());
+        let acked = self
+            .spool
+            .shared
+            .acked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let mut out = BTreeMap::new();
         for (name, streams) in &self.sinks {
             let m: &mut BTreeMap<&'static str, u64> = out.entry(name.clone()).or_default();
@@ -387,7 +514,13 @@ impl Shipper {
     }
 
     fn collect(&mut self) {
-        let acked = self.spool.shared.acked.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let acked = self
+            .spool
+            .shared
+            .acked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         for s in Stream::ALL {
             let min = self
                 .sinks
@@ -403,7 +536,10 @@ impl Shipper {
             }
             let freed = sp.collect(min);
             if freed > 0 {
-                self.stats.add(&format!("spool_bytes_collected_total{{stream=\"{}\"}}", s.name()), freed);
+                self.stats.add(
+                    &format!("spool_bytes_collected_total{{stream=\"{}\"}}", s.name()),
+                    freed,
+                );
             }
         }
     }
@@ -416,7 +552,11 @@ impl Shipper {
             .iter()
             .map(|(s, sp)| {
                 let (seq, hash) = sp.head();
-                Head { stream: *s, seq, hash }
+                Head {
+                    stream: *s,
+                    seq,
+                    hash,
+                }
             })
             .collect();
         let id = self.ids.next_id();
@@ -445,6 +585,7 @@ impl Shipper {
     /// The 1 s housekeeping.
     pub fn tick(&mut self) {
         self.gap_records();
+        self.dead_letter_records(false);
         if self.last_sync.elapsed() >= self.cfg.access_sync {
             if let Err(e) = self.spool.stream(Stream::Access).sync() {
                 warn!("{e}");
@@ -462,7 +603,10 @@ impl Shipper {
         self.spool.publish();
         for (name, m) in self.lag() {
             for (s, v) in m {
-                self.stats.set(&format!("sink_lag_records{{sink=\"{name}\",stream=\"{s}\"}}"), v);
+                self.stats.set(
+                    &format!("sink_lag_records{{sink=\"{name}\",stream=\"{s}\"}}"),
+                    v,
+                );
             }
         }
         if self.last_heartbeat.elapsed() >= Duration::from_secs(1) {
@@ -473,6 +617,7 @@ impl Shipper {
     /// Final records and checkpoint, then lets the workers deliver for up to `timeout`.
     pub fn stop(mut self, final_state: Value, timeout: Duration) {
         self.gap_records();
+        self.dead_letter_records(true);
         self.state_record(final_state);
         self.checkpoint();
         let _ = self.spool.stream(Stream::Access).sync();
@@ -492,7 +637,10 @@ impl Shipper {
         self.collect();
         for (name, m) in self.lag() {
             for (s, v) in m {
-                self.stats.set(&format!("sink_lag_records{{sink=\"{name}\",stream=\"{s}\"}}"), v);
+                self.stats.set(
+                    &format!("sink_lag_records{{sink=\"{name}\",stream=\"{s}\"}}"),
+                    v,
+                );
             }
         }
         self.heartbeat(true);

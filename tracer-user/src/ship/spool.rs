@@ -39,7 +39,11 @@ pub enum SpoolError {
     },
     /// `spool.max_bytes` reached and the policy is drop_new.
     #[error("spool {stream} is full ({bytes} bytes of at most {max})")]
-    Full { stream: &'static str, bytes: u64, max: u64 },
+    Full {
+        stream: &'static str,
+        bytes: u64,
+        max: u64,
+    },
 }
 
 impl SpoolError {
@@ -183,7 +187,12 @@ fn write_prev(dir: &Path, first: u64, prev: &[u8; 32]) -> io::Result<()> {
 
 impl StreamSpool {
     /// Opens (or creates) the spool of `stream` under `root`, recovering from a crash.
-    pub fn open(root: &Path, stream: Stream, segment_bytes: u64, sync_each: bool) -> Result<StreamSpool, SpoolError> {
+    pub fn open(
+        root: &Path,
+        stream: Stream,
+        segment_bytes: u64,
+        sync_each: bool,
+    ) -> Result<StreamSpool, SpoolError> {
         let dir = root.join(stream.name());
         fs::create_dir_all(&dir).map_err(|e| SpoolError::io(&dir, e))?;
         let _ = fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700));
@@ -191,8 +200,16 @@ impl StreamSpool {
         let mut segs = BTreeMap::new();
         let mut total_bytes = 0;
         for f in &firsts {
-            let b = fs::metadata(seg_path(&dir, *f)).map(|m| m.len()).unwrap_or(0);
-            segs.insert(*f, Seg { first: *f, bytes: b });
+            let b = fs::metadata(seg_path(&dir, *f))
+                .map(|m| m.len())
+                .unwrap_or(0);
+            segs.insert(
+                *f,
+                Seg {
+                    first: *f,
+                    bytes: b,
+                },
+            );
             total_bytes += b;
         }
         let mut recovered = Recovered::default();
@@ -333,9 +350,16 @@ impl StreamSpool {
                 self.buf_records = 0;
                 self.durable_next = self.next_seq;
                 self.durable_prev = self.prev;
-                if self.segs.get(&head).is_some_and(|s| s.bytes >= self.segment_bytes) {
+                if self
+                    .segs
+                    .get(&head)
+                    .is_some_and(|s| s.bytes >= self.segment_bytes)
+                {
                     if let Err(e) = self.roll() {
-                        log::warn!("spool {}: cannot start a new segment: {e}; staying on the current one", self.stream.name());
+                        log::warn!(
+                            "spool {}: cannot start a new segment: {e}; staying on the current one",
+                            self.stream.name()
+                        );
                     }
                 }
                 Ok(n)
@@ -356,7 +380,9 @@ impl StreamSpool {
 
     /// Makes what was flushed durable (fdatasync).
     pub fn sync(&mut self) -> Result<(), SpoolError> {
-        self.file.sync_data().map_err(|e| SpoolError::io(&self.dir, e))
+        self.file
+            .sync_data()
+            .map_err(|e| SpoolError::io(&self.dir, e))
     }
 
     fn roll(&mut self) -> io::Result<()> {
@@ -389,7 +415,9 @@ impl StreamSpool {
     }
 
     fn delete(&mut self, first: u64) -> u64 {
-        let Some(s) = self.segs.remove(&first) else { return 0 };
+        let Some(s) = self.segs.remove(&first) else {
+            return 0;
+        };
         let _ = fs::remove_file(seg_path(&self.dir, s.first));
         let _ = fs::remove_file(prev_path(&self.dir, s.first));
         self.total_bytes = self.total_bytes.saturating_sub(s.bytes);
@@ -468,7 +496,9 @@ impl Reader {
 
     fn open_at(&mut self, skipped: &mut Skipped) -> io::Result<bool> {
         let segs = list_segments(&self.dir)?;
-        let Some(&oldest) = segs.first() else { return Ok(false) };
+        let Some(&oldest) = segs.first() else {
+            return Ok(false);
+        };
         if self.next < oldest {
             if self.next > 0 {
                 skipped.ranges.push((self.next, oldest - 1));
@@ -494,7 +524,12 @@ impl Reader {
     }
 
     /// Reads up to `max_records` / `max_bytes` records, never past `visible`.
-    pub fn read(&mut self, visible: u64, max_records: usize, max_bytes: usize) -> io::Result<(Vec<Line>, Skipped)> {
+    pub fn read(
+        &mut self,
+        visible: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> io::Result<(Vec<Line>, Skipped)> {
         let mut out = Vec::new();
         let mut skipped = Skipped::default();
         let mut bytes = 0;
@@ -503,7 +538,9 @@ impl Reader {
             if self.cur.is_none() && !self.open_at(&mut skipped)? {
                 break;
             }
-            let Some((_, r, at)) = self.cur.as_mut() else { break };
+            let Some((_, r, at)) = self.cur.as_mut() else {
+                break;
+            };
             if *at != self.next {
                 self.cur = None;
                 continue;
@@ -520,7 +557,11 @@ impl Reader {
                 let p = seg_path(&self.dir, self.next);
                 match File::open(&p) {
                     Ok(f) => {
-                        self.cur = Some((self.next, BufReader::with_capacity(256 * 1024, f), self.next));
+                        self.cur = Some((
+                            self.next,
+                            BufReader::with_capacity(256 * 1024, f),
+                            self.next,
+                        ));
                         reopened = false;
                     }
                     Err(_) => {
@@ -579,7 +620,8 @@ impl Reserve {
             .and_then(|f| {
                 use std::os::fd::AsRawFd;
                 // SAFETY: fd is a valid open file for the duration of the call.
-                let rc = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, self.bytes as libc::off_t) };
+                let rc =
+                    unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, self.bytes as libc::off_t) };
                 if rc == 0 {
                     Ok(())
                 } else {
@@ -616,10 +658,18 @@ impl Spool {
     pub fn open(root: &Path, segment_bytes: u64, reserve: u64) -> Result<Spool, SpoolError> {
         fs::create_dir_all(root).map_err(|e| SpoolError::io(root, e))?;
         let mut streams = BTreeMap::new();
-        streams.insert(Stream::Access, StreamSpool::open(root, Stream::Access, segment_bytes, false)?);
+        streams.insert(
+            Stream::Access,
+            StreamSpool::open(root, Stream::Access, segment_bytes, false)?,
+        );
         streams.insert(
             Stream::Security,
-            StreamSpool::open(root, Stream::Security, (segment_bytes / 8).max(64 << 10), true)?,
+            StreamSpool::open(
+                root,
+                Stream::Security,
+                (segment_bytes / 8).max(64 << 10),
+                true,
+            )?,
         );
         let shared = Arc::new(Shared::default());
         {
@@ -639,7 +689,9 @@ impl Spool {
     }
 
     pub fn stream(&mut self, s: Stream) -> &mut StreamSpool {
-        self.streams.get_mut(&s).expect("both streams are always open")
+        self.streams
+            .get_mut(&s)
+            .expect("both streams are always open")
     }
 
     /// Tells the workers what is now readable.
@@ -731,7 +783,11 @@ mod tests {
         assert!(!seg.exists(), "the delivered segment is deleted");
         drop(sp);
         let mut sp = StreamSpool::open(d.path(), Stream::Security, 64 << 10, true).unwrap();
-        assert_eq!(sp.head(), h, "the chain link survives when every record was collected");
+        assert_eq!(
+            sp.head(),
+            h,
+            "the chain link survives when every record was collected"
+        );
         assert_eq!(sp.append(&rec(10)), 11);
     }
 
@@ -767,6 +823,10 @@ mod tests {
         let (_, lost) = sp.flush().unwrap_err();
         assert_eq!(lost, 1);
         assert_eq!(sp.head(), h);
-        assert_eq!(sp.append(&rec(2)), 2, "the lost record's sequence is reused: it never existed");
+        assert_eq!(
+            sp.append(&rec(2)),
+            2,
+            "the lost record's sequence is reused: it never existed"
+        );
     }
 }
