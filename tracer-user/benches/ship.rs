@@ -59,7 +59,7 @@ fn shipped(dir: &Path, n: u64, sink: SinkConfig) -> f64 {
     let stats = Arc::new(Stats::default());
     let mut sh = Shipper::start(
         &spool_cfg(dir),
-        &[sink.clone()],
+        std::slice::from_ref(&sink),
         dir,
         "bench",
         stats.clone(),
@@ -83,7 +83,7 @@ fn shipped(dir: &Path, n: u64, sink: SinkConfig) -> f64 {
         std::thread::sleep(Duration::from_millis(1));
     }
     let rate = n as f64 / t.elapsed().as_secs_f64();
-    sh.stop(serde_json::json!({}), Duration::from_secs(10));
+    let _ = sh.stop(serde_json::json!({}), Duration::from_secs(10));
     rate
 }
 

@@ -481,7 +481,8 @@ pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
                     a.save(&stats);
                     stats.set("sessions_known", a.sessions_known() as u64);
                 }
-                let state = report(&kernel, &discovery, &stats, &plan.state_dir, started, pipeline.open_connections(), false, Some(shipper.usage()));
+                let state = report(&kernel, &discovery, &stats, started, pipeline.open_connections(), false);
+                write_stats(&plan.state_dir, &state, Some(shipper.usage()));
                 if shipper.state_due() {
                     shipper.state_record(state);
                 }
@@ -512,27 +513,10 @@ pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
     save_decisions(&mut pipeline, &plan.state_dir, &stats, &feed);
     save_detector(&pipeline, &plan.state_dir, &stats);
     let _ = std::fs::remove_file(plan.state_dir.join(crate::control::SOCKET_FILE));
-    let state = report(
-        &kernel,
-        &discovery,
-        &stats,
-        &plan.state_dir,
-        started,
-        0,
-        false,
-        Some(shipper.usage()),
-    );
-    shipper.stop(state, DRAIN_TIMEOUT);
-    report(
-        &kernel,
-        &discovery,
-        &stats,
-        &plan.state_dir,
-        started,
-        0,
-        true,
-        None,
-    );
+    let state = report(&kernel, &discovery, &stats, started, 0, false);
+    let spool = shipper.stop(state, DRAIN_TIMEOUT);
+    let last = report(&kernel, &discovery, &stats, started, 0, true);
+    write_stats(&plan.state_dir, &last, Some(spool));
     info!("sparbar stopped; probes detached");
     Ok(())
 }
@@ -577,11 +561,9 @@ fn report(
     kernel: &Kernel,
     d: &Discovery,
     stats: &Stats,
-    state_dir: &std::path::Path,
     started: Instant,
     open_conns: usize,
     last: bool,
-    spool: Option<serde_json::Value>,
 ) -> serde_json::Value {
     let k = kernel.counters();
     let mut kernel_map = BTreeMap::new();
@@ -630,8 +612,18 @@ fn report(
         "tracepoints": kernel.tracepoints,
         "libraries": libs,
         "targets": d.procs.values().map(|p| serde_json::json!({"pid": p.pid, "name": p.name, "executable": p.executable})).collect::<Vec<_>>(),
-        "spool": spool,
     });
+    doc
+}
+
+/// `<state_dir>/stats.json`: the report, with the spool's figures when there are any.
+fn write_stats(
+    state_dir: &std::path::Path,
+    doc: &serde_json::Value,
+    spool: Option<serde_json::Value>,
+) {
+    let mut doc = doc.clone();
+    doc["spool"] = spool.unwrap_or(serde_json::Value::Null);
     let path = state_dir.join("stats.json");
     let tmp = state_dir.join("stats.json.tmp");
     let res = std::fs::write(&tmp, serde_json::to_vec_pretty(&doc).unwrap_or_default())
@@ -639,7 +631,6 @@ fn report(
     if let Err(e) = res {
         warn!("writing {}: {e}", path.display());
     }
-    doc
 }
 
 fn restore_detection(p: &mut Pipeline, dir: &std::path::Path, stats: &Stats) {

@@ -615,7 +615,8 @@ impl Shipper {
     }
 
     /// Final records and checkpoint, then lets the workers deliver for up to `timeout`.
-    pub fn stop(mut self, final_state: Value, timeout: Duration) {
+    /// Returns the spool's figures after the drain.
+    pub fn stop(mut self, final_state: Value, timeout: Duration) -> Value {
         self.gap_records();
         self.dead_letter_records(true);
         self.state_record(final_state);
@@ -644,5 +645,6 @@ impl Shipper {
             }
         }
         self.heartbeat(true);
+        self.usage()
     }
 }
