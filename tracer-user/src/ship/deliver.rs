@@ -154,13 +154,20 @@ fn run(dest: &mut dyn Destination, streams: &[Stream], ctx: &WorkerCtx) {
                 continue;
             }
             // Access batches wait a little to fill; security records go at once.
+            let full = |b: &[Line]| {
+                b.len() >= limits.max_records
+                    || b.iter().map(|l| l.bytes.len()).sum::<usize>() >= limits.max_bytes
+            };
+            // Records already waiting (a backlog) mean there is no point in waiting for more.
+            let backlog = ctx.shared.visible(r.stream) >= r.next;
             if r.stream == Stream::Access
-                && batch.len() < limits.max_records
+                && !full(&batch)
+                && !backlog
                 && !limits.linger.is_zero()
                 && !ctx.shared.lock().draining
             {
                 let deadline = Instant::now() + limits.linger;
-                while batch.len() < limits.max_records && Instant::now() < deadline {
+                while !full(&batch) && Instant::now() < deadline {
                     generation = ctx.shared.wait(
                         generation,
                         deadline.saturating_duration_since(Instant::now()),
