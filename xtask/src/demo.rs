@@ -91,6 +91,7 @@ pub fn run(bin: &Path, duration: u64) -> Result<()> {
     }
     attribution_summary(&front);
     detection_summary(&records, &traffic);
+    trail_summary(&records_path, &dir.join("agent"), bin)?;
     let losses = stats.losses();
     println!(
         "  losses                                 : {}",
@@ -286,4 +287,51 @@ fn detection_summary(records: &[Value], traffic: &Value) {
         "  the abuser, as its client saw it       : {} requests, statuses {}, failed (blocked) {}",
         ab["requests"], ab["perStatus"], ab["transportErrors"]
     );
+}
+
+/// The audit trail: both streams' sequences, the trail's own records, and `sparbar verify`.
+fn trail_summary(records: &Path, state: &Path, bin: &Path) -> Result<()> {
+    let all = sparbar_tests::read_trail(records)?;
+    let mut last: BTreeMap<String, u64> = BTreeMap::new();
+    let mut own: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &all {
+        let stream = get(r, "sparbar.chain.stream")
+            .as_str()
+            .unwrap_or("?")
+            .to_string();
+        let seq = get(r, "event.sequence").as_u64().unwrap_or(0);
+        let e = last.entry(stream).or_default();
+        *e = (*e).max(seq);
+        if sparbar_tests::is_trail_record(r) {
+            *own.entry(get(r, "event.dataset").as_str().unwrap_or("?").to_string())
+                .or_default() += 1;
+        }
+    }
+    println!(
+        "  audit trail (both streams in the file)  : {}",
+        last.iter()
+            .map(|(s, n)| format!("{s} 1..{n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "  the trail's own records                : {}",
+        own.iter()
+            .map(|(d, n)| format!("{d} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let out = Command::new(bin)
+        .arg("verify")
+        .arg("--key")
+        .arg(state.join("checkpoint.pub"))
+        .arg(records)
+        .output()
+        .context("running sparbar verify")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!(
+        "  sparbar verify                         : {}",
+        text.lines().last().unwrap_or("(no output)")
+    );
+    Ok(())
 }
