@@ -308,7 +308,7 @@ fn trail_summary(records: &Path, state: &Path, bin: &Path) -> Result<()> {
         }
     }
     println!(
-        "  audit trail (both streams in the file)  : {}",
+        "  audit trail (both streams in the file) : {}",
         last.iter()
             .map(|(s, n)| format!("{s} 1..{n}"))
             .collect::<Vec<_>>()
