@@ -283,6 +283,11 @@ impl Attributor {
         }
     }
 
+    /// A reload: the new identity settings apply from now on; learned sessions and users stay.
+    pub fn reconfigure(&mut self, cfg: IdentityConfig) {
+        self.cfg = cfg;
+    }
+
     /// Turns on the kernel's token hashes (the seed the kernel programs use).
     pub fn set_token_seed(&mut self, seed: u64) {
         self.token_seed = Some(seed);

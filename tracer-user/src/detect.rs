@@ -574,6 +574,22 @@ impl Detector {
         serde_json::to_vec(&self.keys).unwrap_or_default()
     }
 
+    /// Takes a new configuration and rule set (a reload) keeping what was counted: a rule
+    /// whose id and kind stay keeps its windows; a removed or changed-kind rule's state goes.
+    /// Returns how many rule states were dropped.
+    pub fn reconfigure(&mut self, cfg: DetectionConfig, rules: Vec<Rule>) -> usize {
+        let mut dropped = 0;
+        for s in self.keys.values_mut() {
+            let before = s.rules.len();
+            s.rules
+                .retain(|(id, st, _)| rules.iter().any(|r| r.id == *id && fits(r, st)));
+            dropped += before - s.rules.len();
+        }
+        self.rules = rules;
+        self.cfg = Some(cfg);
+        dropped
+    }
+
     /// Restores state saved by [`to_json`]; states of rules that no longer exist are dropped.
     pub fn restore(&mut self, bytes: &[u8]) -> Result<usize, serde_json::Error> {
         let keys: HashMap<String, KeyState> = serde_json::from_slice(bytes)?;
@@ -636,6 +652,48 @@ mod tests {
             },
             rules,
         )
+    }
+
+    #[test]
+    fn a_reload_keeps_the_windows_of_rules_that_stay() {
+        let stats = Stats::default();
+        let r = rule("req", rate(Metric::Requests, 3600, 3), By::User);
+        let mut d = det(vec![r.clone()]);
+        for t in 0..3 {
+            assert!(d.observe(&access(1000 + t, "u1", &[1]), &stats).is_empty());
+        }
+        // Same rule, and a new one: the count goes on, so the 4th call fires.
+        let other = rule("err", rate(Metric::Errors, 60, 100), By::User);
+        assert_eq!(
+            d.reconfigure(
+                DetectionConfig {
+                    services: vec!["nginx".into()],
+                    ..DetectionConfig::default()
+                },
+                vec![r.clone(), other]
+            ),
+            0
+        );
+        let fired = d.observe(&access(1010, "u1", &[1]), &stats);
+        assert_eq!(
+            fired.iter().map(|a| a.rule_id.as_str()).collect::<Vec<_>>(),
+            ["req"]
+        );
+        // The rule's kind changes: its state goes, and counting starts over.
+        let seq = rule(
+            "req",
+            RuleKind::SequentialIds {
+                param: "id".into(),
+                window: Duration::from_secs(60),
+                limit: 5,
+            },
+            By::User,
+        );
+        assert_eq!(
+            d.reconfigure(DetectionConfig::default(), vec![seq]),
+            2,
+            "req (kind changed) and err (removed)"
+        );
     }
 
     fn rate(metric: Metric, window: u64, limit: u64) -> RuleKind {

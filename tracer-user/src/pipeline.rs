@@ -241,6 +241,23 @@ impl Pipeline {
         }
     }
 
+    /// A reload: new routes, rules, disclosure and limits apply to the exchanges that complete
+    /// from now on; open connections, learned identities, detector windows (of rules whose id
+    /// and kind stay) and decisions are kept. Returns how many detector rule states went.
+    pub fn reconfigure(&mut self, s: Settings) -> usize {
+        let dropped = self
+            .detector
+            .reconfigure(s.detection.clone(), s.rules.clone());
+        // Counter names were built per route index.
+        self.route_counters.clear();
+        let mono = self.s.mono_to_unix_ns;
+        self.s = Settings {
+            mono_to_unix_ns: mono,
+            ..s
+        };
+        dropped
+    }
+
     pub fn open_connections(&self) -> usize {
         self.conns.len()
     }
