@@ -181,6 +181,54 @@ impl Discovery {
         self.procs.insert(pid, info);
     }
 
+    /// A reload: the targets become `targets`. Processes that still match stay traced without a
+    /// gap; those that no longer match are dropped from the kernel's set; new matches are
+    /// adopted by a scan.
+    pub fn set_targets(&mut self, kernel: &mut Kernel, targets: Vec<TargetSpec>) {
+        self.targets = targets;
+        self.warned_missing.clear();
+        let pids: Vec<u32> = self.procs.keys().copied().collect();
+        let mut keep: HashMap<u32, usize> = HashMap::new();
+        for pid in &pids {
+            if let Some(t) = self.classify(&read_proc_info(*pid)) {
+                keep.insert(*pid, t);
+            }
+        }
+        loop {
+            let mut changed = false;
+            for pid in &pids {
+                if keep.contains_key(pid) {
+                    continue;
+                }
+                if let Some(t) = parent_of(*pid).and_then(|pp| keep.get(&pp)).copied() {
+                    keep.insert(*pid, t);
+                    changed = true;
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
+        for pid in pids {
+            match keep.get(&pid) {
+                Some(&t) => {
+                    if let Some(p) = self.procs.get_mut(&pid) {
+                        p.target = Some(t);
+                    }
+                    if self.targets[t].tls {
+                        self.attach_tls(kernel, pid);
+                    }
+                }
+                None => {
+                    info!("pid {pid} no longer matches any target: not traced any more");
+                    kernel.remove_target(pid);
+                    self.procs.remove(&pid);
+                }
+            }
+        }
+        self.scan(kernel);
+    }
+
     /// A process exec'd (the kernel saw its name match, or it was a target): re-check it.
     pub fn on_exec(&mut self, kernel: &mut Kernel, pid: u32) {
         self.procs.remove(&pid);

@@ -205,33 +205,7 @@ pub fn load(s: &LoadSettings) -> Result<Kernel, LoadError> {
             source: e,
         })?;
     }
-    {
-        let mut m: BpfHashMap<_, u16, u32> = map(&mut ebpf, MAP_PLAIN_PORTS)?;
-        for p in &s.plaintext_ports {
-            m.insert(p, 1, 0).map_err(|e| LoadError::Map {
-                name: MAP_PLAIN_PORTS,
-                source: e,
-            })?;
-        }
-    }
-    {
-        let mut m: BpfHashMap<_, [u8; COMM_LEN], u32> = map(&mut ebpf, MAP_TARGET_COMMS)?;
-        for c in &s.comms {
-            m.insert(comm_key(c), 1, 0).map_err(|e| LoadError::Map {
-                name: MAP_TARGET_COMMS,
-                source: e,
-            })?;
-        }
-    }
-    {
-        let mut m: BpfHashMap<_, u64, u32> = map(&mut ebpf, MAP_TARGET_CGRPS)?;
-        for id in &s.cgroup_ids {
-            m.insert(id, 1, 0).map_err(|e| LoadError::Map {
-                name: MAP_TARGET_CGRPS,
-                source: e,
-            })?;
-        }
-    }
+    write_filters(&mut ebpf, s)?;
 
     let mut tracepoints = BTreeMap::new();
     for (prog, category, name) in TRACEPOINTS {
@@ -296,6 +270,51 @@ where
     T::try_from(m).map_err(|e| LoadError::Map { name, source: e })
 }
 
+/// Writes which processes and ports are traced (plaintext ports, target comms caught at exec,
+/// target cgroups), replacing what the maps held: at load, and again at a reload.
+fn write_filters(ebpf: &mut Ebpf, s: &LoadSettings) -> Result<(), LoadError> {
+    let err = |name| move |e| LoadError::Map { name, source: e };
+    {
+        let mut m: BpfHashMap<_, u16, u32> = map(ebpf, MAP_PLAIN_PORTS)?;
+        let old: Vec<u16> = m.keys().filter_map(Result::ok).collect();
+        for p in old.iter().filter(|p| !s.plaintext_ports.contains(p)) {
+            m.remove(p).map_err(err(MAP_PLAIN_PORTS))?;
+        }
+        for p in &s.plaintext_ports {
+            m.insert(p, 1, 0).map_err(err(MAP_PLAIN_PORTS))?;
+        }
+    }
+    {
+        let mut m: BpfHashMap<_, [u8; COMM_LEN], u32> = map(ebpf, MAP_TARGET_COMMS)?;
+        let want: Vec<[u8; COMM_LEN]> = s.comms.iter().map(|c| comm_key(c)).collect();
+        let old: Vec<[u8; COMM_LEN]> = m.keys().filter_map(Result::ok).collect();
+        for c in old.iter().filter(|c| !want.contains(c)) {
+            m.remove(c).map_err(err(MAP_TARGET_COMMS))?;
+        }
+        for c in &want {
+            m.insert(c, 1, 0).map_err(err(MAP_TARGET_COMMS))?;
+        }
+    }
+    {
+        let mut m: BpfHashMap<_, u64, u32> = map(ebpf, MAP_TARGET_CGRPS)?;
+        let old: Vec<u64> = m.keys().filter_map(Result::ok).collect();
+        for id in old.iter().filter(|id| !s.cgroup_ids.contains(id)) {
+            m.remove(id).map_err(err(MAP_TARGET_CGRPS))?;
+        }
+        for id in &s.cgroup_ids {
+            m.insert(id, 1, 0).map_err(err(MAP_TARGET_CGRPS))?;
+        }
+    }
+    let mut a: Array<_, KernelConfig> = map(ebpf, MAP_CONFIG)?;
+    let mut k = a.get(&0, 0).map_err(err(MAP_CONFIG))?;
+    if s.cgroup_ids.is_empty() {
+        k.flags &= !CFG_F_CGROUP_TARGETS;
+    } else {
+        k.flags |= CFG_F_CGROUP_TARGETS;
+    }
+    a.set(0, k, 0).map_err(err(MAP_CONFIG))
+}
+
 pub fn comm_key(c: &str) -> [u8; COMM_LEN] {
     let mut k = [0u8; COMM_LEN];
     let b = c.as_bytes();
@@ -305,6 +324,12 @@ pub fn comm_key(c: &str) -> [u8; COMM_LEN] {
 }
 
 impl Kernel {
+    /// A reload: the traced ports, comms and cgroups become those of `s` (sizes and limits
+    /// fixed at load are not changed).
+    pub fn set_filters(&mut self, s: &LoadSettings) -> Result<(), LoadError> {
+        write_filters(&mut self.ebpf, s)
+    }
+
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, LoadError> {
         let m = self
             .ebpf

@@ -61,6 +61,13 @@ pub struct WorkerCtx {
     pub stats: Arc<Stats>,
     pub deadletter_dir: PathBuf,
     pub notices: mpsc::Sender<Notice>,
+    /// Set to end this worker alone (a reload removed or changed its sink): it stops between
+    /// attempts, and what it had not acknowledged is delivered again by its successor.
+    pub stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+fn stopped(ctx: &WorkerCtx) -> bool {
+    ctx.stop.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 struct Names {
@@ -188,7 +195,7 @@ fn run(dest: &mut dyn Destination, streams: &[Stream], ctx: &WorkerCtx) {
                 }
             }
             let last = batch.last().map_or(0, |l| l.seq);
-            deliver(
+            let delivered = deliver(
                 dest,
                 batch,
                 ctx,
@@ -197,6 +204,9 @@ fn run(dest: &mut dyn Destination, streams: &[Stream], ctx: &WorkerCtx) {
                 &mut failures,
                 &mut last_log,
             );
+            if !delivered {
+                return;
+            }
             if let Err(e) = write_pos(&ctx.root, r.stream, &name, last) {
                 warn!("sink {name}: saving its position: {e}; it may deliver some records again after a restart");
             }
@@ -204,6 +214,10 @@ fn run(dest: &mut dyn Destination, streams: &[Stream], ctx: &WorkerCtx) {
             ctx.stats.set(&names.acked[&r.stream], last);
             did = true;
             break; // security first again
+        }
+        if stopped(ctx) {
+            let _ = dest.flush();
+            return;
         }
         if !did {
             let g = ctx.shared.lock();
@@ -223,7 +237,8 @@ fn run(dest: &mut dyn Destination, streams: &[Stream], ctx: &WorkerCtx) {
     }
 }
 
-/// Sends `batch` until every record is accepted or dead-lettered. Blocks through outages.
+/// Sends `batch` until every record is accepted or dead-lettered (true). Blocks through
+/// outages; false when the worker was told to stop first.
 fn deliver(
     dest: &mut dyn Destination,
     batch: Vec<Line>,
@@ -232,7 +247,7 @@ fn deliver(
     rng: &mut u64,
     failures: &mut u64,
     last_log: &mut Option<Instant>,
-) {
+) -> bool {
     let name = dest.name().to_string();
     let stream = batch[0].stream;
     let mut pending = batch;
@@ -263,7 +278,7 @@ fn deliver(
                     *failures = 0;
                 }
                 if retry.is_empty() {
-                    return;
+                    return true;
                 }
                 // The receiver answered: whole-batch backoff starts over.
                 attempt = 0;
@@ -284,7 +299,7 @@ fn deliver(
                 let all: Vec<(usize, String)> =
                     (0..pending.len()).map(|i| (i, reason.clone())).collect();
                 dead_letter(&name, &pending, &all, ctx, names);
-                return;
+                return true;
             }
             Err(SendError::Retry { reason, after }) => (after, reason, false),
         };
@@ -332,6 +347,9 @@ fn deliver(
         }
         let until = Instant::now() + wait;
         while Instant::now() < until {
+            if stopped(ctx) {
+                return false;
+            }
             std::thread::sleep(
                 until
                     .saturating_duration_since(Instant::now())
