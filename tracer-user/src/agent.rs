@@ -170,6 +170,47 @@ pub struct RunOptions {
     pub tap_events: Option<PathBuf>,
     /// Accept `clock` commands on the control socket (tests that compress days).
     pub test_clock: bool,
+    /// The configuration file, read again on SIGHUP.
+    pub config_path: Option<PathBuf>,
+}
+
+/// Reads and checks the configuration again for a reload.
+fn load_plan(path: &std::path::Path) -> Result<Plan, String> {
+    let cfg = crate::config::load(path).map_err(|e| e.to_string())?;
+    Plan::from_config(&cfg).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// What a reload cannot change in a running agent (kernel map sizes, where state lives, the
+/// enforcement hook, the listeners), by key, so the operator is told a restart is needed.
+fn fixed(p: &Plan) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "capture.ring_buffer_size",
+            p.load.ring_buffer_size.to_string(),
+        ),
+        (
+            "capture.max_connections",
+            p.load.max_connections.to_string(),
+        ),
+        (
+            "capture.max_message_bytes",
+            p.load.max_message_bytes.to_string(),
+        ),
+        ("capture.queue_capacity", p.queue_capacity.to_string()),
+        ("agent.state_dir", p.state_dir.display().to_string()),
+        ("agent.stats_interval", format!("{:?}", p.stats_interval)),
+        ("spool", format!("{:?}", p.spool)),
+        ("detection.enforce", p.enforce.to_string()),
+        ("detection.feed_listen", format!("{:?}", p.feed_listen)),
+    ]
+}
+
+fn restart_only(old: &[(&'static str, String)], new: &Plan) -> Vec<&'static str> {
+    old.iter()
+        .zip(fixed(new))
+        .filter(|((_, a), (_, b))| a != b)
+        .map(|((k, _), _)| *k)
+        .collect()
 }
 
 /// File names in the state directory.
@@ -301,7 +342,7 @@ fn apply_actions(pipeline: &mut Pipeline, kernel: &mut Kernel, stats: &Stats, ho
     }
 }
 
-pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
+pub async fn run(mut plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
     let started = Instant::now();
     std::fs::create_dir_all(&plan.state_dir).map_err(|e| AgentError::StateDir {
         path: plan.state_dir.clone(),
@@ -317,6 +358,7 @@ pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
     )?;
     shipper.write(&mut Vec::new(), &mut Vec::new());
 
+    let fixed_at_start = fixed(&plan);
     let mut kernel = loader::load(&plan.load)?;
     if plan.enforce {
         if let Err(e) = kernel.attach_enforce() {
@@ -410,6 +452,7 @@ pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
         None => None,
     };
     let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(AgentError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
     let mut scan_tick = tokio::time::interval(Duration::from_secs(1));
     let mut stats_tick = tokio::time::interval(plan.stats_interval);
@@ -485,6 +528,52 @@ pub async fn run(plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
                 write_stats(&plan.state_dir, &state, Some(shipper.usage()));
                 if shipper.state_due() {
                     shipper.state_record(state);
+                }
+            }
+            _ = hup.recv(), if !stopping => {
+                let reload = match opts.config_path.as_deref() {
+                    Some(p) => load_plan(p),
+                    None => Err("the agent was started without a configuration file".to_string()),
+                };
+                let applied = reload.and_then(|new| {
+                    let (started, stopped) = shipper.reconfigure(&new.sinks).map_err(|e| e.to_string())?;
+                    let later = restart_only(&fixed_at_start, &new);
+                    if let Err(e) = kernel.set_filters(&new.load) {
+                        warn!("reload: the kernel's target filters: {e}");
+                    }
+                    discovery.set_targets(&mut kernel, new.targets.clone());
+                    publish_services(&discovery, &services);
+                    plan.edge_services = new.edge_services.clone();
+                    mark_edge(&discovery, &mut kernel, &plan.edge_services, &mut edge_marked);
+                    let rules = new.pipeline.rules.len();
+                    let routes = new.pipeline.routes.len();
+                    let dropped = pipeline.reconfigure(new.pipeline);
+                    if let Some(a) = pipeline.attributor.as_mut() {
+                        a.reconfigure(new.identity);
+                    }
+                    plan.sinks = new.sinks;
+                    plan.targets = new.targets;
+                    Ok(serde_json::json!({
+                        "routes": routes, "rules": rules, "targets": plan.targets.len(),
+                        "sinks": plan.sinks.iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
+                        "sinks_started": started, "sinks_stopped": stopped,
+                        "detector_states_dropped": dropped, "needs_restart": later,
+                    }))
+                });
+                match applied {
+                    Ok(d) => {
+                        info!("SIGHUP: configuration reloaded: {d}");
+                        if let Some(l) = d["needs_restart"].as_array().filter(|l| !l.is_empty()) {
+                            warn!("reload: these changed but take effect only at the next restart: {}", l.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", "));
+                        }
+                        stats.add("config_reloads_total{result=\"applied\"}", 1);
+                        shipper.agent_event("reloaded", d);
+                    }
+                    Err(e) => {
+                        error!("SIGHUP: the new configuration is rejected, the running one stays: {e}");
+                        stats.add("config_reloads_total{result=\"rejected\"}", 1);
+                        shipper.agent_event("reload_rejected", serde_json::json!({"reason": e}));
+                    }
                 }
             }
             _ = term.recv(), if !stopping => { info!("SIGTERM: draining and stopping"); stopping = true; let _ = stop_tx.send(true); }

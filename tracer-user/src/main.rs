@@ -240,6 +240,7 @@ fn main() -> ExitCode {
                     duration: duration.map(Duration::from_secs),
                     tap_events,
                     test_clock,
+                    config_path: Some(config.clone()),
                 },
             )) {
                 Ok(()) => ExitCode::SUCCESS,

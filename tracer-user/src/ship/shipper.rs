@@ -349,6 +349,16 @@ impl Shipper {
         self.security(m);
     }
 
+    /// A `sparbar.agent` record of something the agent did to itself (a reload, applied or
+    /// rejected), with its details under `sparbar.agent`.
+    pub fn agent_event(&mut self, action: &str, details: Value) {
+        let mut m = self.base("sparbar.agent", now_ms(), action);
+        m.insert("sparbar".into(), json!({ "agent": details }));
+        self.security(m);
+        self.write_security();
+        self.spool.publish();
+    }
+
     /// `run.json`: when this run was last seen alive, and whether it stopped cleanly.
     fn heartbeat(&mut self, clean: bool) {
         let doc = json!({"pid": std::process::id(), "started_ms": self.started_ms, "last_seen_ms": now_ms(), "clean": clean});
