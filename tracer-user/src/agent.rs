@@ -3,7 +3,7 @@
 //! kernel already captured).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::PathBuf,
     sync::{Arc, RwLock},
     time::{Duration, Instant},
@@ -67,6 +67,8 @@ pub struct Plan {
     /// `detection.services`: the edge.
     pub edge_services: Vec<String>,
     pub feed_listen: Option<std::net::SocketAddr>,
+    /// `agent.metrics_listen`: the Prometheus endpoint, off when `None`.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Plan {
@@ -134,6 +136,7 @@ impl Plan {
             enforce: cfg.detection.enforce,
             edge_services: cfg.detection.services.clone(),
             feed_listen: cfg.detection.feed_listen,
+            metrics_listen: cfg.agent.metrics_listen,
             state_dir: cfg.agent.state_dir.clone(),
             output_file: cfg.output.file.clone(),
             spool: cfg.spool.clone(),
@@ -202,6 +205,7 @@ fn fixed(p: &Plan) -> Vec<(&'static str, String)> {
         ("spool", format!("{:?}", p.spool)),
         ("detection.enforce", p.enforce.to_string()),
         ("detection.feed_listen", format!("{:?}", p.feed_listen)),
+        ("agent.metrics_listen", format!("{:?}", p.metrics_listen)),
     ]
 }
 
@@ -451,6 +455,37 @@ pub async fn run(mut plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
         },
         None => None,
     };
+    let metrics = match plan.metrics_listen {
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                let ep = crate::metrics::Endpoint::default();
+                let page = metrics_page(
+                    &kernel,
+                    &discovery,
+                    &pipeline,
+                    &shipper,
+                    &stats.snapshot(),
+                    started,
+                    &mut BTreeSet::new(),
+                );
+                ep.publish(page);
+                info!("metrics on http://{addr}/metrics");
+                let task = ep.serve(l);
+                Some((ep, task))
+            }
+            Err(e) => {
+                error!(
+                    "metrics: cannot listen on {addr}: {e}; the counters are still in {}",
+                    plan.state_dir.join("stats.json").display()
+                );
+                stats.add_reason("metrics_failures_total", "listen", 1);
+                None
+            }
+        },
+        None => None,
+    };
+    let mut metrics_warned = BTreeSet::new();
+    let mut rates = crate::metrics::Rates::new(RATE_WINDOW);
     let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
     let mut hup = signal(SignalKind::hangup()).map_err(AgentError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
@@ -504,10 +539,18 @@ pub async fn run(mut plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
                 apply_actions(&mut pipeline, &mut kernel, &stats, &host);
                 shipper.write(&mut pipeline.out, &mut pipeline.security_out);
                 save_decisions(&mut pipeline, &plan.state_dir, &stats, &feed);
+                let agent = stats.snapshot();
+                rates.push(Instant::now(), agent.get("exchanges_parsed_total").copied().unwrap_or(0), records_spooled(&agent));
+                if let Some((ep, _)) = &metrics {
+                    ep.publish(metrics_page(&kernel, &discovery, &pipeline, &shipper, &agent, started, &mut metrics_warned));
+                }
             }
             cmd = ctl_rx.recv() => {
                 if let Some((req, reply)) = cmd {
-                    let answer = control_command(&mut pipeline, req, opts.test_clock);
+                    let answer = match req {
+                        crate::control::Request::Status => status(&kernel, &discovery, &pipeline, &shipper, &stats, &rates, started),
+                        req => control_command(&mut pipeline, req, opts.test_clock),
+                    };
                     if opts.test_clock {
                         let _ = std::fs::write(plan.state_dir.join(TEST_CLOCK_FILE), pipeline.clock_offset_ms.to_string());
                     }
@@ -655,29 +698,13 @@ fn report(
     last: bool,
 ) -> serde_json::Value {
     let k = kernel.counters();
-    let mut kernel_map = BTreeMap::new();
-    for (i, v) in k.iter().enumerate() {
-        if !COUNTER_NAMES[i].is_empty() {
-            kernel_map.insert(COUNTER_NAMES[i].to_string(), *v);
-        }
-    }
+    let kernel_map = kernel_counters(&k);
     let agent = stats.snapshot();
-    let mut losses: Vec<String> = LOSS_COUNTERS
-        .iter()
-        .filter(|&&i| k[i as usize] > 0)
-        .map(|&i| format!("{}={}", COUNTER_NAMES[i as usize], k[i as usize]))
+    let losses: Vec<String> = losses(&k, &agent)
+        .into_iter()
+        .map(|(n, v)| format!("{n}={v}"))
         .collect();
-    losses.extend(
-        agent
-            .iter()
-            .filter(|(n, v)| **v > 0 && stats::is_loss(n))
-            .map(|(n, v)| format!("{n}={v}")),
-    );
-    let records: u64 = agent
-        .iter()
-        .filter(|(n, _)| n.starts_with("records_spooled_total"))
-        .map(|(_, v)| *v)
-        .sum();
+    let records = records_spooled(&agent);
     info!(
         "{}stats: kernel events {} ({} payload bytes), exchanges {}, records {}, open connections {}, losses: {}",
         if last { "final " } else { "" },
@@ -703,6 +730,180 @@ fn report(
         "targets": d.procs.values().map(|p| serde_json::json!({"pid": p.pid, "name": p.name, "executable": p.executable})).collect::<Vec<_>>(),
     });
     doc
+}
+
+/// The kernel's counters by name, as in `stats.json`.
+fn kernel_counters(k: &[u64]) -> BTreeMap<String, u64> {
+    k.iter()
+        .enumerate()
+        .filter(|(i, _)| COUNTER_NAMES.get(*i).is_some_and(|n| !n.is_empty()))
+        .map(|(i, v)| (COUNTER_NAMES[i].to_string(), *v))
+        .collect()
+}
+
+/// Every loss counter above zero, the kernel's first.
+fn losses(k: &[u64], agent: &BTreeMap<String, u64>) -> Vec<(String, u64)> {
+    let mut out: Vec<(String, u64)> = LOSS_COUNTERS
+        .iter()
+        .filter(|&&i| k[i as usize] > 0)
+        .map(|&i| (COUNTER_NAMES[i as usize].to_string(), k[i as usize]))
+        .collect();
+    out.extend(
+        agent
+            .iter()
+            .filter(|(n, v)| **v > 0 && stats::is_loss(n))
+            .map(|(n, v)| (n.clone(), *v)),
+    );
+    out
+}
+
+/// Records written to the spool, both streams.
+fn records_spooled(agent: &BTreeMap<String, u64>) -> u64 {
+    agent
+        .iter()
+        .filter(|(n, _)| n.starts_with("records_spooled_total"))
+        .map(|(_, v)| *v)
+        .sum()
+}
+
+/// How far back `sparbar status` rates look.
+const RATE_WINDOW: Duration = Duration::from_secs(60);
+
+/// Renders the Prometheus page from the agent's state; names that cannot be exposed are logged
+/// once each.
+fn metrics_page(
+    kernel: &Kernel,
+    d: &Discovery,
+    p: &Pipeline,
+    shipper: &Shipper,
+    agent: &BTreeMap<String, u64>,
+    started: Instant,
+    warned: &mut BTreeSet<String>,
+) -> String {
+    use crate::metrics::{Inputs, Library};
+    let kernel_map = kernel_counters(&kernel.counters());
+    let libs = d.libraries();
+    let usage = shipper.usage();
+    let mut targets: BTreeMap<&str, u64> =
+        d.targets().iter().map(|t| (t.name.as_str(), 0)).collect();
+    for proc_ in d.procs.values() {
+        if let Some(t) = proc_.target.and_then(|t| d.targets().get(t)) {
+            *targets.entry(t.name.as_str()).or_default() += 1;
+        }
+    }
+    let mut decisions_active: BTreeMap<&str, u64> = BTreeMap::new();
+    for dec in &p.decisions.active {
+        *decisions_active.entry(dec.scope.as_str()).or_default() += 1;
+    }
+    let spool_bytes = usage["streams"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(s, v)| (s.clone(), v["bytes"].as_u64().unwrap_or(0)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let (page, bad) = crate::metrics::build(&Inputs {
+        uptime: started.elapsed(),
+        version: env!("CARGO_PKG_VERSION"),
+        agent,
+        kernel: &kernel_map,
+        libraries: libs
+            .iter()
+            .map(|l| Library {
+                path: &l.path,
+                kind: l.kind,
+                attached: l.attached.len(),
+                failed: l.errors.len(),
+            })
+            .collect(),
+        tracepoints: kernel
+            .tracepoints
+            .iter()
+            .map(|(n, e)| (n.as_str(), e.is_none()))
+            .collect(),
+        targets,
+        open_connections: p.open_connections() as u64,
+        decisions_active,
+        spool_bytes,
+        spool_max_bytes: usage["max_bytes"].as_u64().unwrap_or(0),
+        security_pending: usage["security_pending"].as_u64().unwrap_or(0),
+    });
+    for (name, e) in bad {
+        if warned.insert(name) {
+            warn!("metrics: not exposed: {e}");
+        }
+    }
+    page
+}
+
+/// The answer to `sparbar status`: what is traced, how fast, and what is lost or waiting.
+fn status(
+    kernel: &Kernel,
+    d: &Discovery,
+    p: &Pipeline,
+    shipper: &Shipper,
+    stats: &Stats,
+    rates: &crate::metrics::Rates,
+    started: Instant,
+) -> serde_json::Value {
+    use serde_json::json;
+    let k = kernel.counters();
+    let agent = stats.snapshot();
+    let libs = d.libraries();
+    let mut procs: Vec<_> = d.procs.values().collect();
+    procs.sort_by_key(|p| p.pid);
+    let targets: Vec<serde_json::Value> = procs
+        .iter()
+        .map(|proc_| {
+            let spec = proc_.target.and_then(|t| d.targets().get(t));
+            // The libraries mapped in this process now (and its executable, for static OpenSSL).
+            let maps = std::fs::read_to_string(format!("/proc/{}/maps", proc_.pid)).unwrap_or_default();
+            let mapped: BTreeSet<&str> = maps
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(5))
+                .collect();
+            let tls: Vec<serde_json::Value> = libs
+                .iter()
+                .filter(|l| {
+                    mapped.contains(l.path.as_str())
+                        || proc_.executable.as_deref() == Some(l.path.as_str())
+                })
+                .map(|l| json!({"path": l.path, "kind": l.kind, "probes": l.attached, "errors": l.errors}))
+                .collect();
+            json!({
+                "pid": proc_.pid,
+                "name": proc_.name,
+                "executable": proc_.executable,
+                "target": spec.map(|s| s.name.as_str()),
+                "tls": spec.is_some_and(|s| s.tls),
+                "tls_libraries": tls,
+            })
+        })
+        .collect();
+    let (exchanges_ps, records_ps, window) = rates.rates();
+    let failed: BTreeMap<&str, &str> = kernel
+        .tracepoints
+        .iter()
+        .filter_map(|(n, e)| e.as_deref().map(|e| (n.as_str(), e)))
+        .collect();
+    json!({
+        "ok": true,
+        "version": env!("CARGO_PKG_VERSION"),
+        "pid": std::process::id(),
+        "uptime_seconds": started.elapsed().as_secs_f64(),
+        "targets": targets,
+        "libraries": libs.iter().map(|l| json!({"path": l.path, "kind": l.kind, "probes": l.attached, "errors": l.errors})).collect::<Vec<_>>(),
+        "tracepoints": {"attached": kernel.tracepoints.len() - failed.len(), "failed": failed},
+        "rates": {"window_seconds": window, "exchanges_per_second": exchanges_ps, "records_per_second": records_ps},
+        "exchanges_parsed_total": agent.get("exchanges_parsed_total").copied().unwrap_or(0),
+        "records_spooled_total": records_spooled(&agent),
+        "open_connections": p.open_connections(),
+        "decisions_open": p.decisions.active.len(),
+        "spool": shipper.usage(),
+        "sink_lag": shipper.lag(),
+        "losses": losses(&k, &agent).into_iter().collect::<BTreeMap<_, _>>(),
+    })
 }
 
 /// `<state_dir>/stats.json`: the report, with the spool's figures when there are any.
@@ -840,6 +1041,8 @@ fn control_command(
             None => json!({"ok": false, "error": "expected scope \"user\" or \"session\""}),
         },
         Request::Decisions => json!({"ok": true, "active": p.decisions.active}),
+        // Answered by the loop, which holds the kernel, discovery and the shipper.
+        Request::Status => json!({"ok": false, "error": "status is answered by the agent loop"}),
         Request::Clock { advance_ms } => {
             if test_clock {
                 p.clock_offset_ms += advance_ms as i64;

@@ -96,6 +96,10 @@ pub struct AgentConfig {
     pub stats_interval: Duration,
     /// `host.name` in records.
     pub host_name: String,
+    /// Where `GET /metrics` (Prometheus) is served; off when `None`. Loopback unless
+    /// `metrics_allow_remote`.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    pub metrics_allow_remote: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -521,6 +525,8 @@ struct RawAgent {
     state_dir: Option<String>,
     stats_interval: Option<String>,
     host_name: Option<String>,
+    metrics_listen: Option<String>,
+    metrics_allow_remote: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -733,10 +739,38 @@ fn check_agent(raw: RawAgent, p: &mut Problems) -> AgentConfig {
         },
     };
 
+    let metrics_allow_remote = raw.metrics_allow_remote.unwrap_or(false);
+    let metrics_listen = raw.metrics_listen.and_then(|m| {
+        match m.parse::<std::net::SocketAddr>() {
+            Ok(a) if a.ip().is_loopback() || metrics_allow_remote => Some(a),
+            Ok(a) => {
+                p.push(
+                    "agent.metrics_listen",
+                    format!(
+                        "{m:?} is not a loopback address; the counters tell who can reach what, so \
+                         expected something like \"127.0.0.1:9464\", or set \
+                         agent.metrics_allow_remote = true to serve {} on purpose",
+                        a.ip()
+                    ),
+                );
+                None
+            }
+            Err(_) => {
+                p.push(
+                    "agent.metrics_listen",
+                    format!("{m:?} is not an address and port; expected something like \"127.0.0.1:9464\""),
+                );
+                None
+            }
+        }
+    });
+
     AgentConfig {
         state_dir,
         stats_interval,
         host_name,
+        metrics_listen,
+        metrics_allow_remote,
     }
 }
 
@@ -1259,6 +1293,42 @@ route = "GET /api/addressbook/persons/{id}"
             }
         );
         assert!(routes::RouteTable::new(&c.routes).is_ok());
+    }
+
+    #[test]
+    fn metrics_listen() {
+        let c = parse(MINIMAL, "x").unwrap();
+        assert_eq!(c.agent.metrics_listen, None);
+        assert!(!c.agent.metrics_allow_remote);
+        for ok in ["127.0.0.1:9464", "[::1]:9464", "127.0.0.2:1"] {
+            let text = MINIMAL.replace("[agent]", &format!("[agent]\nmetrics_listen = \"{ok}\""));
+            let c = parse(&text, "x").unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert_eq!(c.agent.metrics_listen, Some(ok.parse().unwrap()));
+        }
+        let remote = MINIMAL.replace("[agent]", "[agent]\nmetrics_listen = \"0.0.0.0:9464\"");
+        let got = problems(&remote);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(
+            got[0].starts_with("agent.metrics_listen: \"0.0.0.0:9464\" is not a loopback address")
+                && got[0].contains("metrics_allow_remote = true"),
+            "{got:?}"
+        );
+        let allowed = remote.replace("[agent]", "[agent]\nmetrics_allow_remote = true");
+        let c = parse(&allowed, "x").unwrap();
+        assert_eq!(
+            c.agent.metrics_listen,
+            Some("0.0.0.0:9464".parse().unwrap())
+        );
+        assert!(c.agent.metrics_allow_remote);
+        for bad in ["localhost:9464", "127.0.0.1", "9464", ""] {
+            let got = problems(
+                &MINIMAL.replace("[agent]", &format!("[agent]\nmetrics_listen = \"{bad}\"")),
+            );
+            assert_eq!(
+                got,
+                vec![format!("agent.metrics_listen: {bad:?} is not an address and port; expected something like \"127.0.0.1:9464\"")]
+            );
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod http;
 pub mod ids;
 pub mod jsonpath;
 pub mod loader;
+pub mod metrics;
 pub mod pipeline;
 pub mod procfs;
 pub mod reassembly;

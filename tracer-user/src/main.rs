@@ -97,6 +97,14 @@ enum Cmd {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
     },
+    /// What the running agent traces, its rates, decisions open, spool, sink lag and losses.
+    Status {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// Print the JSON document instead of the report.
+        #[arg(long)]
+        json: bool,
+    },
     /// Move the running agent's detection clock forward (only with `run --test-clock`).
     #[command(hide = true)]
     AdvanceClock {
@@ -191,6 +199,7 @@ fn main() -> ExitCode {
             control(&config, &control::Request::Unblock { scope, value })
         }
         Cmd::Decisions { config } => control(&config, &control::Request::Decisions),
+        Cmd::Status { config, json } => ExitCode::from(control::status_command(&config, json)),
         Cmd::AdvanceClock { config, by } => match config::parse_duration(&by) {
             Ok(d) => control(
                 &config,
