@@ -499,6 +499,15 @@ pub async fn run(mut plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
         "sparbar running: records go to {}",
         plan.output_file.display()
     );
+    // Probes are attached and sinks open: tell systemd (Type=notify), and keep its watchdog fed.
+    if let Err(e) = crate::notify::ready() {
+        warn!("telling systemd the agent is ready: {e}");
+    }
+    let mut watchdog = tokio::time::interval(
+        crate::notify::watchdog_interval()
+            .map(|d| d / 2)
+            .unwrap_or(Duration::from_secs(3600)),
+    );
 
     loop {
         tokio::select! {
@@ -573,7 +582,13 @@ pub async fn run(mut plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
                     shipper.state_record(state);
                 }
             }
+            _ = watchdog.tick() => {
+                if crate::notify::watchdog_interval().is_some() {
+                    let _ = crate::notify::watchdog();
+                }
+            }
             _ = hup.recv(), if !stopping => {
+                let _ = crate::notify::reloading();
                 let reload = match opts.config_path.as_deref() {
                     Some(p) => load_plan(p),
                     None => Err("the agent was started without a configuration file".to_string()),
@@ -618,8 +633,9 @@ pub async fn run(mut plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
                         shipper.agent_event("reload_rejected", serde_json::json!({"reason": e}));
                     }
                 }
+                let _ = crate::notify::ready();
             }
-            _ = term.recv(), if !stopping => { info!("SIGTERM: draining and stopping"); stopping = true; let _ = stop_tx.send(true); }
+            _ = term.recv(), if !stopping => { let _ = crate::notify::stopping(); info!("SIGTERM: draining and stopping"); stopping = true; let _ = stop_tx.send(true); }
             _ = int.recv(), if !stopping => { info!("SIGINT: draining and stopping"); stopping = true; let _ = stop_tx.send(true); }
             _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } }, if !stopping => {
                 info!("run duration reached: draining and stopping");

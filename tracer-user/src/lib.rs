@@ -19,6 +19,7 @@ pub mod ids;
 pub mod jsonpath;
 pub mod loader;
 pub mod metrics;
+pub mod notify;
 pub mod pipeline;
 pub mod procfs;
 pub mod reassembly;

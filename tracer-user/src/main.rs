@@ -134,6 +134,76 @@ enum Cmd {
         #[arg(required = true, value_name = "FILE_OR_DIR")]
         paths: Vec<PathBuf>,
     },
+    /// Print a man page or a shell completion script (for packagers).
+    #[command(hide = true)]
+    Generate {
+        #[command(subcommand)]
+        what: Generate,
+    },
+}
+
+#[derive(Subcommand)]
+enum Generate {
+    /// The man page sparbar(1), or sparbar-SUBCOMMAND(1).
+    Man {
+        /// The subcommand to print the page of.
+        subcommand: Option<String>,
+        /// List the subcommands that have a page, one per line, instead.
+        #[arg(long, conflicts_with = "subcommand")]
+        list: bool,
+    },
+    /// The completion script for a shell.
+    Completions { shell: clap_complete::Shell },
+}
+
+/// Writes a man page, the list of subcommand pages, or a completion script to stdout.
+fn generate(what: Generate) -> ExitCode {
+    use clap::CommandFactory;
+    use std::io::Write as _;
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    cmd.build();
+    // Rendered in memory first: clap_complete panics on a write error such as a closed pipe.
+    let mut text = Vec::new();
+    let page = match what {
+        Generate::Completions { shell } => {
+            clap_complete::generate(shell, &mut cmd, "sparbar", &mut text);
+            None
+        }
+        Generate::Man { list: true, .. } => {
+            for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+                text.extend_from_slice(format!("{}\n", sub.get_name()).as_bytes());
+            }
+            None
+        }
+        Generate::Man {
+            subcommand: None, ..
+        } => Some(cmd),
+        Generate::Man {
+            subcommand: Some(name),
+            ..
+        } => match cmd.find_subcommand(&name).filter(|s| !s.is_hide_set()) {
+            Some(sub) => Some(sub.clone()),
+            None => {
+                eprintln!("generate man: sparbar has no subcommand {name:?}; see `sparbar generate man --list`");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    if let Some(page) = page {
+        let man =
+            clap_mangen::Man::new(page).source(concat!("sparbar ", env!("CARGO_PKG_VERSION")));
+        if let Err(e) = man.render(&mut text) {
+            eprintln!("generate man: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    match std::io::stdout().lock().write_all(&text) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("generate: writing to stdout: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -142,6 +212,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Generate { what } => generate(what),
         Cmd::CheckConfig { config } => match config::load(&config) {
             Ok(_) => {
                 println!("{}: configuration is valid", config.display());

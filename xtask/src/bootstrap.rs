@@ -20,6 +20,10 @@ const APT_PACKAGES: &[&str] = &[
     "rsyslog",
     "rsyslog-relp",
     "rsyslog-gnutls",
+    // `cargo xtask package` (dpkg-shlibdeps) and its proof in a booted Debian 12 container.
+    "dpkg-dev",
+    "debootstrap",
+    "systemd-container",
 ];
 
 fn installed(pkg: &str) -> bool {

@@ -6,6 +6,7 @@
 mod bench;
 mod bootstrap;
 mod demo;
+mod package;
 
 use std::{
     path::{Path, PathBuf},
@@ -49,6 +50,18 @@ enum Cmd {
         #[command(subcommand)]
         which: bench::Which,
     },
+    /// The Debian package and the tarball (binary, systemd unit, config, man pages, completions).
+    Package {
+        /// Debian revision: the package is <version>-<revision>.
+        #[arg(long, default_value_t = 1)]
+        revision: u32,
+        /// Output directory.
+        #[arg(long, default_value = "target/package")]
+        out: PathBuf,
+        /// Then prove it in a booted Debian 12 container (tests/tests/package.rs).
+        #[arg(long)]
+        test: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -77,6 +90,43 @@ fn main() -> Result<()> {
             bootstrap::run()?;
             let bin = build_release()?;
             bench::run(&bin, which)
+        }
+        Cmd::Package {
+            revision,
+            out,
+            test,
+        } => {
+            bootstrap::run()?;
+            let bin = build_release()?;
+            step("packaging: .deb and tarball");
+            let opts = package::Options {
+                bin: bin.clone(),
+                out_dir: root().join(out),
+                revision,
+            };
+            let a = package::build(&root(), &opts)?;
+            step(&format!(
+                "sparbar {}: {}\n    {}",
+                a.version,
+                a.deb.display(),
+                a.tarball.display()
+            ));
+            if test {
+                step("package proof: install, run, reload, stop, upgrade, purge in systemd-nspawn");
+                let mut c = cargo();
+                c.args([
+                    "test",
+                    "--release",
+                    "-p",
+                    "sparbar-tests",
+                    "--test",
+                    "package",
+                ])
+                .args(["--", "--nocapture"])
+                .env("SPARBAR_BIN", &bin);
+                run_cmd(&mut c)?;
+            }
+            Ok(())
         }
     }
 }
