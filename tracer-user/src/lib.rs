@@ -27,7 +27,6 @@ pub mod record;
 pub mod routes;
 pub mod security;
 pub mod ship;
-pub mod sink;
 pub mod source;
 pub mod statefile;
 pub mod stats;
