@@ -11,6 +11,7 @@ pub mod decode;
 pub mod detect;
 pub mod disclosure;
 pub mod discovery;
+pub mod doctor;
 pub mod enforce;
 pub mod exchange;
 pub mod feed;

@@ -134,6 +134,17 @@ enum Cmd {
         #[arg(required = true, value_name = "FILE_OR_DIR")]
         paths: Vec<PathBuf>,
     },
+    /// Check this host for what the agent needs and say what each missing piece disables
+    /// (exit 0: nothing FAILs, 1: something does).
+    Doctor {
+        /// The configuration whose targets to look for (default: /etc/sparbar/sparbar.toml, if
+        /// it exists).
+        #[arg(long, short, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Print the JSON document instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a man page or a shell completion script (for packagers).
     #[command(hide = true)]
     Generate {
@@ -213,6 +224,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Generate { what } => generate(what),
+        Cmd::Doctor { config, json } => {
+            ExitCode::from(sparbar::doctor::command(config.as_deref(), json))
+        }
         Cmd::CheckConfig { config } => match config::load(&config) {
             Ok(_) => {
                 println!("{}: configuration is valid", config.display());
