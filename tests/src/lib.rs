@@ -6,7 +6,7 @@
 //! with the reason; it never skips silently.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     io::{BufRead, BufReader},
     net::TcpListener,
     path::{Path, PathBuf},
@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{bail, ensure, Context as _, Result};
 use serde_json::Value;
 
 pub fn repo_root() -> PathBuf {
@@ -585,4 +585,133 @@ pub fn ids_digest(ids: &[String]) -> String {
         h.update(b"\n");
     }
     format!("sha256:{}", hex::encode(h.finalize()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The audit trail: HTTP receivers, sink lag, verification.
+// ---------------------------------------------------------------------------------------------
+
+/// The HTTP receiver stand-in (tests/receivers/http_sinks.py), killed when dropped.
+pub struct Receiver {
+    child: std::process::Child,
+    pub data: u16,
+    pub admin: u16,
+}
+
+impl Receiver {
+    pub fn start(kind: &str) -> Result<Receiver> {
+        use std::io::BufRead;
+        let mut child = Command::new("python3")
+            .arg(repo_root().join("tests/receivers/http_sinks.py"))
+            .args(["--kind", kind])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("starting tests/receivers/http_sinks.py")?;
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+        let f: Vec<&str> = line.split_whitespace().collect();
+        ensure!(f.len() == 3 && f[0] == "READY", "receiver said {line:?}");
+        Ok(Receiver {
+            child,
+            data: f[1].parse()?,
+            admin: f[2].parse()?,
+        })
+    }
+
+    pub fn admin(&self, path: &str, body: &str) -> Result<Value> {
+        let mut c = Command::new("curl");
+        c.args(["-sS", "--max-time", "10"]);
+        if !body.is_empty() {
+            c.args([
+                "-X",
+                "POST",
+                "-H",
+                "Content-Type: application/json",
+                "--data",
+                body,
+            ]);
+        }
+        c.arg(format!("http://127.0.0.1:{}{path}", self.admin));
+        Ok(serde_json::from_str(&output(&mut c)?)?)
+    }
+
+    /// Ids stored at least once.
+    pub fn stored(&self) -> Result<BTreeSet<String>> {
+        let r = self.admin("/received", "")?;
+        Ok(r["records"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter(|(_, v)| v["stored"].as_u64().unwrap_or(0) > 0)
+                    .map(|(k, _)| k.clone())
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls the agent's stats until `sink` has acknowledged everything spooled, or `limit`.
+pub fn wait_caught_up(agent: &Agent, sink: &str, limit: Duration) -> Result<()> {
+    let t0 = Instant::now();
+    loop {
+        let Ok(st) = agent.stats() else {
+            ensure!(t0.elapsed() < limit, "no stats.json after {limit:?}");
+            std::thread::sleep(Duration::from_millis(250));
+            continue;
+        };
+        let lag: u64 = ["access", "security"]
+            .iter()
+            .map(|s| {
+                st.agent(&format!(
+                    "sink_lag_records{{sink=\"{sink}\",stream=\"{s}\"}}"
+                ))
+            })
+            .sum();
+        let acked = st.agent(&format!(
+            "sink_acked_sequence{{sink=\"{sink}\",stream=\"access\"}}"
+        ));
+        if lag == 0 && acked > 0 {
+            return Ok(());
+        }
+        ensure!(
+            t0.elapsed() < limit,
+            "sink {sink} still {lag} records behind after {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Ids per stream in the local file (which has everything the agent spooled).
+pub fn file_ids(trail: &[Value]) -> BTreeSet<String> {
+    trail
+        .iter()
+        .filter_map(|r| r["event"]["id"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// `sparbar verify` on `files`; its exit code and output.
+pub fn verify(files: &[&Path], key: Option<&Path>) -> Result<(i32, String)> {
+    let mut c = Command::new(agent_bin()?);
+    c.arg("verify");
+    if let Some(k) = key {
+        c.arg("--key").arg(k);
+    }
+    c.args(files);
+    let out = c.output().context("running sparbar verify")?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    ))
 }
