@@ -572,6 +572,47 @@ fn deb_installs_traces_reloads_stops_upgrades_and_purges() -> Result<()> {
     requests(&c, port, &upgraded_paths)?;
     wait_records(&c, &upgraded_paths)?;
 
+    // The agent dies by SIGKILL: nginx serves on as before, systemd restarts the agent
+    // (Restart=on-failure), and the restarted agent states the time it was down and traces.
+    let pid = c.unit("MainPID")?;
+    let killed = pid.trim().trim_start_matches("MainPID=").to_string();
+    let restarts = c.unit("NRestarts")?;
+    let before = c.journal().lines().count();
+    c.ok(&format!("kill -KILL {killed}"))?;
+    let while_down: Vec<String> = (1..=3)
+        .map(|i| format!("/package-test/while-down/{i}"))
+        .collect();
+    requests(&c, port, &while_down)?;
+    let since_kill = Instant::now();
+    while c.unit("NRestarts")? == restarts || c.unit("MainPID")? == pid {
+        ensure!(
+            since_kill.elapsed() < Duration::from_secs(30),
+            "systemd did not restart the agent after SIGKILL: {}\njournal:\n{}",
+            c.unit("ActiveState,SubState,Result,NRestarts,MainPID")?,
+            c.journal()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    c.wait_active("active", "after the restart that followed SIGKILL")?;
+    c.wait_journal("attached OpenSSL probes", before)?;
+    let restarted_paths: Vec<String> = (1..=3)
+        .map(|i| format!("/package-test/restarted/{i}"))
+        .collect();
+    requests(&c, port, &restarted_paths)?;
+    wait_records(&c, &restarted_paths)?;
+    let crashed = fs::read_to_string(c.path(RECORDS))?
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|r| {
+            r["event"]["dataset"] == "sparbar.gap"
+                && r["sparbar"]["gap"]["reason"] == "agent_crashed"
+        })
+        .count();
+    ensure!(
+        crashed == 1,
+        "{crashed} agent_crashed gap records after one SIGKILL"
+    );
+
     // Purge: the agent stops, and its configuration, state and records are gone.
     c.ok("dpkg --purge sparbar")?;
     for gone in [

@@ -373,6 +373,7 @@ pub async fn run(mut plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
     let mut discovery = Discovery::new(plan.targets.clone());
     let services: Services = Arc::new(RwLock::new(Default::default()));
     discovery.scan(&mut kernel);
+    warn_unserved_ports(&plan.load.plaintext_ports);
     publish_services(&discovery, &services);
     let mut edge_marked = std::collections::BTreeSet::new();
     mark_edge(
@@ -600,6 +601,7 @@ pub async fn run(mut plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
                         warn!("reload: the kernel's target filters: {e}");
                     }
                     discovery.set_targets(&mut kernel, new.targets.clone());
+                    warn_unserved_ports(&new.load.plaintext_ports);
                     publish_services(&discovery, &services);
                     plan.edge_services = new.edge_services.clone();
                     mark_edge(&discovery, &mut kernel, &plan.edge_services, &mut edge_marked);
@@ -1068,5 +1070,14 @@ fn control_command(
                 json!({"ok": false, "error": "the test clock is off (run --test-clock)"})
             }
         }
+    }
+}
+
+/// Says which configured plaintext ports nothing listens on yet. The kernel filters on the port
+/// itself, so their traffic is captured as soon as a server listens there.
+fn warn_unserved_ports(ports: &[u16]) {
+    let listening = crate::procfs::listening_ports();
+    for p in ports.iter().filter(|p| !listening.contains(p)) {
+        warn!("nothing listens on plaintext port {p} yet; its traffic is captured as soon as a server does");
     }
 }

@@ -49,6 +49,11 @@ pub struct Discovery {
     libs: HashMap<(u64, u64), LibAttach>,
     pub procs: HashMap<u32, ProcInfo>,
     warned_missing: HashSet<usize>,
+    /// Traced processes of TLS targets that map no OpenSSL yet: their maps are read again at
+    /// every scan, so a library loaded later (CPython imports `ssl` on first use) is attached.
+    without_tls: HashSet<u32>,
+    /// (target, executable) pairs already warned about having no OpenSSL: one line each.
+    warned_no_tls: HashSet<(usize, String)>,
 }
 
 pub fn read_proc_info(pid: u32) -> ProcInfo {
@@ -82,6 +87,8 @@ impl Discovery {
             libs: HashMap::new(),
             procs: HashMap::new(),
             warned_missing: HashSet::new(),
+            without_tls: HashSet::new(),
+            warned_no_tls: HashSet::new(),
         }
     }
 
@@ -155,6 +162,17 @@ impl Discovery {
             }
         }
         self.procs.retain(|pid, _| alive.contains(pid));
+        self.without_tls.retain(|pid| alive.contains(pid));
+        let recheck: Vec<u32> = self
+            .without_tls
+            .iter()
+            .copied()
+            .filter(|pid| !mapped_libssl(*pid).is_empty())
+            .collect();
+        for pid in recheck {
+            info!("pid {pid} loaded OpenSSL after it was found; attaching");
+            self.attach_tls(kernel, pid);
+        }
         for (i, t) in self.targets.iter().enumerate() {
             if !self.procs.values().any(|p| p.target == Some(i)) && self.warned_missing.insert(i) {
                 warn!("no running process matches target {:?} ({:?}) yet; it is attached when it appears", t.name, t.matcher);
@@ -175,10 +193,10 @@ impl Discovery {
             info.executable.as_deref().unwrap_or("?"),
             self.targets[t].name
         );
+        self.procs.insert(pid, info);
         if self.targets[t].tls {
             self.attach_tls(kernel, pid);
         }
-        self.procs.insert(pid, info);
     }
 
     /// A reload: the targets become `targets`. Processes that still match stay traced without a
@@ -243,10 +261,29 @@ impl Discovery {
 
     pub fn on_exit(&mut self, pid: u32) {
         self.procs.remove(&pid);
+        self.without_tls.remove(&pid);
     }
 
+    /// Attaches the OpenSSL probes to the TLS images `pid` maps; a process that maps none is
+    /// said once per target and executable, and looked at again at every scan.
     fn attach_tls(&mut self, kernel: &mut Kernel, pid: u32) {
-        for (path, kind) in tls_images(pid) {
+        let images = tls_images(pid);
+        if images.is_empty() {
+            if self.without_tls.insert(pid) {
+                let p = self.procs.get(&pid);
+                let target = p.and_then(|p| p.target).unwrap_or(usize::MAX);
+                let exe = p
+                    .and_then(|p| p.executable.clone())
+                    .unwrap_or_else(|| "?".into());
+                if self.warned_no_tls.insert((target, exe.clone())) {
+                    let name = self.targets.get(target).map_or("?", |t| t.name.as_str());
+                    warn!("pid {pid} ({exe}, target {name:?}) maps no OpenSSL library (libssl.so*, or SSL_read exported by the executable): its TLS traffic is not captured until it loads one (looked for again at every scan)");
+                }
+            }
+            return;
+        }
+        self.without_tls.remove(&pid);
+        for (path, kind) in images {
             let host_path = format!("/proc/{pid}/root{path}");
             let Ok(md) = fs::metadata(&host_path) else {
                 continue;
@@ -287,18 +324,10 @@ pub fn parent_of(pid: u32) -> Option<u32> {
 /// The images in this process that carry OpenSSL: every mapped libssl, and the executable
 /// itself when it exports SSL_read (static OpenSSL, e.g. node).
 pub fn tls_images(pid: u32) -> Vec<(String, &'static str)> {
-    let mut out = BTreeMap::new();
-    if let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) {
-        for line in maps.lines() {
-            let Some(path) = line.split_whitespace().nth(5) else {
-                continue;
-            };
-            let base = path.rsplit('/').next().unwrap_or("");
-            if base.starts_with("libssl.so") {
-                out.insert(path.to_string(), "libssl");
-            }
-        }
-    }
+    let mut out: BTreeMap<String, &'static str> = mapped_libssl(pid)
+        .into_iter()
+        .map(|p| (p, "libssl"))
+        .collect();
     if let Ok(exe) = fs::read_link(format!("/proc/{pid}/exe")) {
         let exe = exe
             .to_string_lossy()
@@ -309,6 +338,22 @@ pub fn tls_images(pid: u32) -> Vec<(String, &'static str)> {
         }
     }
     out.into_iter().collect()
+}
+
+/// The shared libssl files `pid` maps, from /proc/PID/maps.
+pub fn mapped_libssl(pid: u32) -> Vec<String> {
+    let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .filter(|p| p.rsplit('/').next().unwrap_or("").starts_with("libssl.so"))
+        .map(str::to_string)
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Does this ELF file define (not just import) SSL_read in its dynamic symbol table?

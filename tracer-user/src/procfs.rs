@@ -1,5 +1,6 @@
 //! Fallback lookups in /proc for what the kernel side could not tell: the 4-tuple of a socket
-//! fd (connections that were open before the agent started and first seen inside an SSL call).
+//! fd (connections that were open before the agent started and first seen inside an SSL call),
+//! and the TCP ports something listens on (to warn about a configured port nothing serves).
 
 use std::{
     fs,
@@ -31,6 +32,27 @@ pub fn socket_tuple(tgid: u32, fd: u32) -> Option<Tuple> {
         }
     }
     None
+}
+
+/// The local ports of the TCP sockets in LISTEN state (IPv4 and IPv6) in the agent's network
+/// namespace, from /proc/net/tcp and /proc/net/tcp6.
+pub fn listening_ports() -> std::collections::BTreeSet<u16> {
+    ["tcp", "tcp6"]
+        .iter()
+        .filter_map(|f| fs::read_to_string(format!("/proc/net/{f}")).ok())
+        .flat_map(|text| {
+            text.lines()
+                .skip(1)
+                .filter_map(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    // st 0A is TCP_LISTEN.
+                    (f.len() > 3 && f[3] == "0A")
+                        .then(|| parse_addr(f[1]).map(|a| a.port()))
+                        .flatten()
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 /// `0100007F:1F90` (IPv4) or 32 hex digits + port (IPv6), as the kernel prints them: each
@@ -73,5 +95,24 @@ mod tests {
             "127.0.0.1:443"
         );
         assert!(super::parse_addr("zz").is_none());
+    }
+
+    #[test]
+    fn listening_ports_sees_a_listener_and_not_a_connection() {
+        let l4 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let p4 = l4.local_addr().unwrap().port();
+        let l6 = std::net::TcpListener::bind("[::1]:0").ok();
+        // A connected client's port is in /proc/net/tcp too, but not in LISTEN.
+        let c = std::net::TcpStream::connect(("127.0.0.1", p4)).unwrap();
+        let client_port = c.local_addr().unwrap().port();
+        let ports = super::listening_ports();
+        assert!(ports.contains(&p4), "{p4} not in {ports:?}");
+        if let Some(l6) = l6 {
+            let p6 = l6.local_addr().unwrap().port();
+            assert!(ports.contains(&p6), "{p6} (IPv6) not in {ports:?}");
+        }
+        assert!(!ports.contains(&client_port));
+        drop(l4);
+        assert!(!super::listening_ports().contains(&p4));
     }
 }
