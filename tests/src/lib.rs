@@ -334,6 +334,10 @@ impl Platform {
     pub fn cert(&self) -> String {
         self.info["cert"].as_str().unwrap_or_default().to_string()
     }
+    /// The private key of [`Platform::cert`], for servers the tests start on their own.
+    pub fn key(&self) -> String {
+        self.info["key"].as_str().unwrap_or_default().to_string()
+    }
     pub fn pid(&self, key: &str) -> u32 {
         self.info[key].as_u64().unwrap_or(0) as u32
     }

@@ -146,13 +146,7 @@ fn tls_server_is_traced(name: &str, server: impl Fn(u16, &str, &str) -> Command)
     // The platform helper makes the certificate; the server is started on its own.
     let platform = Platform::up(&dir.join("platform"), free_port(), free_port(), false)?;
     let port = free_port();
-    let (cert, key) = (
-        platform.cert(),
-        platform.info["key"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string(),
-    );
+    let (cert, key) = (platform.cert(), platform.key());
     let proc = spawn_ready(
         name,
         &mut server(port, &cert, &key),

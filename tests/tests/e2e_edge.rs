@@ -644,7 +644,7 @@ fn nginx_reload_and_late_processes() -> Result<()> {
          ssl_certificate {cert};\n        ssl_certificate_key {key};\n\
          location / {{ proxy_pass http://app; proxy_http_version 1.1; \
          proxy_set_header Connection \"\"; }}\n    }}",
-        key = platform.info["key"].as_str().unwrap_or_default()
+        key = platform.key()
     );
     let late = Nginx::start(&dir.join("nginx2"), &http_block, port2)?;
     let late_workers = late.workers();
@@ -730,7 +730,7 @@ fn http2_is_recognised_not_misparsed() -> Result<()> {
         "    default_type text/plain;\n    server {{\n        listen 127.0.0.1:{port} ssl http2;\n\
          ssl_certificate {cert};\n        ssl_certificate_key {key};\n\
          location /api/test/bytes/ {{ return 200 \"0123456789\"; }}\n    }}",
-        key = platform.info["key"].as_str().unwrap_or_default()
+        key = platform.key()
     );
     let h2 = Nginx::start(&dir.join("nginx-h2"), &http_block, port)?;
     let agent = Agent::start(

@@ -58,13 +58,7 @@ fn missing_process_library_and_port_are_said_and_traced_when_they_appear() -> Re
     let dir = scratch("late");
     // The platform helper makes the certificate; its nginx is not a target here.
     let platform = Platform::up(&dir.join("platform"), free_port(), free_port(), false)?;
-    let (cert, key) = (
-        platform.cert(),
-        platform.info["key"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string(),
-    );
+    let (cert, key) = (platform.cert(), platform.key());
     let (tls_port, plain_port) = (free_port(), free_port());
     let python = std::fs::canonicalize("/usr/bin/python3")?;
     for comm in [TLS_COMM, PLAIN_COMM] {

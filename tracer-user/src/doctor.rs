@@ -708,29 +708,11 @@ pub fn mounts_of_type(mountinfo: &str, fstype: &str) -> Vec<PathBuf> {
             if post.split(' ').next()? != fstype {
                 return None;
             }
-            Some(PathBuf::from(unescape_octal(pre.split(' ').nth(4)?)))
+            Some(PathBuf::from(enforce::unescape_mount(
+                pre.split(' ').nth(4)?,
+            )))
         })
         .collect()
-}
-
-fn unescape_octal(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 4 <= b.len()
-            && b[i + 1] <= b'3'
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn own_mounts(fstype: &str) -> Vec<PathBuf> {
