@@ -138,7 +138,7 @@ fn sigterm_under_traffic_drains_detaches_and_leaves_a_dead_sinks_share_in_the_sp
     );
     let log_text = log.lock().unwrap().join("\n");
     for needle in [
-        "SIGTERM: draining and stopping",
+        "capture programs detached; draining what the kernel captured",
         "sink es: still behind after",
         "sparbar stopped; probes detached",
     ] {

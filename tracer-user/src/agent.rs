@@ -521,7 +521,9 @@ pub async fn run(mut plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
                 shipper.write(&mut pipeline.out, &mut pipeline.security_out);
                 save_decisions(&mut pipeline, &plan.state_dir, &stats, &feed);
                 pipeline.flush_stats();
-                for pid in std::mem::take(&mut pipeline.execs) {
+                // While stopping the probes are gone: nothing new is attached.
+                let execs = std::mem::take(&mut pipeline.execs);
+                for pid in execs.into_iter().filter(|_| !stopping) {
                     discovery.on_exec(&mut kernel, pid);
                     publish_services(&discovery, &services);
                     mark_edge(&discovery, &mut kernel, &plan.edge_services, &mut edge_marked);
@@ -637,10 +639,10 @@ pub async fn run(mut plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
                 }
                 let _ = crate::notify::ready();
             }
-            _ = term.recv(), if !stopping => { let _ = crate::notify::stopping(); info!("SIGTERM: draining and stopping"); stopping = true; let _ = stop_tx.send(true); }
-            _ = int.recv(), if !stopping => { info!("SIGINT: draining and stopping"); stopping = true; let _ = stop_tx.send(true); }
+            _ = term.recv(), if !stopping => { let _ = crate::notify::stopping(); stop_capture(&mut kernel, "SIGTERM"); stopping = true; let _ = stop_tx.send(true); }
+            _ = int.recv(), if !stopping => { stop_capture(&mut kernel, "SIGINT"); stopping = true; let _ = stop_tx.send(true); }
             _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } }, if !stopping => {
-                info!("run duration reached: draining and stopping");
+                stop_capture(&mut kernel, "run duration reached");
                 stopping = true;
                 let _ = stop_tx.send(true);
             }
@@ -1080,4 +1082,11 @@ fn warn_unserved_ports(ports: &[u16]) {
     for p in ports.iter().filter(|p| !listening.contains(p)) {
         warn!("nothing listens on plaintext port {p} yet; its traffic is captured as soon as a server does");
     }
+}
+
+/// The first step of a stop: no more capture, so the reader's final drain reads everything the
+/// kernel captured up to here.
+fn stop_capture(kernel: &mut Kernel, why: &str) {
+    let n = kernel.stop_capture();
+    info!("{why}: {n} capture programs detached; draining what the kernel captured, then stopping");
 }

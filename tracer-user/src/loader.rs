@@ -330,6 +330,38 @@ impl Kernel {
         write_filters(&mut self.ebpf, s)
     }
 
+    /// The first step of a stop: detaches and unloads every capture program (tracepoints and
+    /// OpenSSL uprobes), so nothing more enters the ring buffer and a final read of it sees
+    /// everything the kernel captured. Maps (counters, the ring buffer) and the enforcement
+    /// filter stay until the agent exits. Returns how many programs were unloaded.
+    pub fn stop_capture(&mut self) -> usize {
+        let mut names: Vec<&'static str> = TRACEPOINTS
+            .iter()
+            .map(|(p, ..)| *p)
+            .chain(SSL_PROBES.iter().map(|(p, ..)| *p))
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        let mut unloaded = 0;
+        for name in names {
+            let Some(p) = self.ebpf.program_mut(name) else {
+                continue;
+            };
+            let res = match p {
+                aya::programs::Program::TracePoint(t) => t.unload(),
+                aya::programs::Program::UProbe(u) => u.unload(),
+                _ => continue,
+            };
+            match res {
+                Ok(()) => unloaded += 1,
+                // A program that never loaded (its attach failed earlier) has nothing to undo.
+                Err(aya::programs::ProgramError::NotLoaded) => {}
+                Err(e) => warn!("stopping capture: unloading {name}: {e}"),
+            }
+        }
+        unloaded
+    }
+
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, LoadError> {
         let m = self
             .ebpf
