@@ -38,6 +38,7 @@ use crate::{
     config::{self, TargetMatch},
     discovery::{self, Discovery, TargetSpec},
     enforce,
+    enforce::chain,
 };
 
 /// Where `sparbar doctor` looks for a configuration when none is given.
@@ -644,21 +645,6 @@ fn check_btf() -> Check {
 // ---------------------------------------------------------------------------------------------
 // The agent's eBPF object
 // ---------------------------------------------------------------------------------------------
-
-/// An error and its causes, `outer: inner: ...` (aya keeps the errno in the source).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
-}
 
 /// Loads the agent's embedded object with small maps (the trials need no capacity).
 fn load_object() -> (Check, Option<Ebpf>) {

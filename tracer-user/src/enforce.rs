@@ -111,7 +111,7 @@ pub enum EnforceError {
 
 /// An error and its causes, `outer: inner: ...` (aya's syscall errors keep the errno in the
 /// source).
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
