@@ -34,6 +34,15 @@ pub struct ProcInfo {
     pub target: Option<usize>,
 }
 
+/// A process and the target it belongs to ([`Discovery::assign`]).
+#[derive(Debug, Clone)]
+pub struct Assigned {
+    pub info: ProcInfo,
+    pub target: usize,
+    /// The parent it inherited the target from; `None` when it matches the target itself.
+    pub parent: Option<u32>,
+}
+
 #[derive(Debug, Clone)]
 pub struct LibAttach {
     pub path: String,
@@ -111,6 +120,54 @@ impl Discovery {
         })
     }
 
+    /// Which target each process of `pending` belongs to: the target it matches itself, else
+    /// the target of its parent, found by `traced` (processes already traced) or among those
+    /// matched here, level by level. Matches come in that order (direct ones first, then each
+    /// generation of children); the processes that belong to no target are returned apart.
+    pub fn assign(
+        &self,
+        pending: Vec<ProcInfo>,
+        traced: impl Fn(u32) -> Option<usize>,
+    ) -> (Vec<Assigned>, Vec<ProcInfo>) {
+        let mut found: Vec<Assigned> = Vec::new();
+        let mut matched: HashMap<u32, usize> = HashMap::new();
+        let mut rest = Vec::new();
+        for info in pending {
+            match self.classify(&info) {
+                Some(t) => {
+                    matched.insert(info.pid, t);
+                    found.push(Assigned {
+                        info,
+                        target: t,
+                        parent: None,
+                    });
+                }
+                None => rest.push(info),
+            }
+        }
+        loop {
+            let before = rest.len();
+            for info in std::mem::take(&mut rest) {
+                let parent = parent_of(info.pid);
+                match parent.and_then(|pp| traced(pp).or_else(|| matched.get(&pp).copied())) {
+                    Some(t) => {
+                        matched.insert(info.pid, t);
+                        found.push(Assigned {
+                            info,
+                            target: t,
+                            parent,
+                        });
+                    }
+                    None => rest.push(info),
+                }
+            }
+            if rest.len() == before {
+                break;
+            }
+        }
+        (found, rest)
+    }
+
     /// One pass over /proc: new matching processes become targets (and get their TLS library
     /// attached); targets that exited are forgotten. Also adopts processes the kernel added on
     /// fork/exec.
@@ -123,37 +180,22 @@ impl Discovery {
             .flatten()
             .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
             .collect();
-        let mut pending: Vec<ProcInfo> = alive
+        let pending: Vec<ProcInfo> = alive
             .iter()
             .filter(|pid| !self.procs.contains_key(pid) && **pid != self.self_pid)
             .map(|&pid| read_proc_info(pid))
             .collect();
         // Direct matches first, then children of targets, level by level: workers forked before
         // the agent started, and the children the kernel already added at fork.
-        pending.retain(|info| match self.classify(info) {
-            Some(t) => {
-                self.adopt(kernel, info.clone(), t);
-                false
+        let (found, mut pending) =
+            self.assign(pending, |pp| self.procs.get(&pp).and_then(|p| p.target));
+        for m in found {
+            // A child goes with its parent: not when the parent could not be traced.
+            if m.parent.is_some_and(|pp| !self.procs.contains_key(&pp)) {
+                pending.push(m.info);
+                continue;
             }
-            None => true,
-        });
-        loop {
-            let before = pending.len();
-            pending.retain(|info| {
-                let inherited = parent_of(info.pid)
-                    .and_then(|pp| self.procs.get(&pp))
-                    .and_then(|p| p.target);
-                match inherited {
-                    Some(t) => {
-                        self.adopt(kernel, info.clone(), t);
-                        false
-                    }
-                    None => true,
-                }
-            });
-            if pending.len() == before {
-                break;
-            }
+            self.adopt(kernel, m.info, m.target);
         }
         // The kernel added these on exec by name, but they are not what the config means.
         for info in &pending {
@@ -206,27 +248,8 @@ impl Discovery {
         self.targets = targets;
         self.warned_missing.clear();
         let pids: Vec<u32> = self.procs.keys().copied().collect();
-        let mut keep: HashMap<u32, usize> = HashMap::new();
-        for pid in &pids {
-            if let Some(t) = self.classify(&read_proc_info(*pid)) {
-                keep.insert(*pid, t);
-            }
-        }
-        loop {
-            let mut changed = false;
-            for pid in &pids {
-                if keep.contains_key(pid) {
-                    continue;
-                }
-                if let Some(t) = parent_of(*pid).and_then(|pp| keep.get(&pp)).copied() {
-                    keep.insert(*pid, t);
-                    changed = true;
-                }
-            }
-            if !changed {
-                break;
-            }
-        }
+        let (found, _) = self.assign(pids.iter().map(|p| read_proc_info(*p)).collect(), |_| None);
+        let keep: HashMap<u32, usize> = found.iter().map(|a| (a.info.pid, a.target)).collect();
         for pid in pids {
             match keep.get(&pid) {
                 Some(&t) => {
@@ -315,7 +338,7 @@ impl Discovery {
     }
 }
 
-pub fn parent_of(pid: u32) -> Option<u32> {
+fn parent_of(pid: u32) -> Option<u32> {
     let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &s[s.rfind(')')? + 2..];
     rest.split(' ').nth(1)?.parse().ok()

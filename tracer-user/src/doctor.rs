@@ -39,6 +39,7 @@ use crate::{
     discovery::{self, Discovery, TargetSpec},
     enforce,
     enforce::chain,
+    loader::{TRACEFS, TRACEPOINTS},
 };
 
 /// Where `sparbar doctor` looks for a configuration when none is given.
@@ -47,38 +48,6 @@ pub const DEFAULT_CONFIG: &str = "/etc/sparbar/sparbar.toml";
 /// The kernel the agent needs at least: the BPF ring buffer and CAP_BPF came in 5.8.
 const MIN_KERNEL: (u32, u32, u32) = (5, 8, 0);
 
-/// The tracepoints the agent attaches (the same list as `loader::TRACEPOINTS`).
-const TRACEPOINTS: &[(&str, &str)] = &[
-    ("syscalls", "sys_enter_read"),
-    ("syscalls", "sys_exit_read"),
-    ("syscalls", "sys_enter_write"),
-    ("syscalls", "sys_exit_write"),
-    ("syscalls", "sys_enter_recvfrom"),
-    ("syscalls", "sys_exit_recvfrom"),
-    ("syscalls", "sys_enter_sendto"),
-    ("syscalls", "sys_exit_sendto"),
-    ("syscalls", "sys_enter_readv"),
-    ("syscalls", "sys_exit_readv"),
-    ("syscalls", "sys_enter_writev"),
-    ("syscalls", "sys_exit_writev"),
-    ("syscalls", "sys_enter_recvmsg"),
-    ("syscalls", "sys_exit_recvmsg"),
-    ("syscalls", "sys_enter_sendmsg"),
-    ("syscalls", "sys_exit_sendmsg"),
-    ("syscalls", "sys_enter_sendfile64"),
-    ("syscalls", "sys_exit_sendfile64"),
-    ("syscalls", "sys_exit_accept"),
-    ("syscalls", "sys_exit_accept4"),
-    ("syscalls", "sys_enter_connect"),
-    ("syscalls", "sys_enter_close"),
-    ("sock", "sock_recv_length"),
-    ("sock", "sock_send_length"),
-    ("sched", "sched_process_fork"),
-    ("sched", "sched_process_exec"),
-    ("sched", "sched_process_exit"),
-];
-
-const TRACEFS: &str = "/sys/kernel/tracing";
 const SECURITYFS: &str = "/sys/kernel/security";
 const BTF: &str = "/sys/kernel/btf/vmlinux";
 const UPROBE_PMU: &str = "/sys/bus/event_source/devices/uprobe/type";
@@ -870,8 +839,8 @@ fn survey_tracepoints(ebpf: Option<&mut Ebpf>) -> TracepointSurvey {
     let events = Path::new(TRACEFS).join("events");
     let missing = TRACEPOINTS
         .iter()
-        .filter(|(cat, name)| !events.join(cat).join(name).join("id").exists())
-        .copied()
+        .filter(|(_, cat, name)| !events.join(cat).join(name).join("id").exists())
+        .map(|(_, cat, name)| (*cat, *name))
         .collect();
     let trial = match ebpf {
         None => Err(NO_OBJECT.into()),
@@ -881,21 +850,21 @@ fn survey_tracepoints(ebpf: Option<&mut Ebpf>) -> TracepointSurvey {
 }
 
 fn trial_tracepoint(ebpf: &mut Ebpf) -> Result<String, String> {
-    const PROG: &str = "socket_enter_read";
+    let (prog, category, name) = TRACEPOINTS[0];
     let p: &mut TracePoint = ebpf
-        .program_mut(PROG)
-        .ok_or_else(|| format!("program {PROG} is missing from the object: the build is broken"))?
+        .program_mut(prog)
+        .ok_or_else(|| format!("program {prog} is missing from the object: the build is broken"))?
         .try_into()
-        .map_err(|e| format!("{PROG}: {}", chain(&e)))?;
+        .map_err(|e| format!("{prog}: {}", chain(&e)))?;
     p.load()
-        .map_err(|e| format!("loading {PROG}: {}", chain(&e)))?;
+        .map_err(|e| format!("loading {prog}: {}", chain(&e)))?;
     let link = p
-        .attach("syscalls", "sys_enter_read")
-        .map_err(|e| format!("attaching {PROG} to syscalls:sys_enter_read: {}", chain(&e)))?;
+        .attach(category, name)
+        .map_err(|e| format!("attaching {prog} to {category}:{name}: {}", chain(&e)))?;
     p.detach(link)
-        .map_err(|e| format!("detaching {PROG}: {}", chain(&e)))?;
+        .map_err(|e| format!("detaching {prog}: {}", chain(&e)))?;
     Ok(format!(
-        "{PROG} loaded and attached to syscalls:sys_enter_read, then detached"
+        "{prog} loaded and attached to {category}:{name}, then detached"
     ))
 }
 
@@ -1275,47 +1244,25 @@ fn describe_matcher(m: &TargetMatch) -> String {
 /// The processes each target matches, as the agent's discovery would adopt them: direct
 /// matches, then their descendants.
 fn matching_processes(targets: &[TargetSpec]) -> BTreeMap<usize, Vec<discovery::ProcInfo>> {
-    let d = Discovery::new(targets.to_vec());
-    let pids: Vec<u32> = fs::read_dir("/proc")
+    let me = std::process::id();
+    let procs: Vec<discovery::ProcInfo> = fs::read_dir("/proc")
         .map(|dir| {
             dir.flatten()
                 .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
+                .filter(|pid| *pid != me)
+                .map(discovery::read_proc_info)
                 .collect()
         })
         .unwrap_or_default();
-    let mut matched: BTreeMap<u32, (usize, discovery::ProcInfo)> = BTreeMap::new();
-    let mut pending = Vec::new();
-    for pid in pids {
-        let info = discovery::read_proc_info(pid);
-        if pid == std::process::id() {
-            continue;
-        }
-        match d.classify(&info) {
-            Some(t) => {
-                matched.insert(pid, (t, info));
-            }
-            None => pending.push(info),
-        }
-    }
-    loop {
-        let before = pending.len();
-        pending.retain(|info| {
-            let parent = discovery::parent_of(info.pid).and_then(|pp| matched.get(&pp));
-            match parent.map(|(t, _)| *t) {
-                Some(t) => {
-                    matched.insert(info.pid, (t, info.clone()));
-                    false
-                }
-                None => true,
-            }
-        });
-        if pending.len() == before {
-            break;
-        }
-    }
+    // The agent's own rule: a process matches by itself or through the parent it was forked
+    // from; nothing is traced yet.
+    let (found, _) = Discovery::new(targets.to_vec()).assign(procs, |_| None);
     let mut out: BTreeMap<usize, Vec<discovery::ProcInfo>> = BTreeMap::new();
-    for (_, (t, info)) in matched {
-        out.entry(t).or_default().push(info);
+    for a in found {
+        out.entry(a.target).or_default().push(a.info);
+    }
+    for v in out.values_mut() {
+        v.sort_by_key(|p| p.pid);
     }
     out
 }

@@ -57,8 +57,8 @@ pub struct LoadSettings {
     pub cgroup_ids: Vec<u64>,
 }
 
-/// The tracepoints and the programs behind them.
-const TRACEPOINTS: &[(&str, &str, &str)] = &[
+/// The tracepoints and the programs behind them: (program, category, name).
+pub const TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("socket_enter_read", "syscalls", "sys_enter_read"),
     ("socket_exit_read", "syscalls", "sys_exit_read"),
     ("socket_enter_write", "syscalls", "sys_enter_write"),
@@ -125,9 +125,12 @@ fn random_seed() -> Result<u64, LoadError> {
     Ok(u64::from_ne_bytes(b))
 }
 
-/// Mounts tracefs at /sys/kernel/tracing when it is not there; tracepoints need it.
+/// Where the agent expects tracefs, and mounts it when it is not there.
+pub const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// Mounts tracefs at [`TRACEFS`] when it is not there; tracepoints need it.
 pub fn ensure_tracefs() {
-    if Path::new("/sys/kernel/tracing/events").exists() {
+    if Path::new(TRACEFS).join("events").exists() {
         return;
     }
     let target = c"/sys/kernel/tracing";
