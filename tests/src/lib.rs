@@ -213,6 +213,26 @@ impl Agent {
     pub fn read_records(&self) -> Result<Vec<Value>> {
         read_jsonl(&self.records)
     }
+
+    /// Waits up to 20 s until the agent has logged a line containing every one of `needles`.
+    pub fn wait_log(&self, needles: &[&str]) -> Result<()> {
+        let t0 = Instant::now();
+        while !self
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| needles.iter().all(|n| l.contains(n)))
+        {
+            ensure!(
+                t0.elapsed() < Duration::from_secs(20),
+                "the agent never logged a line with {needles:?}; its log:\n{}",
+                self.log.lock().unwrap().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
 }
 
 /// The records of a JSON Lines file the agent wrote, without the trail's own bookkeeping
@@ -719,3 +739,29 @@ pub fn verify(files: &[&Path], key: Option<&Path>) -> Result<(i32, String)> {
         ),
     ))
 }
+
+/// An agent configuration for tests against nginx's `/api/test/bytes/{n}`: `targets`, one
+/// route, the records file in the agent's directory (`@DIR@`), and `extra` TOML after it.
+pub fn bytes_config(targets: &str, extra: &str) -> String {
+    format!(
+        r#"
+[agent]
+state_dir = "@DIR@"
+stats_interval = "1s"
+
+{targets}
+
+[[routes]]
+route = "GET /api/test/bytes/{{n}}"
+name = "test.bytes"
+
+[output]
+file = "@DIR@/access.jsonl"
+
+{extra}
+"#
+    )
+}
+
+/// The `[[targets]]` entry for nginx by its executable.
+pub const NGINX: &str = "[[targets]]\nexe = \"/usr/sbin/nginx\"\nname = \"nginx\"\n";

@@ -20,30 +20,13 @@ use sparbar_tests::*;
 /// are told apart by `url.path`.
 const ROUND: usize = 100;
 
+/// nginx traced, the file sink and an Elasticsearch receiver at `es_port`.
 fn config(es_port: u16) -> String {
-    format!(
-        r#"
-[agent]
-state_dir = "@DIR@"
-stats_interval = "1s"
-
-[[targets]]
-exe = "/usr/sbin/nginx"
-name = "nginx"
-
-[[routes]]
-route = "GET /api/test/bytes/{{n}}"
-name = "test.bytes"
-
-[output]
-file = "@DIR@/access.jsonl"
-
-[[sinks]]
-type = "elasticsearch"
-name = "es"
-url = "http://127.0.0.1:{es_port}"
-batch_records = 100
-"#
+    bytes_config(
+        NGINX,
+        &format!(
+            "[[sinks]]\ntype = \"elasticsearch\"\nname = \"es\"\nurl = \"http://127.0.0.1:{es_port}\"\nbatch_records = 100\n"
+        ),
     )
 }
 

@@ -19,26 +19,6 @@ use sparbar_tests::*;
 const TLS_COMM: &str = "sparbar-late";
 const PLAIN_COMM: &str = "sparbar-latep";
 
-/// Waits until the agent has logged a line containing every one of `needles`.
-fn wait_log(agent: &Agent, needles: &[&str]) -> Result<()> {
-    let t0 = Instant::now();
-    while !agent
-        .log
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|l| needles.iter().all(|n| l.contains(n)))
-    {
-        ensure!(
-            t0.elapsed() < Duration::from_secs(20),
-            "the agent never logged a line with {needles:?}; its log:\n{}",
-            agent.log.lock().unwrap().join("\n")
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
-}
-
 /// Waits for a line starting with `word` on a child's stdout.
 fn wait_line(lines: &mpsc::Receiver<String>, word: &str, what: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -101,20 +81,11 @@ file = "@DIR@/access.jsonl"
     );
     let agent = Agent::start(&dir.join("agent"), &config)?;
     // At start: neither process runs, nothing listens on the plaintext port.
-    wait_log(
-        &agent,
-        &["no running process matches target \"late-tls\"", "yet"],
-    )?;
-    wait_log(
-        &agent,
-        &["no running process matches target \"late-plain\"", "yet"],
-    )?;
-    wait_log(
-        &agent,
-        &[&format!(
-            "nothing listens on plaintext port {plain_port} yet"
-        )],
-    )?;
+    agent.wait_log(&["no running process matches target \"late-tls\"", "yet"])?;
+    agent.wait_log(&["no running process matches target \"late-plain\"", "yet"])?;
+    agent.wait_log(&[&format!(
+        "nothing listens on plaintext port {plain_port} yet"
+    )])?;
 
     // The TLS process appears without OpenSSL: traced, and said to have no TLS library.
     let child = Command::new(dir.join(TLS_COMM))
@@ -144,11 +115,8 @@ file = "@DIR@/access.jsonl"
     });
     wait_line(&tls_lines, "WAITING", "the late TLS server")?;
     let tls_pid = tls.pid();
-    wait_log(&agent, &[&format!("tracing pid {tls_pid} "), "late-tls"])?;
-    wait_log(
-        &agent,
-        &[&format!("pid {tls_pid} "), "maps no OpenSSL library"],
-    )?;
+    agent.wait_log(&[&format!("tracing pid {tls_pid} "), "late-tls"])?;
+    agent.wait_log(&[&format!("pid {tls_pid} "), "maps no OpenSSL library"])?;
 
     // The plaintext server appears and listens.
     let plain = spawn_ready(
@@ -158,10 +126,7 @@ file = "@DIR@/access.jsonl"
             .args(["--port", &plain_port.to_string()]),
         Duration::from_secs(30),
     )?;
-    wait_log(
-        &agent,
-        &[&format!("tracing pid {} ", plain.pid()), "late-plain"],
-    )?;
+    agent.wait_log(&[&format!("tracing pid {} ", plain.pid()), "late-plain"])?;
 
     // The TLS server loads OpenSSL: the agent attaches at its next scan.
     tls.child
@@ -170,11 +135,8 @@ file = "@DIR@/access.jsonl"
         .context("stdin")?
         .write_all(b"go\n")?;
     wait_line(&tls_lines, "READY", "the late TLS server")?;
-    wait_log(
-        &agent,
-        &[&format!("pid {tls_pid} loaded OpenSSL after it was found")],
-    )?;
-    wait_log(&agent, &["attached OpenSSL probes to", "libssl"])?;
+    agent.wait_log(&[&format!("pid {tls_pid} loaded OpenSSL after it was found")])?;
+    agent.wait_log(&["attached OpenSSL probes to", "libssl"])?;
 
     let tls_report = load(
         &format!("https://127.0.0.1:{tls_port}"),

@@ -371,12 +371,19 @@ fn requests(c: &Container, port: u16, paths: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// The url.path of every access record in the records file.
-fn recorded_paths(c: &Container) -> Vec<String> {
+/// Every record in the container's records file.
+fn records(c: &Container) -> Vec<Value> {
     fs::read_to_string(c.path(RECORDS))
         .unwrap_or_default()
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .collect()
+}
+
+/// The url.path of every access record in the records file.
+fn recorded_paths(c: &Container) -> Vec<String> {
+    records(c)
+        .into_iter()
         .filter(|r| r["event"]["dataset"] == "sparbar.access")
         .filter_map(|r| r["url"]["path"].as_str().map(str::to_string))
         .collect()
@@ -600,9 +607,8 @@ fn deb_installs_traces_reloads_stops_upgrades_and_purges() -> Result<()> {
         .collect();
     requests(&c, port, &restarted_paths)?;
     wait_records(&c, &restarted_paths)?;
-    let crashed = fs::read_to_string(c.path(RECORDS))?
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+    let crashed = records(&c)
+        .iter()
         .filter(|r| {
             r["event"]["dataset"] == "sparbar.gap"
                 && r["sparbar"]["gap"]["reason"] == "agent_crashed"

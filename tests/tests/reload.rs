@@ -30,18 +30,6 @@ file = "@DIR@/access.jsonl"
     )
 }
 
-fn wait_log(agent: &Agent, needle: &str) -> Result<()> {
-    let t0 = std::time::Instant::now();
-    while !agent.log.lock().unwrap().iter().any(|l| l.contains(needle)) {
-        ensure!(
-            t0.elapsed() < Duration::from_secs(20),
-            "the agent never logged {needle:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
-}
-
 #[test]
 fn sighup_reloads_under_traffic_without_losing_a_record() -> Result<()> {
     require_root()?;
@@ -69,7 +57,7 @@ fn sighup_reloads_under_traffic_without_losing_a_record() -> Result<()> {
     // An invalid configuration is refused; the running one goes on.
     std::fs::write(&cfg_path, "[agent]\nstate_dir = \"relative\"\n")?;
     agent.proc.signal(libc::SIGHUP);
-    wait_log(&agent, "the new configuration is rejected")?;
+    agent.wait_log(&["the new configuration is rejected"])?;
 
     // A valid one: a renamed route and a second file sink.
     let second = state.join("second.jsonl");
@@ -85,7 +73,7 @@ fn sighup_reloads_under_traffic_without_losing_a_record() -> Result<()> {
         .replace("@DIR@", &state.display().to_string()),
     )?;
     agent.proc.signal(libc::SIGHUP);
-    wait_log(&agent, "configuration reloaded")?;
+    agent.wait_log(&["configuration reloaded"])?;
     std::thread::sleep(Duration::from_millis(1500));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (sent, errors) = traffic.join().expect("load thread")?;

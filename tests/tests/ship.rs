@@ -14,29 +14,6 @@ use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 use sparbar_tests::*;
 
-fn config(targets: &str, extra: &str) -> String {
-    format!(
-        r#"
-[agent]
-state_dir = "@DIR@"
-stats_interval = "1s"
-
-{targets}
-
-[[routes]]
-route = "GET /api/test/bytes/{{n}}"
-name = "test.bytes"
-
-[output]
-file = "@DIR@/access.jsonl"
-
-{extra}
-"#
-    )
-}
-
-const NGINX: &str = "[[targets]]\nexe = \"/usr/sbin/nginx\"\nname = \"nginx\"\n";
-
 fn stream_of(r: &Value) -> &str {
     r["sparbar"]["chain"]["stream"].as_str().unwrap_or("")
 }
@@ -78,7 +55,7 @@ fn sigkill_during_traffic_loses_nothing_spooled_and_states_the_gap() -> Result<(
     // The file sink and an Elasticsearch receiver, which is slower: both have records in
     // flight at the kill.
     let rx = Receiver::start("elastic")?;
-    let cfg = config(
+    let cfg = bytes_config(
         NGINX,
         &format!(
             "[spool]\ncheckpoint_interval = \"1s\"\n\n[[sinks]]\ntype = \"elasticsearch\"\nname = \"es\"\nurl = \"http://127.0.0.1:{}\"\nbatch_records = 100\n",
@@ -259,7 +236,7 @@ fn a_full_spool_disk_is_stated_exactly_in_a_gap_record() -> Result<()> {
     let url = format!("https://127.0.0.1:{tls_port}");
     let fs = Tmpfs::mount(&dir.join("spoolfs"), "3m")?;
     let dead = free_port(); // nothing listens: the sink retries all along
-    let cfg = config(
+    let cfg = bytes_config(
         NGINX,
         &format!(
             r#"
@@ -349,7 +326,7 @@ fn a_receiver_down_for_a_minute_gets_every_record_when_back() -> Result<()> {
     let platform = Platform::up(&dir.join("platform"), tls_port, free_port(), false)?;
     let url = format!("https://127.0.0.1:{tls_port}");
     let rx = Receiver::start("elastic")?;
-    let cfg = config(
+    let cfg = bytes_config(
         NGINX,
         &format!(
             "[[sinks]]\ntype = \"elasticsearch\"\nname = \"es\"\nurl = \"http://127.0.0.1:{}\"\nbatch_linger = \"100ms\"\n",
@@ -442,7 +419,7 @@ fn http_receiver_errors_are_retried_or_dead_lettered_exactly() -> Result<()> {
     )?;
     rx.admin("/faults", r#"{"status":503,"count":3}"#)?;
     rx.admin("/faults", r#"{"status":429,"count":1,"retry_after":"1"}"#)?;
-    let cfg = config(
+    let cfg = bytes_config(
         NGINX,
         &format!(
             "[[sinks]]\ntype = \"elasticsearch\"\nname = \"es\"\nurl = \"http://127.0.0.1:{}\"\nbatch_records = 50\nbatch_linger = \"50ms\"\n",
