@@ -190,7 +190,7 @@ fn main() {
         "nginx".to_string(),
     )])));
     let mut p = Pipeline::new(settings, services, stats.clone());
-    p.attributor = Some(Attributor::new(cfg.identity.clone(), Keyer::new([9; 32])));
+    p.set_attributor(Attributor::new(cfg.identity.clone(), Keyer::new([9; 32])));
     let pages: Vec<Vec<u8>> = (0..8)
         .flat_map(|s| (1..=6).map(move |pg| (s, pg)))
         .map(|(s, pg)| page(s + 1, pg))
@@ -206,7 +206,7 @@ fn main() {
     let mut bytes = 0u64;
     for u in 0..users {
         let fd = u + 3;
-        p.handle(g.open(fd));
+        drop(p.handle([g.open(fd)]));
         let login = format!(
             "POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\nusername=u{u}&password=pw",
             format!("username=u{u}&password=pw").len()
@@ -217,9 +217,9 @@ fn main() {
             body.len()
         );
         let ev = g.data(fd, DIR_IN, login.as_bytes());
-        p.handle(ev);
+        drop(p.handle([ev]));
         let ev = g.data(fd, DIR_OUT, resp.as_bytes());
-        p.handle(ev);
+        drop(p.handle([ev]));
         exchanges += 1;
         for c in 0..calls_per_user {
             let school = u % 8 + 1;
@@ -229,9 +229,9 @@ fn main() {
             );
             let body = &pages[((school - 1) * 6 + pg - 1) as usize];
             let ev = g.data(fd, DIR_IN, req.as_bytes());
-            p.handle(ev);
+            drop(p.handle([ev]));
             let ev = g.data(fd, DIR_OUT, body);
-            p.handle(ev);
+            drop(p.handle([ev]));
             bytes += body.len() as u64;
             exchanges += 1;
         }
@@ -244,13 +244,11 @@ fn main() {
             pos_in: g.pos_in.remove(&fd).unwrap_or(0),
             pos_out: g.pos_out.remove(&fd).unwrap_or(0),
         };
-        p.handle(close);
-        p.out.clear();
-        p.security_out.clear();
+        drop(p.handle([close]));
     }
     let secs = t0.elapsed().as_secs_f64();
     let rss1 = rss_kib();
-    let tracked = p.detector.tracked();
+    let tracked = p.detector().tracked();
     println!("bench detect: {users} users, {exchanges} exchanges ({:.1} MB of response bodies), one core", bytes as f64 / 1e6);
     println!(
         "  exchanges per second (parse + attribute + disclose + detect + record): {:.0}",
@@ -258,10 +256,7 @@ fn main() {
     );
     println!(
         "  detector keys tracked: {tracked}; sessions learned: {}",
-        p.attributor
-            .as_ref()
-            .map(|a| a.sessions_known())
-            .unwrap_or(0)
+        p.attributor().map(|a| a.sessions_known()).unwrap_or(0)
     );
     println!(
         "  resident memory grew by {:.1} MiB: {:.0} bytes per tracked user (detector state for 4 rules, learned session)",

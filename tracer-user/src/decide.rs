@@ -72,7 +72,7 @@ impl EndReason {
     }
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Decisions {
     pub active: Vec<Decision>,
     /// Offences per user (or session), for escalation.

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     config::{DisclosureConfig, RouteDisclosure},
-    exchange::{BodyLoss, Response},
+    exchange::{BodyLoss, Exchange, Response},
     jsonpath::scalar_id,
     routes::RouteMatch,
     stats::Stats,
@@ -152,6 +152,20 @@ fn categories_of(person: &Value, cats: &BTreeMap<String, Vec<String>>, out: &mut
             out.insert(cat.clone());
         }
     }
+}
+
+/// The disclosure step: whose data an exchange's answer disclosed. `None` when it matched no
+/// route with a disclosure rule, has no response, or the response is not a success.
+pub fn disclose(
+    cfg: &DisclosureConfig,
+    route: Option<&RouteMatch>,
+    ex: &Exchange,
+    dir: &mut SubjectDirectory,
+    stats: &Stats,
+) -> Option<Disclosure> {
+    let (m, resp) = (route?, ex.response.as_ref()?);
+    let rule = cfg.routes.get(&m.name)?;
+    extract(cfg, rule, m, resp, dir, stats)
 }
 
 /// Reads what a successful response on a route with a disclosure rule disclosed. `None` when

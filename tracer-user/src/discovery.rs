@@ -66,18 +66,10 @@ pub struct Discovery {
 }
 
 pub fn read_proc_info(pid: u32) -> ProcInfo {
-    let name = fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map(|s| s.trim_end().to_string())
-        .unwrap_or_default();
-    let executable = fs::read_link(format!("/proc/{pid}/exe")).ok().map(|p| {
-        p.to_string_lossy()
-            .trim_end_matches(" (deleted)")
-            .to_string()
-    });
     ProcInfo {
         pid,
-        name,
-        executable,
+        name: crate::procfs::comm(pid),
+        executable: crate::procfs::executable(pid),
         target: None,
     }
 }

@@ -24,7 +24,7 @@ use tracer_common::{
     BlockKey, TokenPattern, AF_INET, AF_INET6, MAX_BLOCKED_CONNS, MAX_TOKEN_PATS, TOKEN_PAT_LEN,
 };
 
-use crate::record::Tuple;
+use crate::exchange::Tuple;
 
 #[derive(Debug, Error)]
 pub enum EnforceError {

@@ -1,7 +1,18 @@
 //! The meeting point of the HTTP parser and everything after it: one request paired with its
 //! response, as parsed from a reassembled connection, with what is known about its completeness.
 
+use std::net::SocketAddr;
+
 use bytes::Bytes;
+
+/// The addresses of a connection as the traced server sees them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tuple {
+    /// The server's own address (`server.*`).
+    pub local: SocketAddr,
+    /// The client's address (`source.*`).
+    pub peer: SocketAddr,
+}
 
 /// One header as seen on the wire. Names keep their original case; compare with
 /// `eq_ignore_ascii_case`. Values are raw bytes (they need not be UTF-8).

@@ -21,7 +21,7 @@ use tracer_common::*;
 
 use crate::{
     enforce::{self, EnforceError},
-    record::Tuple,
+    exchange::Tuple,
 };
 
 #[derive(Debug, thiserror::Error)]

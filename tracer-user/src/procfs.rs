@@ -1,13 +1,30 @@
 //! Fallback lookups in /proc for what the kernel side could not tell: the 4-tuple of a socket
 //! fd (connections that were open before the agent started and first seen inside an SSL call),
-//! and the TCP ports something listens on (to warn about a configured port nothing serves).
+//! the TCP ports something listens on (to warn about a configured port nothing serves), and a
+//! process's name and executable (for records and discovery).
 
 use std::{
     fs,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use crate::record::Tuple;
+use crate::exchange::Tuple;
+
+/// The kernel's comm of a process ("" when it is gone).
+pub fn comm(pid: u32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim_end().to_string())
+        .unwrap_or_default()
+}
+
+/// The path of a process's executable, when it can be read.
+pub fn executable(pid: u32) -> Option<String> {
+    fs::read_link(format!("/proc/{pid}/exe")).ok().map(|p| {
+        p.to_string_lossy()
+            .trim_end_matches(" (deleted)")
+            .to_string()
+    })
+}
 
 pub fn socket_tuple(tgid: u32, fd: u32) -> Option<Tuple> {
     let link = fs::read_link(format!("/proc/{tgid}/fd/{fd}")).ok()?;

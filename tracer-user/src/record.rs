@@ -21,17 +21,8 @@ use thiserror::Error;
 
 use crate::attribution::Attribution;
 use crate::disclosure::Disclosure;
-use crate::exchange::{header, Exchange, Header};
+use crate::exchange::{header, BodyLoss, Completeness, Exchange, Header, Tuple};
 use crate::routes::{self, RouteMatch};
-
-/// The addresses of a connection as the traced server sees them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Tuple {
-    /// The server's own address (`server.*`).
-    pub local: SocketAddr,
-    /// The client's address (`source.*`).
-    pub peer: SocketAddr,
-}
 
 /// The traced process.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -51,6 +42,37 @@ pub struct CaptureInfo {
     pub response_bytes_missing: u64,
     /// Short, fixed reason codes (`"ringbuf_full"`, `"cap"`, `"no_response"`, …).
     pub reasons: Vec<&'static str>,
+}
+
+impl CaptureInfo {
+    /// What the capture knows of an exchange: whole, or which bytes are missing and why
+    /// (`holes`: the reasons of the connection's holes since its last exchange).
+    pub fn of(ex: &Exchange, holes: &[&'static str]) -> CaptureInfo {
+        let missing = |b: &crate::exchange::Body| -> u64 {
+            match b.loss {
+                Some(BodyLoss::NotCaptured) | Some(BodyLoss::Incomplete)
+                    if b.decoded_from.is_none() =>
+                {
+                    b.wire_len.saturating_sub(b.data.len() as u64)
+                }
+                _ => 0,
+            }
+        };
+        let request_bytes_missing = missing(&ex.request.body);
+        let response_bytes_missing = ex.response.as_ref().map(|r| missing(&r.body)).unwrap_or(0);
+        let mut reasons = holes.to_vec();
+        if ex.completeness == Completeness::NoResponse {
+            reasons.push("no_response");
+        }
+        CaptureInfo {
+            complete: ex.completeness == Completeness::Complete
+                && request_bytes_missing == 0
+                && response_bytes_missing == 0,
+            request_bytes_missing,
+            response_bytes_missing,
+            reasons,
+        }
+    }
 }
 
 /// Everything a record is built from.

@@ -141,6 +141,20 @@ pub struct Enforcement {
     pub errors: Vec<String>,
 }
 
+impl Enforcement {
+    /// Adds a later enforcement of the same decision (at most 8 distinct errors are kept).
+    pub fn add(&mut self, e: &Enforcement) {
+        self.connections_blocked += e.connections_blocked;
+        self.connections_reset += e.connections_reset;
+        self.tokens_blocked += e.tokens_blocked;
+        for err in &e.errors {
+            if !self.errors.contains(err) && self.errors.len() < 8 {
+                self.errors.push(err.clone());
+            }
+        }
+    }
+}
+
 /// A decision record.
 pub fn decision_line(
     d: &Decision,

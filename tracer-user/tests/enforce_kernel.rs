@@ -24,8 +24,8 @@ use sparbar::{
     decode::{decode, Event},
     discovery::{Discovery, TargetSpec},
     enforce::{self, EnforceError},
+    exchange::Tuple,
     loader::{self, Kernel, LoadSettings},
-    record::Tuple,
 };
 use tracer_common::{
     token_hash, C_ENFORCE_DROPPED, C_REFUSED_NO_TUPLE, C_REQUESTS_REFUSED, C_SSL_CALLS,

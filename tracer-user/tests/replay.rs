@@ -39,12 +39,10 @@ fn run(events: impl IntoIterator<Item = decode::Event>) -> (Vec<Value>, Arc<Stat
         Arc::new(RwLock::new(Default::default())),
         stats.clone(),
     );
-    for ev in events {
-        p.handle(ev);
-    }
-    p.finish();
-    let recs = p
-        .out
+    let mut fx = p.handle(events);
+    fx.extend(p.finish());
+    let recs = fx
+        .access
         .iter()
         .map(|l| serde_json::from_slice(l).unwrap())
         .collect();
