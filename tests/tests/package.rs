@@ -269,9 +269,9 @@ impl Container {
             if t0.elapsed() > Duration::from_secs(20) || (state == "failed" && want != "failed") {
                 let journal = self.journal();
                 let hint = if journal.contains("start operation timed out") {
-                    "\nthe agent never sent READY=1 (Type=notify): sparbar::notify::ready() must be called once probes and sinks are up"
+                    "\nthe agent never sent READY=1 (Type=notify): sparbar::ops::notify::ready() must be called once probes and sinks are up"
                 } else if journal.contains("Watchdog timeout") {
-                    "\nthe agent stopped sending WATCHDOG=1 (WatchdogSec=30s): call sparbar::notify::watchdog() from the main loop"
+                    "\nthe agent stopped sending WATCHDOG=1 (WatchdogSec=30s): call sparbar::ops::notify::watchdog() from the main loop"
                 } else {
                     ""
                 };

@@ -13,11 +13,11 @@ use std::{
 
 use bytes::Bytes;
 use sparbar::{
-    attribution::{Attributor, Keyer},
+    attribute::attribution::{Attributor, Keyer},
+    attribute::routes::RouteTable,
+    capture::decode::Event,
     config,
-    decode::Event,
     pipeline::{Pipeline, Settings},
-    routes::RouteTable,
     stats::Stats,
 };
 use tracer_common::*;

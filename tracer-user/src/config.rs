@@ -19,7 +19,7 @@ use std::{
 use serde::{de, Deserialize, Deserializer};
 use thiserror::Error;
 
-use crate::routes;
+use crate::attribute::routes;
 
 mod detection;
 mod identity;

@@ -3,7 +3,7 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use sparbar::{agent, config, control, verify};
+use sparbar::{agent, config, ops::control, verify};
 
 fn scope_value(user: Option<String>, session: Option<String>) -> (String, String) {
     match (user, session) {
@@ -225,7 +225,7 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::Generate { what } => generate(what),
         Cmd::Doctor { config, json } => {
-            ExitCode::from(sparbar::doctor::command(config.as_deref(), json))
+            ExitCode::from(sparbar::ops::doctor::command(config.as_deref(), json))
         }
         Cmd::CheckConfig { config } => match config::load(&config) {
             Ok(_) => {

@@ -20,12 +20,12 @@ use std::{
 };
 
 use sparbar::{
+    capture::decode::{decode, Event},
+    capture::discovery::{Discovery, TargetSpec},
+    capture::loader::{self, Kernel, LoadSettings},
     config::TargetMatch,
-    decode::{decode, Event},
-    discovery::{Discovery, TargetSpec},
     enforce::{self, EnforceError},
     exchange::Tuple,
-    loader::{self, Kernel, LoadSettings},
 };
 use tracer_common::{
     token_hash, C_ENFORCE_DROPPED, C_REFUSED_NO_TUPLE, C_REQUESTS_REFUSED, C_SSL_CALLS,

@@ -14,8 +14,9 @@ use sparbar::{
         commit::{commit, KernelSide, Trail},
         Plan,
     },
-    attribution::{Attributor, Keyer},
-    config, decode,
+    attribute::attribution::{Attributor, Keyer},
+    capture::decode,
+    config,
     exchange::Tuple,
     pipeline::{self, Pipeline},
     stats::Stats,
@@ -176,7 +177,7 @@ impl KernelSide for FakeKernel {
 struct FakeTrail {
     access: Vec<Value>,
     security: Vec<Value>,
-    decisions: Vec<sparbar::decide::Decisions>,
+    decisions: Vec<sparbar::detect::decide::Decisions>,
 }
 
 impl Trail for FakeTrail {
@@ -185,7 +186,7 @@ impl Trail for FakeTrail {
         self.access.extend(access.drain(..).map(parse));
         self.security.extend(security.drain(..).map(parse));
     }
-    fn decisions(&mut self, changed: Option<sparbar::decide::Decisions>) {
+    fn decisions(&mut self, changed: Option<sparbar::detect::decide::Decisions>) {
         self.decisions.extend(changed);
     }
 }

@@ -8,10 +8,10 @@ use std::collections::BTreeMap;
 use log::warn;
 
 use crate::{
-    decide::Decisions,
+    detect::decide::Decisions,
     exchange::Tuple,
     pipeline::{Action, Effects, Pipeline, ProcChange},
-    security::Enforcement,
+    record::security::Enforcement,
     stats::Stats,
 };
 

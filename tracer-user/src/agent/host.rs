@@ -7,10 +7,10 @@ use log::{info, warn};
 
 use super::commit::KernelSide;
 use crate::{
-    discovery::{Discovery, TargetSpec},
+    capture::discovery::{Discovery, TargetSpec},
+    capture::loader::Kernel,
     enforce::{self, EnforceError},
     exchange::Tuple,
-    loader::Kernel,
     pipeline::{ProcChange, Services},
 };
 
@@ -107,7 +107,7 @@ fn publish_services(d: &Discovery, services: &Services) {
 /// Says which configured plaintext ports nothing listens on yet. The kernel filters on the port
 /// itself, so their traffic is captured as soon as a server listens there.
 pub fn warn_unserved_ports(ports: &[u16]) {
-    let listening = crate::procfs::listening_ports();
+    let listening = crate::capture::procfs::listening_ports();
     for p in ports.iter().filter(|p| !listening.contains(p)) {
         warn!("nothing listens on plaintext port {p} yet; its traffic is captured as soon as a server does");
     }

@@ -32,11 +32,11 @@ use self::{
     state::{restore_detection, save_detector, Outputs},
 };
 use crate::{
-    attribution::{Attributor, Keyer},
-    loader,
+    attribute::attribution::{Attributor, Keyer},
+    capture::loader,
+    capture::source,
     pipeline::{self, Effects, Pipeline},
     ship::shipper::{ShipError, Shipper, DRAIN_TIMEOUT},
-    source,
     stats::Stats,
 };
 
@@ -56,7 +56,7 @@ pub enum AgentError {
     #[error("ring buffer reader: {0}")]
     Reader(std::io::Error),
     #[error(transparent)]
-    Attribution(#[from] crate::attribution::AttributionError),
+    Attribution(#[from] crate::attribute::attribution::AttributionError),
 }
 
 pub struct RunOptions {
@@ -157,10 +157,10 @@ pub async fn run(mut plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
             pipeline.clock_offset_ms()
         );
     }
-    let (ctl_tx, mut ctl_rx) = mpsc::channel::<crate::control::Command>(16);
+    let (ctl_tx, mut ctl_rx) = mpsc::channel::<crate::ops::control::Command>(16);
     let _ctl =
-        crate::control::listen(&plan.state_dir, ctl_tx).map_err(|e| AgentError::StateDir {
-            path: plan.state_dir.join(crate::control::SOCKET_FILE),
+        crate::ops::control::listen(&plan.state_dir, ctl_tx).map_err(|e| AgentError::StateDir {
+            path: plan.state_dir.join(crate::ops::control::SOCKET_FILE),
             source: e,
         })?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -185,7 +185,7 @@ pub async fn run(mut plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
     let metrics = match plan.metrics_listen {
         Some(addr) => match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => {
-                let ep = crate::metrics::Endpoint::default();
+                let ep = crate::ops::metrics::Endpoint::default();
                 let page = metrics_page(
                     &host.kernel,
                     &host.discovery,
@@ -212,7 +212,7 @@ pub async fn run(mut plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
         None => None,
     };
     let mut metrics_warned = BTreeSet::new();
-    let mut rates = crate::metrics::Rates::new(RATE_WINDOW);
+    let mut rates = crate::ops::metrics::Rates::new(RATE_WINDOW);
     let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
     let mut hup = signal(SignalKind::hangup()).map_err(AgentError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
@@ -226,11 +226,11 @@ pub async fn run(mut plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
         plan.output_file.display()
     );
     // Probes are attached and sinks open: tell systemd (Type=notify), and keep its watchdog fed.
-    if let Err(e) = crate::notify::ready() {
+    if let Err(e) = crate::ops::notify::ready() {
         warn!("telling systemd the agent is ready: {e}");
     }
     let mut watchdog = tokio::time::interval(
-        crate::notify::watchdog_interval()
+        crate::ops::notify::watchdog_interval()
             .map(|d| d / 2)
             .unwrap_or(Duration::from_secs(3600)),
     );
@@ -267,7 +267,7 @@ pub async fn run(mut plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
             cmd = ctl_rx.recv() => {
                 if let Some((req, reply)) = cmd {
                     let (answer, fx) = match req {
-                        crate::control::Request::Status => (status(&host.kernel, &host.discovery, &pipeline, &out.shipper, &stats, &rates, started), Effects::default()),
+                        crate::ops::control::Request::Status => (status(&host.kernel, &host.discovery, &pipeline, &out.shipper, &stats, &rates, started), Effects::default()),
                         req => control_command(&mut pipeline, req, opts.test_clock),
                     };
                     if opts.test_clock {
@@ -291,12 +291,12 @@ pub async fn run(mut plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
                 }
             }
             _ = watchdog.tick() => {
-                if crate::notify::watchdog_interval().is_some() {
-                    let _ = crate::notify::watchdog();
+                if crate::ops::notify::watchdog_interval().is_some() {
+                    let _ = crate::ops::notify::watchdog();
                 }
             }
             _ = hup.recv(), if !host.stopping() => {
-                let _ = crate::notify::reloading();
+                let _ = crate::ops::notify::reloading();
                 let reload = match opts.config_path.as_deref() {
                     Some(p) => load_plan(p),
                     None => Err("the agent was started without a configuration file".to_string()),
@@ -339,9 +339,9 @@ pub async fn run(mut plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
                         out.shipper.agent_event("reload_rejected", serde_json::json!({"reason": e}));
                     }
                 }
-                let _ = crate::notify::ready();
+                let _ = crate::ops::notify::ready();
             }
-            _ = term.recv(), if !host.stopping() => { let _ = crate::notify::stopping(); host.stop_capture("SIGTERM"); let _ = stop_tx.send(true); }
+            _ = term.recv(), if !host.stopping() => { let _ = crate::ops::notify::stopping(); host.stop_capture("SIGTERM"); let _ = stop_tx.send(true); }
             _ = int.recv(), if !host.stopping() => { host.stop_capture("SIGINT"); let _ = stop_tx.send(true); }
             _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } }, if !host.stopping() => {
                 host.stop_capture("run duration reached");
@@ -361,7 +361,7 @@ pub async fn run(mut plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
         stats.set("sessions_known", a.sessions_known() as u64);
     }
     save_detector(&pipeline, &plan.state_dir, &stats);
-    let _ = std::fs::remove_file(plan.state_dir.join(crate::control::SOCKET_FILE));
+    let _ = std::fs::remove_file(plan.state_dir.join(crate::ops::control::SOCKET_FILE));
     let state = report(&host.kernel, &host.discovery, &stats, started, 0, false);
     let spool = out.shipper.stop(state, DRAIN_TIMEOUT);
     let last = report(&host.kernel, &host.discovery, &stats, started, 0, true);
@@ -373,11 +373,11 @@ pub async fn run(mut plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
 /// An operator's command from the control socket: its answer, and its effects to commit.
 fn control_command(
     p: &mut Pipeline,
-    req: crate::control::Request,
+    req: crate::ops::control::Request,
     test_clock: bool,
 ) -> (serde_json::Value, Effects) {
-    use crate::control::Request;
-    use crate::decide::Scope;
+    use crate::detect::decide::Scope;
+    use crate::ops::control::Request;
     use serde_json::json;
     let answer = |v: serde_json::Value| (v, Effects::default());
     let scope = |s: &str| match s {

@@ -4,12 +4,12 @@
 use std::{path::PathBuf, time::Duration};
 
 use crate::{
+    attribute::routes::RouteTable,
+    capture::discovery::TargetSpec,
+    capture::loader::LoadSettings,
     config::{Config, IdentityConfig, TargetMatch, Unmatched},
-    discovery::TargetSpec,
     http::ParserLimits,
-    loader::LoadSettings,
     pipeline,
-    routes::RouteTable,
 };
 
 /// Everything `run` needs, derived from the validated config.

@@ -10,8 +10,8 @@ use log::{info, warn};
 use tracer_common::{COUNTER_NAMES, LOSS_COUNTERS};
 
 use crate::{
-    discovery::Discovery,
-    loader::Kernel,
+    capture::discovery::Discovery,
+    capture::loader::Kernel,
     pipeline::Pipeline,
     ship::shipper::Shipper,
     stats::{self, Stats},
@@ -109,7 +109,7 @@ pub fn metrics_page(
     started: Instant,
     warned: &mut BTreeSet<String>,
 ) -> String {
-    use crate::metrics::{Inputs, Library};
+    use crate::ops::metrics::{Inputs, Library};
     let kernel_map = kernel_counters(&kernel.counters());
     let libs = d.libraries();
     let usage = shipper.usage();
@@ -132,7 +132,7 @@ pub fn metrics_page(
                 .collect()
         })
         .unwrap_or_default();
-    let (page, bad) = crate::metrics::build(&Inputs {
+    let (page, bad) = crate::ops::metrics::build(&Inputs {
         uptime: started.elapsed(),
         version: env!("CARGO_PKG_VERSION"),
         agent,
@@ -173,7 +173,7 @@ pub fn status(
     p: &Pipeline,
     shipper: &Shipper,
     stats: &Stats,
-    rates: &crate::metrics::Rates,
+    rates: &crate::ops::metrics::Rates,
     started: Instant,
 ) -> serde_json::Value {
     use serde_json::json;

@@ -11,7 +11,8 @@ use log::{info, warn};
 
 use super::commit::Trail;
 use crate::{
-    decide::Decisions, feed::Feed, pipeline::Pipeline, ship::shipper::Shipper, stats::Stats,
+    detect::decide::Decisions, ops::feed::Feed, pipeline::Pipeline, ship::shipper::Shipper,
+    stats::Stats,
 };
 
 /// File names in the state directory.

@@ -11,7 +11,7 @@ use std::{
 use serde::Deserialize;
 
 use super::{format_duration, has_control, parse_duration, Problems};
-use crate::jsonpath::JsonPath;
+use crate::attribute::jsonpath::JsonPath;
 
 pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 pub const DEFAULT_MAX_SESSIONS: usize = 200_000;

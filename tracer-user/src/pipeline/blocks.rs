@@ -7,10 +7,10 @@ use tracer_common::ConnId;
 
 use super::{Action, Pipeline};
 use crate::{
-    attribution::Attribution,
-    decide::{Decision, EndReason, Scope},
+    attribute::attribution::Attribution,
+    detect::decide::{Decision, EndReason, Scope},
     exchange::Tuple,
-    security::{self, Phase},
+    record::security::{self, Phase},
 };
 
 impl Pipeline {

@@ -3,7 +3,7 @@
 //! decisions in force when they changed. The agent carries it out in one place
 //! (`agent::commit`); the pipeline never reaches the kernel, the spool or discovery itself.
 
-use crate::{decide::Decisions, exchange::Tuple};
+use crate::{detect::decide::Decisions, exchange::Tuple};
 
 /// What the agent must do in the kernel for a decision.
 #[derive(Debug, Clone, PartialEq, Eq)]

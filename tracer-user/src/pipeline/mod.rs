@@ -19,18 +19,18 @@ use tracer_common::*;
 use self::conn::{hole_reason, tuple_addrs, Conn, Piece};
 pub use self::effects::{Action, Effects, ProcChange};
 use crate::{
-    attribution::{Attribution, Attributor},
+    attribute::attribution::{Attribution, Attributor},
+    attribute::disclosure::{self, Disclosure, SubjectDirectory},
+    attribute::routes::{RouteMatch, RouteTable},
+    capture::decode::Event,
     config::{DetectionConfig, DisclosureConfig, Rule},
-    decide::{Decision, Decisions, EndReason, Scope},
-    decode::Event,
+    detect::decide::{Decision, Decisions, EndReason, Scope},
     detect::{Access, Alert, Detector},
-    disclosure::{self, Disclosure, SubjectDirectory},
     exchange::{Exchange, Tuple as Addrs},
     http::{ConnParser, Dir, ParserLimits, Role},
-    ids::EventIds,
+    record::ids::EventIds,
+    record::security::{self, Enforcement, Phase},
     record::{self, CaptureInfo, ProcessInfo, RecordContext},
-    routes::{RouteMatch, RouteTable},
-    security::{self, Enforcement, Phase},
     stats::Stats,
 };
 
@@ -230,7 +230,7 @@ impl Pipeline {
             } => {
                 let mut t = tuple_addrs(&tuple);
                 if t.is_none() && conn.fd & 0x8000_0000 == 0 {
-                    t = crate::procfs::socket_tuple(conn.tgid, conn.fd);
+                    t = crate::capture::procfs::socket_tuple(conn.tgid, conn.fd);
                     self.stats.add(
                         if t.is_some() {
                             "tuples_resolved_total{source=\"procfs\"}"
@@ -421,7 +421,7 @@ impl Pipeline {
         if let Some(p) = self.procs.get(&tgid) {
             return p.clone();
         }
-        let name = crate::procfs::comm(tgid);
+        let name = crate::capture::procfs::comm(tgid);
         let service = self
             .services
             .read()
@@ -432,7 +432,7 @@ impl Pipeline {
             ProcessInfo {
                 pid: tgid,
                 name,
-                executable: crate::procfs::executable(tgid),
+                executable: crate::capture::procfs::executable(tgid),
             },
             service,
         );

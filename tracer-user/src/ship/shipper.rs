@@ -24,7 +24,7 @@ use super::{
 };
 use crate::{
     config::{OnFull, SinkConfig, SinkKind, SpoolConfig},
-    ids::EventIds,
+    record::ids::EventIds,
     record::rfc3339_micros,
     stats::Stats,
 };

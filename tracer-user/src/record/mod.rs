@@ -13,16 +13,19 @@
 //! `http.request.mime_type` and `http.response.mime_type` come from the `Content-Type` header;
 //! ECS would have them sniffed from the body, which the agent does not do.
 
+pub mod ids;
+pub mod security;
+
 use std::net::SocketAddr;
 
 use serde::Serialize;
 use serde_json::{Map, Value};
 use thiserror::Error;
 
-use crate::attribution::Attribution;
-use crate::disclosure::Disclosure;
+use crate::attribute::attribution::Attribution;
+use crate::attribute::disclosure::Disclosure;
+use crate::attribute::routes::{self, RouteMatch};
 use crate::exchange::{header, BodyLoss, Completeness, Exchange, Header, Tuple};
-use crate::routes::{self, RouteMatch};
 
 /// The traced process.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -566,7 +569,9 @@ fn abook<'a>(ctx: &'a RecordContext<'a>) -> Option<Abook<'a>> {
             source: a.source.as_str(),
         }),
         target: d
-            .filter(|d| d.status == crate::disclosure::Status::Complete || !d.ids.is_empty())
+            .filter(|d| {
+                d.status == crate::attribute::disclosure::Status::Complete || !d.ids.is_empty()
+            })
             .map(|d| Target {
                 ids: &d.ids[..d.listed],
                 count: d.ids.len(),
@@ -694,9 +699,9 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::attribute::routes::RouteTable;
     use crate::config::RouteConfig;
     use crate::exchange::{Body, Completeness, Request, Response};
-    use crate::routes::RouteTable;
     use bytes::Bytes;
     use serde_json::json;
 

@@ -174,7 +174,7 @@ pub fn load(s: &LoadSettings) -> Result<Kernel, LoadError> {
         .map_max_entries(MAP_CONNS, s.max_connections)
         .load(obj)?;
 
-    let (off_daddr, off_saddr) = crate::btf::sock_common_v6_offsets();
+    let (off_daddr, off_saddr) = crate::capture::btf::sock_common_v6_offsets();
     let kcfg = KernelConfig {
         agent_tgid: std::process::id(),
         max_message_bytes: s.max_message_bytes,

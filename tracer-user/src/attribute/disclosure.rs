@@ -12,10 +12,10 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::{
+    attribute::jsonpath::scalar_id,
+    attribute::routes::RouteMatch,
     config::{DisclosureConfig, RouteDisclosure},
     exchange::{BodyLoss, Exchange, Response},
-    jsonpath::scalar_id,
-    routes::RouteMatch,
     stats::Stats,
 };
 
@@ -132,7 +132,10 @@ pub fn digest(sorted: &[String]) -> String {
         h.update(id.as_bytes());
         h.update(b"\n");
     }
-    format!("sha256:{}", crate::attribution::hex(&h.finalize()))
+    format!(
+        "sha256:{}",
+        crate::attribute::attribution::hex(&h.finalize())
+    )
 }
 
 /// The categories present in one person object (its own top-level fields only).
@@ -293,8 +296,8 @@ pub fn extract(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::attribute::jsonpath::JsonPath;
     use crate::exchange::Body;
-    use crate::jsonpath::JsonPath;
     use bytes::Bytes;
 
     fn cfg() -> DisclosureConfig {
@@ -406,7 +409,7 @@ mod tests {
             d.digest,
             format!(
                 "sha256:{}",
-                crate::attribution::hex(&Sha256::digest(b"2\n3\n12\n"))
+                crate::attribute::attribution::hex(&Sha256::digest(b"2\n3\n12\n"))
             )
         );
         assert_eq!(

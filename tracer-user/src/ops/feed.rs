@@ -13,7 +13,7 @@ use tokio::{
     sync::broadcast,
 };
 
-use crate::decide::Decision;
+use crate::detect::decide::Decision;
 
 /// What the feed serves: the decisions in force, and a channel of changes.
 #[derive(Clone)]

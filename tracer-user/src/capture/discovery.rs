@@ -13,8 +13,8 @@ use aya::programs::{uprobe::UProbeScope, UProbe};
 use log::{info, warn};
 
 use crate::{
+    capture::loader::{program, Kernel, SSL_PROBES},
     config::TargetMatch,
-    loader::{program, Kernel, SSL_PROBES},
 };
 
 #[derive(Debug, Clone)]
@@ -68,8 +68,8 @@ pub struct Discovery {
 pub fn read_proc_info(pid: u32) -> ProcInfo {
     ProcInfo {
         pid,
-        name: crate::procfs::comm(pid),
-        executable: crate::procfs::executable(pid),
+        name: crate::capture::procfs::comm(pid),
+        executable: crate::capture::procfs::executable(pid),
         target: None,
     }
 }

@@ -22,9 +22,9 @@ use serde_json::Value;
 use sha2::Sha256;
 
 use crate::{
+    attribute::jsonpath::{scalar_id, JsonPath},
     config::{Cidr, IdentityConfig, LoginRule},
     exchange::{header, Exchange, Header},
-    jsonpath::{scalar_id, JsonPath},
     stats::Stats,
 };
 

@@ -10,6 +10,8 @@
 //! 256-register sketch of every person it was disclosed. Keys idle past `idle_expiry` are
 //! forgotten; past `max_tracked` the least recently active tenth is evicted, counted.
 
+pub mod decide;
+
 use std::{
     collections::{HashMap, VecDeque},
     hash::{Hash, Hasher},
@@ -49,9 +51,9 @@ pub struct Access {
 impl Access {
     /// The who, whose and where of a recorded exchange, taken apart (the rest left empty).
     pub fn from_parts(
-        a: Option<crate::attribution::Attribution>,
-        d: Option<crate::disclosure::Disclosure>,
-        route: Option<crate::routes::RouteMatch>,
+        a: Option<crate::attribute::attribution::Attribution>,
+        d: Option<crate::attribute::disclosure::Disclosure>,
+        route: Option<crate::attribute::routes::RouteMatch>,
     ) -> Access {
         let mut x = Access::default();
         if let Some(a) = a {
@@ -118,7 +120,7 @@ pub struct Hll(#[serde(with = "serde_bytes_vec")] Vec<u8>);
 mod serde_bytes_vec {
     use serde::{Deserialize, Deserializer, Serializer};
     pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&crate::attribution::hex(v))
+        s.serialize_str(&crate::attribute::attribution::hex(v))
     }
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         let t = String::deserialize(d)?;

@@ -11,7 +11,7 @@ use tokio::{
     sync::{mpsc, watch},
 };
 
-use crate::{decode::decode, decode::Event, stats::Stats};
+use crate::{capture::decode::decode, capture::decode::Event, stats::Stats};
 
 /// Events per batch sent to the pipeline.
 const BATCH: usize = 512;

@@ -35,11 +35,11 @@ use serde::Serialize;
 
 use crate::{
     agent::Plan,
+    capture::discovery::{self, Discovery, TargetSpec},
+    capture::loader::{TRACEFS, TRACEPOINTS},
     config::{self, TargetMatch},
-    discovery::{self, Discovery, TargetSpec},
     enforce,
     enforce::chain,
-    loader::{TRACEFS, TRACEPOINTS},
 };
 
 /// Where `sparbar doctor` looks for a configuration when none is given.
@@ -577,11 +577,11 @@ fn check_lockdown(kconfig: Option<&Kconfig>) -> Check {
 
 fn check_btf() -> Check {
     let fallback = || {
-        let (d, s) = crate::btf::DEFAULT_V6_OFFSETS;
+        let (d, s) = crate::capture::btf::DEFAULT_V6_OFFSETS;
         format!("the agent assumes the x86_64 offsets {d} and {s} of struct sock_common's IPv6 addresses: IPv6 addresses in records may be wrong on this kernel")
     };
     match fs::read(BTF) {
-        Ok(b) => match crate::btf::struct_member_offsets(
+        Ok(b) => match crate::capture::btf::struct_member_offsets(
             &b,
             "sock_common",
             &["skc_v6_daddr", "skc_v6_rcv_saddr"],
@@ -1084,7 +1084,7 @@ fn check_cgroup(ebpf: Option<&mut Ebpf>, wants: &Wants) -> Check {
     match trial_cgroup_skb(ebpf, &root) {
         Ok(()) => Check::ok(
             "cgroup",
-            format!("{found}; {} (cgroup_skb) loaded and attached to its egress as a BPF link, then detached", crate::loader::ENFORCE_PROG),
+            format!("{found}; {} (cgroup_skb) loaded and attached to its egress as a BPF link, then detached", crate::capture::loader::ENFORCE_PROG),
         ),
         Err(e) => Check::new(
             "cgroup",
@@ -1096,7 +1096,7 @@ fn check_cgroup(ebpf: Option<&mut Ebpf>, wants: &Wants) -> Check {
 }
 
 fn trial_cgroup_skb(ebpf: &mut Ebpf, root: &Path) -> Result<(), String> {
-    let name = crate::loader::ENFORCE_PROG;
+    let name = crate::capture::loader::ENFORCE_PROG;
     let cgroup = fs::File::open(root).map_err(|e| format!("opening {}: {e}", root.display()))?;
     let p: &mut CgroupSkb = ebpf
         .program_mut(name)

@@ -7,7 +7,7 @@
 use serde_json::{json, Map, Value};
 
 use crate::{
-    decide::{Decision, EndReason},
+    detect::decide::{Decision, EndReason},
     detect::Alert,
     record::rfc3339_micros,
 };
@@ -176,7 +176,7 @@ pub fn decision_line(
         e.insert("action".into(), json!(action));
         e.insert("reason".into(), json!(d.reason));
     }
-    if d.scope == crate::decide::Scope::User {
+    if d.scope == crate::detect::decide::Scope::User {
         m.insert("user".into(), json!({"id": d.value}));
     } else {
         m.insert("session".into(), json!({"id": d.value}));
@@ -189,7 +189,7 @@ pub fn decision_line(
         "until": rfc3339_micros(d.until_ms.saturating_mul(1_000_000)),
         "duration_s": (d.until_ms.saturating_sub(d.start_ms)) / 1000,
         "level": d.level,
-        "origin": match d.origin { crate::decide::Origin::Rule => "rule", crate::decide::Origin::Operator => "operator" },
+        "origin": match d.origin { crate::detect::decide::Origin::Rule => "rule", crate::detect::decide::Origin::Operator => "operator" },
     });
     if let Some(r) = &d.rule_id {
         dec["rule_id"] = json!(r);
