@@ -3,6 +3,7 @@
 //! body with `jsonpath`). Pure: no kernel, no I/O beyond the attributor's state file.
 
 pub mod attribution;
+pub mod credentials;
 pub mod disclosure;
 pub mod jsonpath;
 pub mod routes;
