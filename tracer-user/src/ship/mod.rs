@@ -15,6 +15,7 @@ pub mod http;
 pub mod loki;
 pub mod otlp;
 pub mod shipper;
+pub mod sinks;
 pub mod spool;
 pub mod syslog;
 
