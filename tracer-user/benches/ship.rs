@@ -227,6 +227,6 @@ fn http_sink(root: &Path, n: u64, limits: BatchLimits) -> Option<f64> {
             index: "sparbar-{stream}".into(),
         },
     };
-    sparbar::ship::shipper::destination(&sink, "bench").ok()?;
+    sparbar::ship::sinks::destination(&sink, "bench").ok()?;
     Some(shipped(&root.join("http"), n, sink))
 }

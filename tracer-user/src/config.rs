@@ -20,6 +20,7 @@ use serde::{de, Deserialize, Deserializer};
 use thiserror::Error;
 
 use crate::attribute::routes;
+pub use crate::attribute::routes::RouteConfig;
 
 mod detection;
 mod identity;
@@ -30,8 +31,8 @@ pub use identity::{
     RouteDisclosure,
 };
 pub use sinks::{
-    FileSinkConfig, HttpSinkConfig, OnFull, SinkConfig, SinkKind, SpoolConfig, SyslogSinkConfig,
-    SyslogTransport, TlsClientConfig,
+    BatchLimits, FileSinkConfig, HttpSinkConfig, OnFull, SinkConfig, SinkKind, SpoolConfig, Stream,
+    SyslogSinkConfig, SyslogTransport, TlsClientConfig,
 };
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/sparbar";
@@ -137,17 +138,6 @@ pub struct Target {
     pub plaintext_ports: Vec<u16>,
     /// `service.name` in records.
     pub name: String,
-}
-
-/// One configured API route, as [`routes::RouteTable::new`] takes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RouteConfig {
-    /// `METHOD SP path-template`, e.g. `GET /api/addressbook/persons/{id}`.
-    pub route: String,
-    /// The route's id in records (`sparbar.route.name`); unique.
-    pub name: String,
-    /// Query parameter names copied into records; all others are dropped.
-    pub query_params: Vec<String>,
 }
 
 /// What happens to exchanges that match no configured route.

@@ -48,10 +48,19 @@ use std::collections::{BTreeMap, HashMap};
 
 use thiserror::Error;
 
-use crate::config::RouteConfig;
-
 /// An example template, used in error messages.
 pub const TEMPLATE_EXAMPLE: &str = "GET /api/addressbook/persons/{id}";
+
+/// One configured API route, as [`RouteTable::new`] takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteConfig {
+    /// `METHOD SP path-template`, e.g. `GET /api/addressbook/persons/{id}`.
+    pub route: String,
+    /// The route's id in records (`sparbar.route.name`); unique.
+    pub name: String,
+    /// Query parameter names copied into records; all others are dropped.
+    pub query_params: Vec<String>,
+}
 
 /// A route that cannot be put into the table. `index` is the position in the route list
 /// (`routes[index]` in the config file).

@@ -1,14 +1,62 @@
 //! The `[spool]` table and the `[[sinks]]`: where the audit trail is kept on disk until every
 //! destination has it, and the destinations (local files, stdout, syslog, Loki, Elasticsearch or
 //! OpenSearch, OpenTelemetry). `output.file` and `output.stdout` stay as the short way to say
-//! "a local file" and "standard output".
+//! "a local file" and "standard output". The two [`Stream`]s a sink takes and the
+//! [`BatchLimits`] it sets are defined here; shipping uses them (as `ship::Stream` and
+//! `ship::BatchLimits`), so config depends on nothing of shipping.
 
 use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use serde::Deserialize;
 
 use super::{check_count, check_size, has_control, parse_duration, Problems, SizeValue};
-use crate::ship::{BatchLimits, Stream};
+
+/// The two streams, with separate spools: `access` is high volume; `security` (alerts,
+/// decisions, gaps, checkpoints, agent state) is low volume, synced per record, never dropped,
+/// and delivered before any access backlog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Stream {
+    Access,
+    Security,
+}
+
+impl Stream {
+    pub const ALL: [Stream; 2] = [Stream::Security, Stream::Access];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Stream::Access => "access",
+            Stream::Security => "security",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Stream> {
+        match s {
+            "access" => Some(Stream::Access),
+            "security" => Some(Stream::Security),
+            _ => None,
+        }
+    }
+}
+
+/// How a destination wants its batches cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    pub max_records: usize,
+    pub max_bytes: usize,
+    /// How long a worker waits for a batch to fill before sending what it has.
+    pub linger: Duration,
+}
+
+impl Default for BatchLimits {
+    fn default() -> Self {
+        BatchLimits {
+            max_records: 500,
+            max_bytes: 1 << 20,
+            linger: Duration::from_millis(200),
+        }
+    }
+}
 
 /// What to do when the access spool reaches `spool.max_bytes` or its disk is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

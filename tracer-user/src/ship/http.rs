@@ -28,10 +28,8 @@ use ureq::{
     Agent,
 };
 
-use super::{
-    elastic::ElasticDest, loki::LokiDest, otlp::OtlpDest, Destination, Outcome, SendError,
-};
-use crate::config::{HttpSinkConfig, SinkConfig, SinkKind, TlsClientConfig};
+use super::{Outcome, SendError};
+use crate::config::{HttpSinkConfig, TlsClientConfig};
 
 /// Largest answer body read; the rest is not needed to judge the answer.
 const MAX_ANSWER: u64 = 16 << 20;
@@ -47,23 +45,6 @@ const OWN_HEADERS: &[&str] = &[
     "host",
     "transfer-encoding",
 ];
-
-/// The destination of an HTTP sink, built from its config (`None` for the other sink types).
-pub fn build(cfg: &SinkConfig) -> Option<Result<Box<dyn Destination>, String>> {
-    fn boxed<D: Destination + 'static>(
-        r: Result<D, String>,
-    ) -> Result<Box<dyn Destination>, String> {
-        r.map(|d| Box::new(d) as Box<dyn Destination>)
-    }
-    Some(match &cfg.kind {
-        SinkKind::Loki { http, labels } => boxed(LokiDest::new(&cfg.name, http, labels, cfg.batch)),
-        SinkKind::Elasticsearch { http, index } => {
-            boxed(ElasticDest::new(&cfg.name, http, index, cfg.batch))
-        }
-        SinkKind::Otlp { http } => boxed(OtlpDest::new(&cfg.name, http, cfg.batch)),
-        _ => return None,
-    })
-}
 
 /// The receiver's answer to one request.
 #[derive(Debug, Clone, PartialEq, Eq)]

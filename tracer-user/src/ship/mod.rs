@@ -15,38 +15,14 @@ pub mod http;
 pub mod loki;
 pub mod otlp;
 pub mod shipper;
+pub mod sinks;
 pub mod spool;
 pub mod syslog;
 
 use std::time::Duration;
 
-/// The two streams, with separate spools: `access` is high volume; `security` (alerts,
-/// decisions, gaps, checkpoints, agent state) is low volume, synced per record, never dropped,
-/// and delivered before any access backlog.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Stream {
-    Access,
-    Security,
-}
-
-impl Stream {
-    pub const ALL: [Stream; 2] = [Stream::Security, Stream::Access];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Stream::Access => "access",
-            Stream::Security => "security",
-        }
-    }
-
-    pub fn from_name(s: &str) -> Option<Stream> {
-        match s {
-            "access" => Some(Stream::Access),
-            "security" => Some(Stream::Security),
-            _ => None,
-        }
-    }
-}
+/// Defined with the sink settings that name them; every part of shipping uses them.
+pub use crate::config::{BatchLimits, Stream};
 
 /// One spooled record as a destination sees it: the exact sealed JSON line (no newline), which
 /// carries `event.id`, `event.sequence` and `sparbar.chain`.
@@ -61,25 +37,6 @@ impl Line {
     /// The record parsed (destinations that re-encode it: Loki, OTLP, Elasticsearch).
     pub fn json(&self) -> Option<serde_json::Value> {
         serde_json::from_slice(&self.bytes).ok()
-    }
-}
-
-/// How a destination wants its batches cut.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BatchLimits {
-    pub max_records: usize,
-    pub max_bytes: usize,
-    /// How long a worker waits for a batch to fill before sending what it has.
-    pub linger: Duration,
-}
-
-impl Default for BatchLimits {
-    fn default() -> Self {
-        BatchLimits {
-            max_records: 500,
-            max_bytes: 1 << 20,
-            linger: Duration::from_millis(200),
-        }
     }
 }
 

@@ -18,12 +18,12 @@ use serde_json::{json, Value};
 use super::{
     chain::{self, Head, Signer_},
     deliver::{self, Notice, WorkerCtx},
-    file::{FileDest, StdoutDest},
+    sinks::destination,
     spool::{Spool, SpoolError},
     Destination, Stream,
 };
 use crate::{
-    config::{OnFull, SinkConfig, SinkKind, SpoolConfig},
+    config::{OnFull, SinkConfig, SpoolConfig},
     record::ids::EventIds,
     record::rfc3339_micros,
     stats::Stats,
@@ -66,26 +66,6 @@ fn now_ms() -> u64 {
 
 fn ts(ms: u64) -> String {
     rfc3339_micros(ms.saturating_mul(1_000_000))
-}
-
-/// Builds the destination a sink's config describes.
-pub fn destination(cfg: &SinkConfig, host: &str) -> Result<Box<dyn Destination>, String> {
-    Ok(match &cfg.kind {
-        SinkKind::File(f) => Box::new(FileDest::new(&cfg.name, f, cfg.batch)?),
-        SinkKind::Stdout => Box::new(StdoutDest::new(&cfg.name, cfg.batch)),
-        SinkKind::Syslog(s) => {
-            Box::new(super::syslog::SyslogDest::new(&cfg.name, s, host)?.with_limits(cfg.batch))
-        }
-        SinkKind::Loki { http, labels } => Box::new(super::loki::LokiDest::new(
-            &cfg.name, http, labels, cfg.batch,
-        )?),
-        SinkKind::Elasticsearch { http, index } => Box::new(super::elastic::ElasticDest::new(
-            &cfg.name, http, index, cfg.batch,
-        )?),
-        SinkKind::Otlp { http } => {
-            Box::new(super::otlp::OtlpDest::new(&cfg.name, http, cfg.batch)?)
-        }
-    })
 }
 
 /// A running sink worker.
@@ -745,7 +725,7 @@ impl Shipper {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::FileSinkConfig;
+    use crate::config::{FileSinkConfig, SinkKind};
     use crate::ship::BatchLimits;
 
     fn file_sink(name: &str, path: &Path) -> SinkConfig {
