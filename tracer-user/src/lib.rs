@@ -27,6 +27,7 @@ pub mod reassembly;
 pub mod record;
 pub mod routes;
 pub mod security;
+pub mod serve;
 pub mod ship;
 pub mod source;
 pub mod statefile;
