@@ -10,9 +10,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+use bytes::Bytes;
+use hyper::{body::Incoming, Method, Request, Response};
+use tokio::net::TcpListener;
+
+use crate::{
+    ops::serve::{self, Body, Limits},
+    stats::Stats,
 };
 
 /// Every family name starts with this.
@@ -582,17 +586,25 @@ impl Rates {
 /// The last rendered page, shared between the agent's loop and the HTTP side.
 #[derive(Clone, Default)]
 pub struct Endpoint {
-    page: Arc<RwLock<Arc<str>>>,
+    page: Arc<RwLock<Bytes>>,
+    stats: Arc<Stats>,
 }
 
 impl Endpoint {
+    /// Counts the endpoint's failures (`metrics_failures_total`, by reason) on `stats` instead
+    /// of a set of its own.
+    pub fn counting(mut self, stats: Arc<Stats>) -> Self {
+        self.stats = stats;
+        self
+    }
+
     pub fn publish(&self, page: String) {
         if let Ok(mut p) = self.page.write() {
             *p = page.into();
         }
     }
 
-    fn page(&self) -> Arc<str> {
+    fn page(&self) -> Bytes {
         self.page
             .read()
             .map(|p| p.clone())
@@ -602,65 +614,30 @@ impl Endpoint {
     /// Serves `GET /metrics` on `listener` until the agent stops.
     pub fn serve(&self, listener: TcpListener) -> tokio::task::JoinHandle<()> {
         let ep = self.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((s, _)) = listener.accept().await else {
-                    continue;
-                };
-                let ep = ep.clone();
-                tokio::spawn(async move {
-                    // A client that never finishes its request is let go.
-                    let _ = tokio::time::timeout(Duration::from_secs(10), ep.answer(s)).await;
-                });
-            }
-        })
+        // A client that never finishes its scrape is let go.
+        let limits = Limits {
+            max_connection_time: Some(Duration::from_secs(10)),
+            ..Limits::LOCAL
+        };
+        serve::serve(
+            listener,
+            limits,
+            self.stats.clone(),
+            "metrics_failures_total",
+            move |req| ep.answer(&req),
+        )
     }
 
-    async fn answer(&self, mut s: TcpStream) -> std::io::Result<()> {
-        let mut buf = vec![0u8; 8192];
-        let mut n = 0;
-        let (method, path) = loop {
-            let r = s.read(&mut buf[n..]).await?;
-            if r == 0 {
-                return Ok(());
+    /// `GET` and `HEAD` of `/metrics` (any query string); 405 for other methods, 404 elsewhere.
+    fn answer(&self, req: &Request<Incoming>) -> Response<Body> {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET | &Method::HEAD, "/metrics") => {
+                serve::respond(200, Some(CONTENT_TYPE), Body::full(self.page()))
             }
-            n += r;
-            let mut headers = [httparse::EMPTY_HEADER; 64];
-            let mut req = httparse::Request::new(&mut headers);
-            match req.parse(&buf[..n]) {
-                Ok(httparse::Status::Complete(_)) => {
-                    break (
-                        req.method.unwrap_or("").to_string(),
-                        req.path.unwrap_or("").to_string(),
-                    );
-                }
-                Ok(httparse::Status::Partial) if n < buf.len() => continue,
-                _ => return s.write_all(&head("400 Bad Request", "text/plain", 0)).await,
-            }
-        };
-        let path = path.split('?').next().unwrap_or("");
-        match (method.as_str(), path) {
-            ("GET" | "HEAD", "/metrics") => {
-                let page = self.page();
-                s.write_all(&head("200 OK", CONTENT_TYPE, page.len()))
-                    .await?;
-                if method == "GET" {
-                    s.write_all(page.as_bytes()).await?;
-                }
-                s.shutdown().await
-            }
-            (_, "/metrics") => {
-                s.write_all(&head("405 Method Not Allowed", "text/plain", 0))
-                    .await
-            }
-            _ => s.write_all(&head("404 Not Found", "text/plain", 0)).await,
+            (_, "/metrics") => serve::status(405, Some("text/plain")),
+            _ => serve::status(404, Some("text/plain")),
         }
     }
-}
-
-fn head(status: &str, ctype: &str, len: usize) -> Vec<u8> {
-    format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n")
-        .into_bytes()
 }
 
 #[cfg(test)]
@@ -995,6 +972,10 @@ mod tests {
 
     #[tokio::test]
     async fn serves_the_last_page() {
+        use tokio::{
+            io::{AsyncReadExt, AsyncWriteExt},
+            net::TcpStream,
+        };
         let ep = Endpoint::default();
         ep.publish("sparbar_up 1\n".into());
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1020,5 +1001,114 @@ mod tests {
         assert!(r.starts_with("HTTP/1.1 405"), "{r}");
         let r = get("\x01\x02 nonsense\r\n\r\n").await;
         assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    }
+
+    type Served = (
+        Endpoint,
+        Arc<Stats>,
+        std::net::SocketAddr,
+        tokio::task::JoinHandle<()>,
+    );
+
+    async fn endpoint() -> Served {
+        let stats = Arc::new(Stats::default());
+        let ep = Endpoint::default().counting(stats.clone());
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let task = ep.serve(l);
+        (ep, stats, addr, task)
+    }
+
+    /// The status line, the headers but `Date` (sorted), and the body.
+    fn split(r: &str) -> (&str, Vec<&str>, &str) {
+        let (head, body) = r.split_once("\r\n\r\n").expect("a head");
+        let mut lines = head.split("\r\n");
+        let status = lines.next().unwrap();
+        let mut headers: Vec<&str> = lines.filter(|h| !h.starts_with("Date: ")).collect();
+        headers.sort();
+        (status, headers, body)
+    }
+
+    #[tokio::test]
+    async fn exact_answers() {
+        use crate::ops::serve::tests::exchange;
+        let (ep, stats, addr, _task) = endpoint().await;
+        ep.publish("sparbar_up 1\n".into());
+        let r = exchange(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert_eq!(
+            split(&r),
+            (
+                "HTTP/1.1 200 OK",
+                vec![
+                    "Connection: close",
+                    "Content-Length: 13",
+                    "Content-Type: text/plain; version=0.0.4; charset=utf-8"
+                ],
+                "sparbar_up 1\n"
+            )
+        );
+        let r = exchange(addr, b"HEAD /metrics HTTP/1.1\r\n\r\n").await;
+        assert_eq!(
+            split(&r),
+            (
+                "HTTP/1.1 200 OK",
+                vec![
+                    "Connection: close",
+                    "Content-Length: 13",
+                    "Content-Type: text/plain; version=0.0.4; charset=utf-8"
+                ],
+                ""
+            )
+        );
+        let empty = |status| {
+            (
+                status,
+                vec![
+                    "Connection: close",
+                    "Content-Length: 0",
+                    "Content-Type: text/plain",
+                ],
+                "",
+            )
+        };
+        let r = exchange(addr, b"GET /metricsx HTTP/1.1\r\n\r\n").await;
+        assert_eq!(split(&r), empty("HTTP/1.1 404 Not Found"));
+        let r = exchange(addr, b"DELETE /metrics HTTP/1.1\r\n\r\n").await;
+        assert_eq!(split(&r), empty("HTTP/1.1 405 Method Not Allowed"));
+        assert!(stats.snapshot().is_empty(), "{:?}", stats.snapshot());
+    }
+
+    #[tokio::test]
+    async fn a_malformed_request_is_answered_400_and_counted() {
+        use crate::ops::serve::tests::{eventually, exchange};
+        let (_ep, stats, addr, _task) = endpoint().await;
+        let r = exchange(addr, b"GET /metrics HTTP/1.1\r\nbad header\r\n\r\n").await;
+        assert_eq!(
+            split(&r),
+            (
+                "HTTP/1.1 400 Bad Request",
+                vec!["Connection: close", "Content-Length: 0"],
+                ""
+            )
+        );
+        eventually("the bad request is counted", || {
+            stats.get("metrics_failures_total{reason=\"bad_request\"}") == 1
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_cap_are_refused_and_counted() {
+        let (ep, stats, addr, _task) = endpoint().await;
+        ep.publish("sparbar_up 1\n".into());
+        crate::ops::serve::tests::check_the_cap(
+            addr,
+            Limits::LOCAL,
+            &stats,
+            "metrics_failures_total",
+            b"GET /metrics HTTP/1.1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\n",
+        )
+        .await;
     }
 }

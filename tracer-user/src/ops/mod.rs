@@ -7,3 +7,4 @@ pub mod doctor;
 pub mod feed;
 pub mod metrics;
 pub mod notify;
+pub mod serve;

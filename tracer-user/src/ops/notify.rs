@@ -5,6 +5,14 @@
 //! The protocol is one datagram of `KEY=VALUE` lines to the unix socket named by
 //! `$NOTIFY_SOCKET`: a path, or an abstract socket when it starts with `@`. systemd learns the
 //! sender from the socket credentials, so any thread of the main process may send.
+//!
+//! Why not the `sd-notify` crate: its 0.5.0 (the latest) has every message we send (READY,
+//! RELOADING with MONOTONIC_USEC, STOPPING, WATCHDOG, STATUS), but it connects to
+//! `$NOTIFY_SOCKET` as a file path, so an `@abstract` socket (which sd_notify(3) names and
+//! containers use) fails with ENOENT; it sends to an empty `$NOTIFY_SOCKET` (EINVAL) instead of
+//! doing nothing, cannot tell the caller whether anything was sent, and its `watchdog_enabled`
+//! turns `WATCHDOG_USEC=0` into a zero interval, on which the agent's watchdog timer would panic.
+//! What is left here is one `sendto` and the parsing of two variables.
 
 use std::{
     ffi::{OsStr, OsString},

@@ -1,10 +1,14 @@
-//! Unique record ids: UUIDv7 (48-bit Unix milliseconds, then random bits), so receivers can
-//! deduplicate and ids sort by time.
+//! Unique record ids: UUIDv7 (48-bit Unix milliseconds, then a counter and random bits), so
+//! receivers can deduplicate and ids sort by time.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use uuid::{timestamp::context::ContextV7, Timestamp, Uuid};
 
+/// One generator of record ids. Ids from the same generator are strictly increasing, also
+/// within one millisecond: the v7 counter of [`ContextV7`] (42 bits, reseeded at random each
+/// millisecond) orders them, the rest of the 74 random bits keeps them unique. Ids from two
+/// generators are only ordered by their millisecond.
 pub struct EventIds {
-    state: u64,
+    context: ContextV7,
 }
 
 impl Default for EventIds {
@@ -15,46 +19,16 @@ impl Default for EventIds {
 
 impl EventIds {
     pub fn new() -> Self {
-        let mut seed = [0u8; 8];
-        if std::fs::File::open("/dev/urandom")
-            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed))
-            .is_err()
-        {
-            let t = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1);
-            seed = (t ^ (std::process::id() as u64) << 32).to_le_bytes();
-        }
         EventIds {
-            state: u64::from_le_bytes(seed) | 1,
+            context: ContextV7::new(),
         }
     }
 
-    fn rand(&mut self) -> u64 {
-        // xorshift64*: ids need uniqueness, not secrecy.
-        self.state ^= self.state >> 12;
-        self.state ^= self.state << 25;
-        self.state ^= self.state >> 27;
-        self.state.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
+    /// The next id, hyphenated lowercase (`0190b7a2-…-7…-8…`).
     pub fn next_id(&mut self) -> String {
-        let ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        let (a, b) = (self.rand(), self.rand());
-        let hi = (ms << 16) | 0x7000 | (a & 0x0fff);
-        let lo = (b & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
-        format!(
-            "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
-            hi >> 32,
-            (hi >> 16) & 0xffff,
-            hi & 0xffff,
-            lo >> 48,
-            lo & 0xffff_ffff_ffff
-        )
+        Uuid::new_v7(Timestamp::now(&self.context))
+            .hyphenated()
+            .to_string()
     }
 }
 
@@ -71,5 +45,34 @@ mod tests {
             assert!(matches!(&id[19..20], "8" | "9" | "a" | "b"));
             assert!(seen.insert(id));
         }
+    }
+
+    #[test]
+    fn ids_of_one_generator_strictly_increase() {
+        let mut g = super::EventIds::new();
+        let mut last = g.next_id();
+        for _ in 0..10_000 {
+            let id = g.next_id();
+            assert!(id > last, "{id} after {last}");
+            last = id;
+        }
+    }
+
+    #[test]
+    fn ids_start_with_the_wall_clock_millisecond() {
+        let ms = |at: std::time::SystemTime| {
+            at.duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64
+        };
+        let before = ms(std::time::SystemTime::now());
+        let id = super::EventIds::new().next_id();
+        let after = ms(std::time::SystemTime::now());
+        let hex: String = id.chars().filter(|c| *c != '-').take(12).collect();
+        let got = u64::from_str_radix(&hex, 16).unwrap();
+        assert!(
+            (before..=after).contains(&got),
+            "{got} not in {before}..={after}"
+        );
     }
 }
