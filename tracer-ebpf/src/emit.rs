@@ -5,7 +5,7 @@ use aya_ebpf::helpers::{
     bpf_get_current_cgroup_id, bpf_ktime_get_ns, bpf_probe_read_user, bpf_probe_read_user_buf,
     generated::bpf_loop,
 };
-use aya_ebpf::{programs::TracePointContext, EbpfContext};
+use aya_ebpf::{macros::map, maps::PerCpuArray, programs::TracePointContext, EbpfContext};
 use tracer_common::*;
 
 use crate::maps::*;
@@ -163,6 +163,10 @@ pub struct Emit {
     need_iov: u8,
     _pad: [u8; 4],
 }
+
+/// Per-CPU state of the copy loop (see [`Emit`]).
+#[map(name = "EMIT")]
+static EMIT: PerCpuArray<Emit> = PerCpuArray::with_max_entries(1, 0);
 
 /// One chunk of the copy: a bpf_loop callback, so the verifier checks it once instead of once
 /// per iteration. Returns 1 to stop.

@@ -7,6 +7,7 @@
 #![no_main]
 #![allow(static_mut_refs)]
 
+mod diag;
 mod emit;
 mod maps;
 mod probes;

@@ -1,5 +1,9 @@
 //! Every map the kernel programs share, plus the per-thread call state kept between a
 //! syscall's or SSL call's entry and its return.
+//!
+//! A leaf: it uses nothing else of this crate, and every other module may use it. The per-CPU
+//! state of a loop that one module alone runs lives in that module, beside its type: `EMIT` in
+//! `emit`, `TOKEN_SCAN` and `TOKEN_CARRY` in `tokens`.
 
 use aya_ebpf::{
     macros::map,
@@ -59,10 +63,6 @@ pub static LAST_RFD: LruHashMap<u64, u32> = LruHashMap::with_max_entries(16384, 
 #[map(name = "SCRATCH")]
 pub static SCRATCH: PerCpuArray<DataEvent> = PerCpuArray::with_max_entries(1, 0);
 
-/// Per-CPU state of the copy loop (see `emit::Emit`).
-#[map(name = "EMIT")]
-pub static EMIT: PerCpuArray<crate::emit::Emit> = PerCpuArray::with_max_entries(1, 0);
-
 /// Per-CPU counter behind connection generations.
 #[map(name = "GEN")]
 pub static GEN: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
@@ -95,16 +95,6 @@ pub static ENFORCE_TGIDS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_ENFO
 /// `[0]`: the token hash seed and whether any token is blocked (the fast way out).
 #[map(name = "TOKEN_CTL")]
 pub static TOKEN_CTL: Array<TokenCtl> = Array::with_max_entries(1, 0);
-
-/// The end of each edge connection's last scanned read, scanned again in front of its next
-/// (`tokens::Carry`). LRU: losing one only loses a token cut between two reads.
-#[map(name = "TOKEN_CARRY")]
-pub static TOKEN_CARRY: LruHashMap<ConnKey, crate::tokens::Carry> =
-    LruHashMap::with_max_entries(8192, 0);
-
-/// Per-CPU state of the token scan (see `tokens::Scan`).
-#[map(name = "TOKEN_SCAN")]
-pub static TOKEN_SCAN: PerCpuArray<crate::tokens::Scan> = PerCpuArray::with_max_entries(1, 0);
 
 pub const CONN_F_TLS: u32 = 1 << 0;
 pub const CONN_F_PLAIN: u32 = 1 << 1;

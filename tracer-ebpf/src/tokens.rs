@@ -14,8 +14,13 @@
 //!
 //! While no token is blocked (`TOKEN_CTL[0].on == 0`) a read costs one array lookup.
 
-use aya_ebpf::helpers::{
-    bpf_probe_read_kernel_buf, bpf_probe_read_user, bpf_probe_read_user_buf, generated::bpf_loop,
+use aya_ebpf::{
+    helpers::{
+        bpf_probe_read_kernel_buf, bpf_probe_read_user, bpf_probe_read_user_buf,
+        generated::bpf_loop,
+    },
+    macros::map,
+    maps::{LruHashMap, PerCpuArray},
 };
 use core::cmp::min;
 
@@ -87,6 +92,15 @@ pub struct Scan {
     /// Where the next `TOKEN_CARRY` value is built.
     carry: Carry,
 }
+
+/// The end of each edge connection's last scanned read, scanned again in front of its next
+/// ([`Carry`]). LRU: losing one only loses a token cut between two reads.
+#[map(name = "TOKEN_CARRY")]
+static TOKEN_CARRY: LruHashMap<ConnKey, Carry> = LruHashMap::with_max_entries(8192, 0);
+
+/// Per-CPU state of the token scan (see [`Scan`]).
+#[map(name = "TOKEN_SCAN")]
+static TOKEN_SCAN: PerCpuArray<Scan> = PerCpuArray::with_max_entries(1, 0);
 
 /// Does pattern `p` (of `len` bytes) begin at `s.pos`?
 #[inline(always)]

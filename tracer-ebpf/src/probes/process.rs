@@ -13,7 +13,7 @@ use aya_ebpf::{
 };
 use tracer_common::*;
 
-use crate::{emit::*, maps::*};
+use crate::{diag::warn_first, emit::*, maps::*};
 
 #[inline(always)]
 fn proc_event(kind: u16, pid_tgid: u64, comm: [u8; COMM_LEN]) {
@@ -43,12 +43,16 @@ pub fn process_fork(ctx: TracePointContext) -> u32 {
     let parent: i32 = tp_arg(&ctx, 12);
     let child: i32 = tp_arg(&ctx, 20);
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if (tgid_is_edge(tgid) != 0 || tgid_is_edge(parent as u32) != 0)
-        && ENFORCE_TGIDS
-            .insert(child as u32, TARGET_FROM_FORK, 0)
-            .is_err()
-    {
-        count(C_TARGETS_FULL, 1);
+    if tgid_is_edge(tgid) != 0 || tgid_is_edge(parent as u32) != 0 {
+        if let Err(e) = ENFORCE_TGIDS.insert(child as u32, TARGET_FROM_FORK, 0) {
+            warn_first!(
+                C_TARGETS_FULL,
+                "ENFORCE_TGIDS insert failed (error {}): child {} of edge process {} is not scanned for blocked tokens; later cases on this CPU are only counted",
+                e,
+                child,
+                parent
+            );
+        }
     }
     if TARGET_TGIDS.get_ptr(tgid).is_none() && TARGET_TGIDS.get_ptr(parent as u32).is_none() {
         return 0;
@@ -58,11 +62,14 @@ pub fn process_fork(ctx: TracePointContext) -> u32 {
             return 0;
         }
     }
-    if TARGET_TGIDS
-        .insert(child as u32, TARGET_FROM_FORK, 0)
-        .is_err()
-    {
-        count(C_TARGETS_FULL, 1);
+    if let Err(e) = TARGET_TGIDS.insert(child as u32, TARGET_FROM_FORK, 0) {
+        warn_first!(
+            C_TARGETS_FULL,
+            "TARGET_TGIDS insert failed (error {}): child {} of target {} is not traced; later cases on this CPU are only counted",
+            e,
+            child,
+            parent
+        );
     }
     0
 }
@@ -98,8 +105,15 @@ pub fn process_exec(_ctx: TracePointContext) -> u32 {
             return 0;
         }
     }
-    if named && !known && TARGET_TGIDS.insert(tgid, TARGET_FROM_EXEC, 0).is_err() {
-        count(C_TARGETS_FULL, 1);
+    if named && !known {
+        if let Err(e) = TARGET_TGIDS.insert(tgid, TARGET_FROM_EXEC, 0) {
+            warn_first!(
+                C_TARGETS_FULL,
+                "TARGET_TGIDS insert failed (error {}): process {}, whose name is configured, is not traced; later cases on this CPU are only counted",
+                e,
+                tgid
+            );
+        }
     }
     proc_event(KIND_PROC_EXEC, pid_tgid, comm);
     0

@@ -8,7 +8,12 @@
 
 use std::{
     collections::BTreeMap,
+    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
 };
 
 use aya::{
@@ -16,6 +21,7 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, TracePoint, UProbe},
     Ebpf, EbpfLoader,
 };
+use aya_log::EbpfLogger;
 use log::{debug, info, warn};
 use tracer_common::*;
 
@@ -113,6 +119,8 @@ pub struct Kernel {
     enforce_cgroup: Option<PathBuf>,
     /// Seed of `tracer_common::token_hash` for this run, also in `TOKEN_CTL`.
     token_seed: u64,
+    /// Forwards the programs' aya-log messages while the programs live (None: not forwarded).
+    _kernel_log: Option<KernelLog>,
 }
 
 /// A fresh random seed for the token hashes, so they mean nothing outside this run.
@@ -172,7 +180,9 @@ pub fn load(s: &LoadSettings) -> Result<Kernel, LoadError> {
     let mut ebpf = EbpfLoader::new()
         .map_max_entries(MAP_EVENTS, s.ring_buffer_size)
         .map_max_entries(MAP_CONNS, s.max_connections)
+        .override_global(aya_log::LEVEL, &kernel_log_level(), false)
         .load(obj)?;
+    let kernel_log = KernelLog::start(&mut ebpf);
 
     let (off_daddr, off_saddr) = crate::capture::btf::sock_common_v6_offsets();
     let kcfg = KernelConfig {
@@ -237,6 +247,7 @@ pub fn load(s: &LoadSettings) -> Result<Kernel, LoadError> {
         tracepoints,
         enforce_cgroup: None,
         token_seed,
+        _kernel_log: kernel_log,
     })
 }
 
@@ -750,4 +761,91 @@ fn block_map(
         name: MAP_BLOCK_CONNS,
         source: e,
     })
+}
+
+/// The `log` target of the kernel programs' aya-log messages (set by the programs themselves,
+/// tracer-ebpf's `diag`): `RUST_LOG=sparbar::kernel=off` silences them, `=debug` shows all.
+pub const KERNEL_LOG_TARGET: &str = "sparbar::kernel";
+
+/// aya-log's in-kernel level (`AYA_LOG_LEVEL`) from the agent's own log filter for
+/// [`KERNEL_LOG_TARGET`]: a message the filter would drop is never written in the kernel.
+fn kernel_log_level() -> u8 {
+    use log::Level;
+    let max = [
+        Level::Trace,
+        Level::Debug,
+        Level::Info,
+        Level::Warn,
+        Level::Error,
+    ]
+    .into_iter()
+    .find(|l| log::log_enabled!(target: KERNEL_LOG_TARGET, *l));
+    let level = match max {
+        None => return 0,
+        Some(Level::Error) => aya_log::Level::Error,
+        Some(Level::Warn) => aya_log::Level::Warn,
+        Some(Level::Info) => aya_log::Level::Info,
+        Some(Level::Debug) => aya_log::Level::Debug,
+        Some(Level::Trace) => aya_log::Level::Trace,
+    };
+    level.into()
+}
+
+/// Hands the kernel programs' aya-log messages to the agent's logger, from a thread that sleeps
+/// in poll(2) on aya-log's ring buffer until the kernel writes one; it stops within a second of
+/// the drop. The logger (the map's fd, which the programs refer to) lives as long as the
+/// [`Kernel`], whatever becomes of the thread.
+struct KernelLog {
+    logger: Arc<Mutex<EbpfLogger<&'static dyn log::Log>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl KernelLog {
+    /// Not fatal: without it the programs run the same, their messages are just not shown
+    /// (and an object without log statements has no aya-log map at all).
+    fn start(ebpf: &mut Ebpf) -> Option<Self> {
+        let logger = match EbpfLogger::init(ebpf) {
+            Ok(l) => l,
+            Err(e) => {
+                debug!("kernel log messages are not forwarded: {e}");
+                return None;
+            }
+        };
+        let fd = logger.as_raw_fd();
+        let log = KernelLog {
+            logger: Arc::new(Mutex::new(logger)),
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        let (logger, stop) = (log.logger.clone(), log.stop.clone());
+        let run = move || {
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            while !stop.load(Ordering::Relaxed) {
+                // SAFETY: poll(2) on one pollfd that lives across the call; `fd` stays open
+                // while `logger` does.
+                if unsafe { libc::poll(&mut pfd, 1, 1000) } > 0 {
+                    match logger.lock() {
+                        Ok(mut l) => l.flush(),
+                        Err(_) => return,
+                    }
+                }
+            }
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("kernel-log".into())
+            .spawn(run)
+        {
+            debug!("kernel log messages are not forwarded: starting their thread: {e}");
+        }
+        Some(log)
+    }
+}
+
+impl Drop for KernelLog {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
