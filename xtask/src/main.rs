@@ -183,6 +183,36 @@ fn host_packages(with_e2e: bool) -> Vec<&'static str> {
 fn lint() -> Result<()> {
     step("rustfmt --check");
     run_cmd(cargo().args(["fmt", "--all", "--check"]))?;
+    step("module graph: no import cycles, pure logic imports no aya");
+    let graph = root().join("xtask/module_graph.py");
+    run_cmd(
+        Command::new("python3")
+            .arg(&graph)
+            .args([
+                "tracer-user/src",
+                "crate",
+                // The path's pure steps and what they use: no kernel, no aya.
+                "pipeline",
+                "http",
+                "reassembly",
+                "attribute",
+                "record",
+                "detect",
+                "ship",
+                "exchange",
+                "config",
+                "verify",
+                "stats",
+                "statefile",
+            ])
+            .current_dir(root()),
+    )?;
+    run_cmd(
+        Command::new("python3")
+            .arg(&graph)
+            .args(["tracer-ebpf/src", "crate"])
+            .current_dir(root()),
+    )?;
     step("clippy -D warnings (host crates)");
     run_cmd(
         cargo()
