@@ -185,7 +185,7 @@ pub async fn run(mut plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
     let metrics = match plan.metrics_listen {
         Some(addr) => match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => {
-                let ep = crate::ops::metrics::Endpoint::default();
+                let ep = crate::ops::metrics::Endpoint::default().counting(stats.clone());
                 let page = metrics_page(
                     &host.kernel,
                     &host.discovery,

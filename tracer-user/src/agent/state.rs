@@ -41,7 +41,7 @@ impl Outputs {
     pub fn new(shipper: Shipper, state_dir: PathBuf, stats: Arc<Stats>) -> Outputs {
         Outputs {
             shipper,
-            feed: Feed::default(),
+            feed: Feed::default().counting(stats.clone()),
             state_dir,
             stats,
             unsaved: None,
