@@ -1,0 +1,115 @@
+//! Everything unexpected the HTTP/1.1 parser can meet on a connection, one variant each, with
+//! the stable name its counter carries.
+
+use super::types::Dir;
+
+/// Something unexpected on a connection. Each is counted by [`Anomaly::reason`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Anomaly {
+    MalformedRequestLine {
+        dir: Dir,
+        pos: u64,
+    },
+    MalformedStatusLine {
+        dir: Dir,
+        pos: u64,
+    },
+    MalformedHeaders {
+        dir: Dir,
+        pos: u64,
+    },
+    HeaderTooLarge {
+        dir: Dir,
+        pos: u64,
+    },
+    BadContentLength {
+        dir: Dir,
+        pos: u64,
+    },
+    BadTransferEncoding {
+        dir: Dir,
+        pos: u64,
+    },
+    ContentLengthWithChunked {
+        dir: Dir,
+        pos: u64,
+    },
+    BadChunkSize {
+        dir: Dir,
+        pos: u64,
+    },
+    BadChunkTerminator {
+        dir: Dir,
+        pos: u64,
+    },
+    GapResync {
+        dir: Dir,
+        pos: u64,
+        len: u64,
+        known: bool,
+    },
+    GapInBody {
+        dir: Dir,
+        pos: u64,
+        len: u64,
+    },
+    TruncatedAtClose {
+        dir: Dir,
+    },
+    ResponseLost,
+    PairingUncertain,
+    UnpairedResponse {
+        status: u16,
+    },
+    ResponseWithoutRequest {
+        status: u16,
+    },
+    PipelineOverflow,
+    FramingGuessWrong,
+    Http2Preface {
+        dir: Dir,
+    },
+    TlsRecordOnPlaintext {
+        dir: Dir,
+    },
+    GzipError {
+        dir: Dir,
+    },
+    DeflateError {
+        dir: Dir,
+    },
+    DataAfterClose {
+        dir: Dir,
+    },
+}
+
+impl Anomaly {
+    /// Stable snake_case name for counters.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Anomaly::MalformedRequestLine { .. } => "malformed_request_line",
+            Anomaly::MalformedStatusLine { .. } => "malformed_status_line",
+            Anomaly::MalformedHeaders { .. } => "malformed_headers",
+            Anomaly::HeaderTooLarge { .. } => "header_too_large",
+            Anomaly::BadContentLength { .. } => "bad_content_length",
+            Anomaly::BadTransferEncoding { .. } => "bad_transfer_encoding",
+            Anomaly::ContentLengthWithChunked { .. } => "content_length_with_chunked",
+            Anomaly::BadChunkSize { .. } => "bad_chunk_size",
+            Anomaly::BadChunkTerminator { .. } => "bad_chunk_terminator",
+            Anomaly::GapResync { .. } => "gap_resync",
+            Anomaly::GapInBody { .. } => "gap_in_body",
+            Anomaly::TruncatedAtClose { .. } => "truncated_at_close",
+            Anomaly::ResponseLost => "response_lost",
+            Anomaly::PairingUncertain => "pairing_uncertain",
+            Anomaly::UnpairedResponse { .. } => "unpaired_response",
+            Anomaly::ResponseWithoutRequest { .. } => "response_without_request",
+            Anomaly::PipelineOverflow => "pipeline_overflow",
+            Anomaly::FramingGuessWrong => "framing_guess_wrong",
+            Anomaly::Http2Preface { .. } => "http2_preface",
+            Anomaly::TlsRecordOnPlaintext { .. } => "tls_record_on_plaintext",
+            Anomaly::GzipError { .. } => "gzip_error",
+            Anomaly::DeflateError { .. } => "deflate_error",
+            Anomaly::DataAfterClose { .. } => "data_after_close",
+        }
+    }
+}
