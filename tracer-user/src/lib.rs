@@ -20,7 +20,6 @@ pub mod exchange;
 pub mod http;
 pub mod ops;
 pub mod pipeline;
-pub mod reassembly;
 pub mod record;
 pub mod ship;
 pub mod statefile;

@@ -194,7 +194,6 @@ fn lint() -> Result<()> {
                 // The path's pure steps and what they use: no kernel, no aya.
                 "pipeline",
                 "http",
-                "reassembly",
                 "attribute",
                 "record",
                 "detect",

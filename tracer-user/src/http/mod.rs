@@ -5,7 +5,7 @@
 //!
 //! # Structure
 //!
-//! Each direction has a [`Stream`](crate::reassembly::Stream) (reassembly) and a message
+//! Each direction has a [`Stream`](crate::http::reassembly::Stream) (reassembly) and a message
 //! parser (`DirState`) that turns the in-order pieces into request or response messages.
 //! Parsed messages go into a pairing queue (`Pairing`), which matches the n-th request with the
 //! n-th final response (1xx interim responses consume no request). A connection seen from its
@@ -103,6 +103,7 @@ mod body;
 mod direction;
 mod framing;
 mod pairing;
+pub mod reassembly;
 #[cfg(test)]
 mod tests;
 mod types;
@@ -111,7 +112,7 @@ pub use anomaly::Anomaly;
 pub use types::{ConnProtocol, Dir, ParserLimits, Role, MIN_MSG_LEN};
 
 use crate::exchange::Exchange;
-use crate::reassembly::StreamStats;
+use crate::http::reassembly::StreamStats;
 
 use direction::{DirState, Shared};
 use pairing::{Pairing, PumpCtx};

@@ -6,7 +6,7 @@ use std::io::Write;
 use super::framing::parse_chunk_size;
 use super::*;
 use crate::exchange::{header, BodyLoss, Completeness, Header};
-use crate::reassembly::StreamLimits;
+use crate::http::reassembly::StreamLimits;
 
 const IN: Dir = Dir::Inbound;
 const OUT: Dir = Dir::Outbound;

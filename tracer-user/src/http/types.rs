@@ -2,7 +2,7 @@
 //! connection carries, the limits, and what a direction is expected to carry. A leaf: it
 //! depends on no other part of `http`.
 
-use crate::reassembly::StreamLimits;
+use crate::http::reassembly::StreamLimits;
 
 /// Shortest possible HTTP/1.x message (T3 in the `http` module docs).
 pub const MIN_MSG_LEN: u64 = 14;

@@ -5,7 +5,7 @@
 mod resync;
 
 use crate::exchange::{header, Body, Header, Request, Response};
-use crate::reassembly::{Piece, Stream};
+use crate::http::reassembly::{Piece, Stream};
 
 use self::resync::{LossAcc, Resync};
 use super::anomaly::Anomaly;
