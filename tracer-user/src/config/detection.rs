@@ -5,7 +5,11 @@ use std::{collections::BTreeMap, time::Duration};
 
 use serde::Deserialize;
 
-use super::{format_duration, has_control, parse_duration, Cidr, Problems};
+use super::{
+    errors::Problems,
+    identity::Cidr,
+    values::{format_duration, has_control, parse_duration},
+};
 
 pub const DEFAULT_MAX_TRACKED: usize = 100_000;
 pub const DEFAULT_IDLE_EXPIRY: Duration = Duration::from_secs(48 * 3600);
@@ -249,7 +253,7 @@ pub(super) fn check_detection(
             ),
         }
     }
-    c.max_tracked = super::check_count(
+    c.max_tracked = super::values::check_count(
         p,
         "detection.max_tracked",
         raw.max_tracked,

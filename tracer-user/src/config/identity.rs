@@ -10,7 +10,10 @@ use std::{
 
 use serde::Deserialize;
 
-use super::{format_duration, has_control, parse_duration, Problems};
+use super::{
+    errors::Problems,
+    values::{format_duration, has_control, parse_duration},
+};
 use crate::attribute::jsonpath::JsonPath;
 
 pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
@@ -329,7 +332,7 @@ pub(super) fn check_identity(
             Err(e) => p.push("identity.session_ttl", e),
         }
     }
-    c.max_sessions = super::check_count(
+    c.max_sessions = super::values::check_count(
         p,
         "identity.max_sessions",
         raw.max_sessions,
@@ -458,14 +461,14 @@ pub(super) fn check_identity(
 /// Checks `[disclosure]`; the per-route tables are added by [`check_route_disclosure`].
 pub(super) fn check_disclosure(raw: RawDisclosure, p: &mut Problems) -> DisclosureConfig {
     let mut c = DisclosureConfig {
-        max_ids: super::check_count(
+        max_ids: super::values::check_count(
             p,
             "disclosure.max_ids",
             raw.max_ids,
             DEFAULT_MAX_IDS as i64,
             MAX_MAX_IDS,
         ) as usize,
-        max_subjects: super::check_count(
+        max_subjects: super::values::check_count(
             p,
             "disclosure.max_subjects",
             raw.max_subjects,

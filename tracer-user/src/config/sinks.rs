@@ -9,7 +9,10 @@ use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use serde::Deserialize;
 
-use super::{check_count, check_size, has_control, parse_duration, Problems, SizeValue};
+use super::{
+    errors::Problems,
+    values::{check_count, check_size, has_control, parse_duration, SizeValue},
+};
 
 /// The two streams, with separate spools: `access` is high volume; `security` (alerts,
 /// decisions, gaps, checkpoints, agent state) is low volume, synced per record, never dropped,

@@ -8,8 +8,7 @@ use ed25519_dalek::VerifyingKey;
 
 use super::{
     reader::{Cand, Reader, Rec},
-    report::plural,
-    si, KeySource, Kind, Report, StreamSummary, STREAMS,
+    report::{plural, si, KeySource, Kind, Report, StreamSummary, STREAMS},
 };
 use crate::ship::{chain, Stream};
 

@@ -1,18 +1,36 @@
 //! What `sparbar verify` reads: the trail files named (directories expanded to their `*.jsonl*`
 //! files, each file once), each opened as plain text or gzip by its first bytes, and the
-//! `--key` files.
+//! `--key` files; and [`VerifyError`], why that could not be done.
 
 use std::{
     collections::BTreeSet,
     fs::File,
-    io::{BufRead, BufReader},
+    io::{self, BufRead, BufReader},
     path::{Path, PathBuf},
 };
 
 use ed25519_dalek::VerifyingKey;
 
-use super::VerifyError;
 use crate::ship::chain;
+
+/// Why verification could not run at all (exit 2), as opposed to what it found (exit 1).
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("{}: {source}; expected an audit-trail file or a directory of them", .path.display())]
+    Open { path: PathBuf, source: io::Error },
+    #[error("{}: holds no *.jsonl* file; expected the directory a file sink writes to", .path.display())]
+    EmptyDir { path: PathBuf },
+    #[error("{}: reading after line {line}: {source}", .path.display())]
+    Read {
+        path: PathBuf,
+        line: u64,
+        source: io::Error,
+    },
+    #[error("--key {}: {reason}; expected the checkpoint.pub the agent wrote (64 hex digits)", .path.display())]
+    Key { path: PathBuf, reason: String },
+    #[error("no sealed record in the {files} file(s) given; expected files a sparbar sink wrote")]
+    Empty { files: usize },
+}
 
 pub(super) fn load_key(path: &Path) -> Result<(VerifyingKey, String), VerifyError> {
     let text = std::fs::read_to_string(path).map_err(|e| VerifyError::Key {

@@ -23,38 +23,10 @@ use std::{
     path::PathBuf,
 };
 
-use crate::ship::Stream;
-
-pub use report::{KeySource, Kind, Problem, Report, StreamSummary};
-
-/// Streams in report order.
-const STREAMS: [Stream; 2] = [Stream::Access, Stream::Security];
-
-fn si(s: Stream) -> usize {
-    match s {
-        Stream::Access => 0,
-        Stream::Security => 1,
-    }
-}
-
-/// Why verification could not run at all (exit 2), as opposed to what it found (exit 1).
-#[derive(Debug, thiserror::Error)]
-pub enum VerifyError {
-    #[error("{}: {source}; expected an audit-trail file or a directory of them", .path.display())]
-    Open { path: PathBuf, source: io::Error },
-    #[error("{}: holds no *.jsonl* file; expected the directory a file sink writes to", .path.display())]
-    EmptyDir { path: PathBuf },
-    #[error("{}: reading after line {line}: {source}", .path.display())]
-    Read {
-        path: PathBuf,
-        line: u64,
-        source: io::Error,
-    },
-    #[error("--key {}: {reason}; expected the checkpoint.pub the agent wrote (64 hex digits)", .path.display())]
-    Key { path: PathBuf, reason: String },
-    #[error("no sealed record in the {files} file(s) given; expected files a sparbar sink wrote")]
-    Empty { files: usize },
-}
+pub use self::{
+    input::VerifyError,
+    report::{KeySource, Kind, Problem, Report, StreamSummary},
+};
 
 #[derive(Debug, Clone, Default)]
 pub struct Options {

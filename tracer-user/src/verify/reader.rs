@@ -6,9 +6,9 @@
 use std::{collections::BTreeMap, io, path::PathBuf};
 
 use super::{
-    input,
+    input::{self, VerifyError},
     parse::{parse_line, Checkpoint, Gap, SpecialBody},
-    si, Kind, Problem, VerifyError,
+    report::{si, Kind, Problem},
 };
 use crate::ship::{chain, Stream};
 

@@ -7,6 +7,17 @@ use serde_json::{json, Value};
 
 use crate::ship::Stream;
 
+/// Streams in report order.
+pub(super) const STREAMS: [Stream; 2] = [Stream::Access, Stream::Security];
+
+/// A stream's index in [`STREAMS`] (and in every per-stream array).
+pub(super) fn si(s: Stream) -> usize {
+    match s {
+        Stream::Access => 0,
+        Stream::Security => 1,
+    }
+}
+
 /// What kind of evidence a problem is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {

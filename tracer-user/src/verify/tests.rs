@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 
 use super::*;
-use crate::ship::chain::{self, checkpoint_line, seal, Head, Signer_};
+use crate::ship::{
+    chain::{self, checkpoint_line, seal, Head, Signer_},
+    Stream,
+};
 
 /// A stream's chain as the agent would seal it, with the bodies kept for re-sealing.
 struct Chain {
