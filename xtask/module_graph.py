@@ -56,11 +56,28 @@ def paths_in_use(text):
     for m in re.finditer(r'\b((?:crate|super|self)(?:::\w+)+)', text):
         out.append(m.group(1))
     return out
+def strip_tests(t):
+    """The text without its `#[cfg(test)]` items: a `mod x;` declaration, or an item up to
+    its matching closing brace."""
+    out, i = '', 0
+    while True:
+        k = t.find('#[cfg(test)]', i)
+        if k < 0: return out + t[i:]
+        out += t[i:k]
+        j = k + len('#[cfg(test)]')
+        semi, brace = t.find(';', j), t.find('{', j)
+        if brace < 0 or (0 <= semi < brace):
+            i = semi + 1
+            continue
+        depth, j = 1, brace + 1
+        while depth and j < len(t):
+            if t[j] == '{': depth += 1
+            elif t[j] == '}': depth -= 1
+            j += 1
+        i = j
 edges = {}
 for cur, p in mods.items():
-    t = p.read_text()
-    k = t.find('#[cfg(test)]')
-    if k >= 0: t = t[:k]
+    t = strip_tests(p.read_text())
     t = '\n'.join(l for l in t.split('\n') if not l.lstrip().startswith('//'))
     for path in paths_in_use(t):
         r = resolve(cur, path)
