@@ -18,7 +18,7 @@ use sparbar::{
     capture::decode::Event,
     config,
     pipeline::{Pipeline, Settings},
-    stats::Stats,
+    stats::{Metric, Stats},
 };
 use tracer_common::*;
 
@@ -268,7 +268,7 @@ fn main() {
         stats
             .snapshot()
             .iter()
-            .filter(|(k, _)| k.starts_with("alerts_total"))
+            .filter(|(k, _)| k.starts_with(Metric::Alerts.name()))
             .map(|(_, v)| v)
             .sum::<u64>()
     );

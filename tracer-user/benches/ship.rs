@@ -15,7 +15,7 @@ use std::{
 use sparbar::{
     config::{FileSinkConfig, SinkConfig, SinkKind, SpoolConfig},
     ship::{shipper::Shipper, spool::StreamSpool, BatchLimits, Stream},
-    stats::Stats,
+    stats::{Metric, Stats},
 };
 
 /// An access record of the demo's shape (about 1.3 KB).
@@ -76,10 +76,9 @@ fn shipped(dir: &Path, n: u64, sink: SinkConfig) -> f64 {
         sh.write(&mut batch, &mut Vec::new());
     }
     let spooled = t.elapsed();
-    let key = format!(
-        "sink_acked_sequence{{sink=\"{}\",stream=\"access\"}}",
-        sink.name
-    );
+    let key = Metric::SinkAckedSequence
+        .label("sink", &sink.name)
+        .label("stream", "access");
     while stats.get(&key) < base + n {
         std::thread::sleep(Duration::from_millis(1));
     }

@@ -12,7 +12,7 @@ use crate::{
     exchange::Tuple,
     pipeline::{Action, Effects, Pipeline, ProcChange},
     record::security::Enforcement,
-    stats::Stats,
+    stats::{Metric, Stats},
 };
 
 /// What the commit needs of the kernel and of discovery.
@@ -86,10 +86,10 @@ pub fn apply(
                     match kernel.block_conn(tuple) {
                         Ok(()) => {
                             e.connections_blocked += 1;
-                            stats.add("enforcement_connections_blocked_total", 1);
+                            stats.add(Metric::EnforcementConnectionsBlocked, 1);
                         }
                         Err(err) => {
-                            stats.add_reason("enforcement_failures_total", "block", 1);
+                            stats.add_reason(Metric::EnforcementFailures, "block", 1);
                             e.errors.push(err.to_string());
                         }
                     }
@@ -100,12 +100,12 @@ pub fn apply(
                 match kernel.reset_conn(tuple) {
                     Ok(true) => {
                         e.connections_reset += 1;
-                        stats.add("enforcement_connections_reset_total", 1);
+                        stats.add(Metric::EnforcementConnectionsReset, 1);
                     }
                     // Closed before the reset came: nothing left to do.
-                    Ok(false) => stats.add("enforcement_connections_gone_total", 1),
+                    Ok(false) => stats.add(Metric::EnforcementConnectionsGone, 1),
                     Err(err) => {
-                        stats.add_reason("enforcement_failures_total", "reset", 1);
+                        stats.add_reason(Metric::EnforcementFailures, "reset", 1);
                         e.errors.push(err.to_string());
                     }
                 }
@@ -115,24 +115,24 @@ pub fn apply(
                 match kernel.block_token(hash) {
                     Ok(()) => {
                         e.tokens_blocked += 1;
-                        stats.add("enforcement_tokens_blocked_total", 1);
+                        stats.add(Metric::EnforcementTokensBlocked, 1);
                     }
                     Err(err) => {
-                        stats.add_reason("enforcement_failures_total", "token", 1);
+                        stats.add_reason(Metric::EnforcementFailures, "token", 1);
                         e.errors.push(err.to_string());
                     }
                 }
             }
             Action::UnblockToken { hash } => {
                 if let Err(err) = kernel.unblock_token(hash) {
-                    stats.add_reason("enforcement_failures_total", "unblock_token", 1);
+                    stats.add_reason(Metric::EnforcementFailures, "unblock_token", 1);
                     warn!("unblocking a token: {err}");
                 }
             }
             Action::UnblockConn { tuple } => {
                 if kernel.enforcing() {
                     if let Err(err) = kernel.unblock_conn(tuple) {
-                        stats.add_reason("enforcement_failures_total", "unblock", 1);
+                        stats.add_reason(Metric::EnforcementFailures, "unblock", 1);
                         warn!("unblocking {} <-> {}: {err}", tuple.local, tuple.peer);
                     }
                 }

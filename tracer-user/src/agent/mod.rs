@@ -37,7 +37,7 @@ use crate::{
     capture::source,
     pipeline::{self, Effects, Pipeline},
     ship::shipper::{ShipError, Shipper, DRAIN_TIMEOUT},
-    stats::Stats,
+    stats::{Metric, Stats},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -99,7 +99,7 @@ pub async fn run(mut plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
     if plan.enforce {
         if let Err(e) = kernel.attach_enforce() {
             error!("enforcement is OFF: {e}. Tracing, detection and alerts go on; decisions are recorded but not enforced");
-            stats.add_reason("enforcement_attach_failures_total", "egress", 1);
+            stats.add_reason(Metric::EnforcementAttachFailures, "egress", 1);
         }
     }
     let mut host = Host::new(kernel, plan.targets.clone(), plan.edge_services.clone());
@@ -139,7 +139,7 @@ pub async fn run(mut plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
             Ok(()) => attributor.set_token_seed(host.kernel.token_seed()),
             Err(e) => {
                 error!("blocked sessions cannot be recognised in the kernel: {e}; blocks apply to connections the agent has seen only");
-                stats.add_reason("enforcement_attach_failures_total", "tokens", 1);
+                stats.add_reason(Metric::EnforcementAttachFailures, "tokens", 1);
             }
         }
     }
@@ -176,7 +176,7 @@ pub async fn run(mut plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
                     "decision feed: cannot listen on {addr}: {e}; decisions are still in {}",
                     plan.state_dir.join(DECISIONS_FILE).display()
                 );
-                stats.add_reason("feed_failures_total", "listen", 1);
+                stats.add_reason(Metric::FeedFailures, "listen", 1);
                 None
             }
         },
@@ -205,7 +205,7 @@ pub async fn run(mut plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
                     "metrics: cannot listen on {addr}: {e}; the counters are still in {}",
                     plan.state_dir.join("stats.json").display()
                 );
-                stats.add_reason("metrics_failures_total", "listen", 1);
+                stats.add_reason(Metric::MetricsFailures, "listen", 1);
                 None
             }
         },
@@ -250,7 +250,7 @@ pub async fn run(mut plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
                     // Keep-alive connections idle for 15 minutes whose close we never saw.
                     fx = pipeline.expire_idle(pipeline::monotonic_ns(), 15 * 60 * 1_000_000_000);
                     let pruned = host.kernel.prune_conns(|tgid| std::path::Path::new(&format!("/proc/{tgid}")).exists());
-                    stats.add("kernel_connections_pruned_total", pruned as u64);
+                    stats.add(Metric::KernelConnectionsPruned, pruned as u64);
                 }
                 commit(&mut pipeline, fx, &mut host, &mut out, &stats);
             }
@@ -259,7 +259,7 @@ pub async fn run(mut plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
                 let fx = pipeline.tick(now_unix_ms());
                 commit(&mut pipeline, fx, &mut host, &mut out, &stats);
                 let agent = stats.snapshot();
-                rates.push(Instant::now(), agent.get("exchanges_parsed_total").copied().unwrap_or(0), records_spooled(&agent));
+                rates.push(Instant::now(), agent.get(Metric::ExchangesParsed.name()).copied().unwrap_or(0), records_spooled(&agent));
                 if let Some((ep, _)) = &metrics {
                     ep.publish(metrics_page(&host.kernel, &host.discovery, &pipeline, &out.shipper, &agent, started, &mut metrics_warned));
                 }
@@ -282,7 +282,7 @@ pub async fn run(mut plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
                 if let Some(a) = pipeline.attributor_mut() {
                     a.expire(&stats);
                     a.save(&stats);
-                    stats.set("sessions_known", a.sessions_known() as u64);
+                    stats.set(Metric::SessionsKnown, a.sessions_known() as u64);
                 }
                 let state = report(&host.kernel, &host.discovery, &stats, started, pipeline.open_connections(), false);
                 write_stats(&plan.state_dir, &state, Some(out.shipper.usage()));
@@ -330,12 +330,12 @@ pub async fn run(mut plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
                         if let Some(l) = d["needs_restart"].as_array().filter(|l| !l.is_empty()) {
                             warn!("reload: these changed but take effect only at the next restart: {}", l.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", "));
                         }
-                        stats.add("config_reloads_total{result=\"applied\"}", 1);
+                        stats.add_label(Metric::ConfigReloads, "result", "applied", 1);
                         out.shipper.agent_event("reloaded", d);
                     }
                     Err(e) => {
                         error!("SIGHUP: the new configuration is rejected, the running one stays: {e}");
-                        stats.add("config_reloads_total{result=\"rejected\"}", 1);
+                        stats.add_label(Metric::ConfigReloads, "result", "rejected", 1);
                         out.shipper.agent_event("reload_rejected", serde_json::json!({"reason": e}));
                     }
                 }
@@ -358,7 +358,7 @@ pub async fn run(mut plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
     commit(&mut pipeline, fx, &mut host, &mut out, &stats);
     if let Some(a) = pipeline.attributor_mut() {
         a.save(&stats);
-        stats.set("sessions_known", a.sessions_known() as u64);
+        stats.set(Metric::SessionsKnown, a.sessions_known() as u64);
     }
     save_detector(&pipeline, &plan.state_dir, &stats);
     let _ = std::fs::remove_file(plan.state_dir.join(crate::ops::control::SOCKET_FILE));

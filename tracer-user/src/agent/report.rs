@@ -14,7 +14,7 @@ use crate::{
     capture::loader::Kernel,
     pipeline::Pipeline,
     ship::shipper::Shipper,
-    stats::{self, Stats},
+    stats::{self, Metric, Stats},
 };
 
 /// Logs the counters (one line, drops called out) and writes `<state_dir>/stats.json`.
@@ -39,7 +39,7 @@ pub fn report(
         if last { "final " } else { "" },
         k[tracer_common::C_EVENTS_SENT as usize],
         k[tracer_common::C_BYTES_CAPTURED as usize],
-        agent.get("exchanges_parsed_total").copied().unwrap_or(0),
+        agent.get(Metric::ExchangesParsed.name()).copied().unwrap_or(0),
         records,
         open_conns,
         if losses.is_empty() { "none".to_string() } else { losses.join(", ") }
@@ -90,7 +90,7 @@ fn losses(k: &[u64], agent: &BTreeMap<String, u64>) -> Vec<(String, u64)> {
 pub fn records_spooled(agent: &BTreeMap<String, u64>) -> u64 {
     agent
         .iter()
-        .filter(|(n, _)| n.starts_with("records_spooled_total"))
+        .filter(|(n, _)| n.starts_with(Metric::RecordsSpooled.name()))
         .map(|(_, v)| *v)
         .sum()
 }
@@ -225,7 +225,7 @@ pub fn status(
         "libraries": libs.iter().map(|l| json!({"path": l.path, "kind": l.kind, "probes": l.attached, "errors": l.errors})).collect::<Vec<_>>(),
         "tracepoints": {"attached": kernel.tracepoints.len() - failed.len(), "failed": failed},
         "rates": {"window_seconds": window, "exchanges_per_second": exchanges_ps, "records_per_second": records_ps},
-        "exchanges_parsed_total": agent.get("exchanges_parsed_total").copied().unwrap_or(0),
+        "exchanges_parsed_total": agent.get(Metric::ExchangesParsed.name()).copied().unwrap_or(0),
         "records_spooled_total": records_spooled(&agent),
         "open_connections": p.open_connections(),
         "decisions_open": p.decisions().active.len(),

@@ -11,8 +11,11 @@ use log::{info, warn};
 
 use super::commit::Trail;
 use crate::{
-    detect::decide::Decisions, ops::feed::Feed, pipeline::Pipeline, ship::shipper::Shipper,
-    stats::Stats,
+    detect::decide::Decisions,
+    ops::feed::Feed,
+    pipeline::Pipeline,
+    ship::shipper::Shipper,
+    stats::{Metric, Stats},
 };
 
 /// File names in the state directory.
@@ -62,7 +65,7 @@ impl Trail for Outputs {
         let bytes = serde_json::to_vec_pretty(&d).unwrap_or_default();
         if let Err(e) = save_private(&self.state_dir, DECISIONS_FILE, &bytes) {
             self.stats
-                .add_reason("state_save_errors_total", "decisions", 1);
+                .add_reason(Metric::StateSaveErrors, "decisions", 1);
             warn!(
                 "saving {}: {e}",
                 self.state_dir.join(DECISIONS_FILE).display()
@@ -90,7 +93,7 @@ pub fn restore_detection(p: &mut Pipeline, dir: &Path, stats: &Stats) {
                     "{}: cannot be read ({e}); starting with no decisions",
                     dir.join(DECISIONS_FILE).display()
                 );
-                stats.add_reason("state_files_rejected_total", "decisions", 1);
+                stats.add_reason(Metric::StateFilesRejected, "decisions", 1);
             }
         },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -104,7 +107,7 @@ pub fn restore_detection(p: &mut Pipeline, dir: &Path, stats: &Stats) {
                     "{}: cannot be read ({e}); detectors start empty",
                     dir.join(DETECTOR_FILE).display()
                 );
-                stats.add_reason("state_files_rejected_total", "detector", 1);
+                stats.add_reason(Metric::StateFilesRejected, "detector", 1);
             }
         },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -116,9 +119,9 @@ pub fn save_detector(p: &Pipeline, dir: &Path, stats: &Stats) {
     if p.detector().rules().is_empty() {
         return;
     }
-    stats.set("detector_keys_tracked", p.detector().tracked() as u64);
+    stats.set(Metric::DetectorKeysTracked, p.detector().tracked() as u64);
     if let Err(e) = save_private(dir, DETECTOR_FILE, &p.detector().to_json()) {
-        stats.add_reason("state_save_errors_total", "detector", 1);
+        stats.add_reason(Metric::StateSaveErrors, "detector", 1);
         warn!("saving {}: {e}", dir.join(DETECTOR_FILE).display());
     }
 }

@@ -27,7 +27,7 @@ use crate::{
     attribute::jsonpath::{scalar_id, JsonPath},
     config::{IdentityConfig, LoginRule},
     exchange::{header, Exchange, Header},
-    stats::Stats,
+    stats::{Metric, Stats},
 };
 
 /// File name of the HMAC key in the state directory.
@@ -359,7 +359,7 @@ impl Attributor {
                         .collect();
                     self.users = s.users;
                     stats.add(
-                        "sessions_expired_total",
+                        Metric::SessionsExpired,
                         (before - self.sessions.len()) as u64,
                     );
                     log::info!(
@@ -375,7 +375,7 @@ impl Attributor {
                         path.display(),
                         s.version
                     );
-                    stats.add_reason("state_files_rejected_total", "version", 1);
+                    stats.add_reason(Metric::StateFilesRejected, "version", 1);
                 }
                 Err(e) => {
                     let bad = dir.join(format!("{SESSIONS_FILE}.bad"));
@@ -385,7 +385,7 @@ impl Attributor {
                         path.display(),
                         bad.display()
                     );
-                    stats.add_reason("state_files_rejected_total", "malformed", 1);
+                    stats.add_reason(Metric::StateFilesRejected, "malformed", 1);
                 }
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -412,10 +412,10 @@ impl Attributor {
         match res {
             Ok(()) => {
                 self.dirty = false;
-                stats.add("state_saves_total", 1);
+                stats.add(Metric::StateSaves, 1);
             }
             Err(e) => {
-                stats.add_reason("state_save_errors_total", "io", 1);
+                stats.add_reason(Metric::StateSaveErrors, "io", 1);
                 log::warn!(
                     "saving learned sessions to {}: {e} (kept in memory)",
                     path.display()
@@ -433,7 +433,7 @@ impl Attributor {
         let n = before - self.sessions.len();
         if n > 0 {
             self.dirty = true;
-            stats.add("sessions_expired_total", n as u64);
+            stats.add(Metric::SessionsExpired, n as u64);
         }
         n
     }
@@ -574,7 +574,7 @@ impl Attributor {
                     a.role = role;
                     a.tenant = tenant;
                     a.source = IdentitySource::Jwt;
-                    stats.add("identities_resolved_total{source=\"jwt\"}", 1);
+                    stats.add_label(Metric::IdentitiesResolved, "source", "jwt", 1);
                 } else if let Some(e) = self.sessions.get_mut(&sid) {
                     if !expired(e, now, self.cfg.session_ttl.as_secs()) {
                         e.last_seen = now;
@@ -628,9 +628,9 @@ impl Attributor {
                         .and_then(|e| e.expires);
                     let expires = expires.or_else(|| token_expiry(c));
                     self.remember(&a, c.kind, expires, now, stats);
-                    stats.add("identities_learned_total{source=\"identity_endpoint\"}", 1);
+                    stats.add_label(Metric::IdentitiesLearned, "source", "identity_endpoint", 1);
                 }
-                None => stats.add_reason("identities_unlearned_total", "endpoint_body", 1),
+                None => stats.add_reason(Metric::IdentitiesUnlearned, "endpoint_body", 1),
             }
         }
 
@@ -662,7 +662,7 @@ impl Attributor {
                 if e.expires.is_none_or(|x| x > end) {
                     e.expires = Some(end);
                     self.dirty = true;
-                    stats.add("sessions_ended_total", 1);
+                    stats.add(Metric::SessionsEnded, 1);
                 }
             }
         } else if let Some(r) = &ex.response {
@@ -685,7 +685,7 @@ impl Attributor {
             }
         }
         if a.source == IdentitySource::Unknown {
-            stats.add("identities_unknown_total", 1);
+            stats.add(Metric::IdentitiesUnknown, 1);
         }
         a
     }
@@ -768,11 +768,11 @@ impl Attributor {
             }
         };
         let Some(cred) = cred else {
-            stats.add_reason("identities_unlearned_total", "login_no_session", 1);
+            stats.add_reason(Metric::IdentitiesUnlearned, "login_no_session", 1);
             return;
         };
         if a.user_id.is_none() && a.user_hash.is_none() && self.cfg.jwt.is_none() {
-            stats.add_reason("identities_unlearned_total", "login_no_user", 1);
+            stats.add_reason(Metric::IdentitiesUnlearned, "login_no_user", 1);
             return;
         }
         a.session_id = Some(self.keyer.session_id(&cred.value));
@@ -792,7 +792,7 @@ impl Attributor {
             }
         }
         self.remember(a, cred.kind, expires, now, stats);
-        stats.add("identities_learned_total{source=\"login\"}", 1);
+        stats.add_label(Metric::IdentitiesLearned, "source", "login", 1);
     }
 
     /// Stores the session → identity mapping of `a`, and the user's role and tenant.
@@ -852,11 +852,11 @@ impl Attributor {
         let max = self.cfg.max_sessions;
         let n = crate::statefile::evict_oldest(&mut self.sessions, max, |e| e.last_seen);
         if n > 0 {
-            stats.add_reason("sessions_evicted_total", "budget", n as u64);
+            stats.add_reason(Metric::SessionsEvicted, "budget", n as u64);
         }
         let n = crate::statefile::evict_oldest(&mut self.users, max, |e| e.last_seen);
         if n > 0 {
-            stats.add_reason("users_evicted_total", "budget", n as u64);
+            stats.add_reason(Metric::UsersEvicted, "budget", n as u64);
         }
     }
 }

@@ -329,7 +329,7 @@ fn logout_ends_the_session_after_a_grace() {
             Some("5")
         );
     }
-    assert_eq!(st.get("sessions_ended_total"), 1);
+    assert_eq!(st.get(Metric::SessionsEnded), 1);
     let sid = a.keyer().session_id("v");
     let e = a.sessions.get(&sid).unwrap();
     assert!(e.expires.unwrap() <= now_unix() + LOGOUT_GRACE_SECS);
@@ -480,10 +480,7 @@ fn state_survives_restart_without_secrets() {
     c.attach_state(dir.path(), &st);
     assert_eq!(c.sessions_known(), 0);
     assert!(dir.path().join("sessions.json.bad").exists());
-    assert_eq!(
-        st.get("state_files_rejected_total{reason=\"malformed\"}"),
-        1
-    );
+    assert_eq!(st.get_reason(Metric::StateFilesRejected, "malformed"), 1);
     // A key file of the wrong size is an error that says what to do.
     std::fs::write(dir.path().join(KEY_FILE), b"short").unwrap();
     let e = Keyer::load_or_create(dir.path()).err().unwrap().to_string();
@@ -508,7 +505,7 @@ fn session_budget_evicts_oldest_counted() {
     }
     assert!(a.sessions_known() <= 100);
     assert_eq!(
-        st.get("sessions_evicted_total{reason=\"budget\"}"),
+        st.get_reason(Metric::SessionsEvicted, "budget"),
         250 - a.sessions_known() as u64
     );
     let last = ex(vec![h("Cookie", "sid=s249")], "", 200, vec![], "{}");

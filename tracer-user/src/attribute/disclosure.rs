@@ -16,7 +16,7 @@ use crate::{
     attribute::routes::RouteMatch,
     config::{DisclosureConfig, RouteDisclosure},
     exchange::{BodyLoss, Exchange, Response},
-    stats::Stats,
+    stats::{Metric, Stats},
 };
 
 /// Whether the body could be read completely.
@@ -104,7 +104,7 @@ impl SubjectDirectory {
             let before = self.tenants.len();
             self.tenants.retain(|_, e| e.1 > cut);
             stats.add_reason(
-                "subjects_evicted_total",
+                Metric::SubjectsEvicted,
                 "budget",
                 (before - self.tenants.len()) as u64,
             );
@@ -210,7 +210,7 @@ pub fn extract(
             Err(e) => {
                 status = Status::Unparsed;
                 error = Some(e);
-                stats.add_reason("disclosures_unparsed_total", e, 1);
+                stats.add_reason(Metric::DisclosuresUnparsed, e, 1);
             }
             Ok(doc) => {
                 total = rule
@@ -225,7 +225,7 @@ pub fn extract(
                     .collect();
                 while let Some((p, inherited)) = stack.pop() {
                     let Some(id) = rule.id.first(p).and_then(scalar_id) else {
-                        stats.add_reason("disclosure_persons_skipped_total", "no_id", 1);
+                        stats.add_reason(Metric::DisclosurePersonsSkipped, "no_id", 1);
                         continue;
                     };
                     let tenant = rule
@@ -276,10 +276,10 @@ pub fn extract(
     let digest = digest(&ids);
     let listed = ids.len().min(cfg.max_ids);
     if ids.len() > listed {
-        stats.add("disclosure_ids_unlisted_total", (ids.len() - listed) as u64);
+        stats.add(Metric::DisclosureIdsUnlisted, (ids.len() - listed) as u64);
     }
-    stats.add("disclosures_total", 1);
-    stats.add("subjects_disclosed_total", ids.len() as u64);
+    stats.add(Metric::Disclosures, 1);
+    stats.add(Metric::SubjectsDisclosed, ids.len() as u64);
     Some(Disclosure {
         ids,
         listed,
@@ -412,10 +412,7 @@ mod tests {
                 crate::attribute::attribution::hex(&Sha256::digest(b"2\n3\n12\n"))
             )
         );
-        assert_eq!(
-            st.get("disclosure_persons_skipped_total{reason=\"no_id\"}"),
-            1
-        );
+        assert_eq!(st.get_reason(Metric::DisclosurePersonsSkipped, "no_id"), 1);
         // Not a success: nothing disclosed.
         assert!(extract(
             &cfg(),
@@ -480,7 +477,7 @@ mod tests {
             .unwrap();
             assert_eq!((d.status, d.error), (Status::Unparsed, Some(why)));
             assert!(d.ids.is_empty());
-            assert!(st.get(&format!("disclosures_unparsed_total{{reason=\"{why}\"}}")) > 0);
+            assert!(st.get_reason(Metric::DisclosuresUnparsed, why) > 0);
         }
         // Bodies of other shapes than configured disclose nobody, without errors.
         for body in [
@@ -530,7 +527,7 @@ mod tests {
         assert_eq!((d.ids.len(), d.listed, d.tenants.len()), (2000, 3, 3));
         assert_eq!(d.ids[..3], ["10000", "10001", "10002"]);
         assert_eq!(dir.len(), 2000);
-        assert_eq!(st.get("disclosure_ids_unlisted_total"), 1997);
+        assert_eq!(st.get(Metric::DisclosureIdsUnlisted), 1997);
     }
 
     #[test]
@@ -550,6 +547,6 @@ mod tests {
         }
         assert!(dir.len() <= 10);
         assert_eq!(dir.tenant("24"), Some("t"));
-        assert!(st.get("subjects_evicted_total{reason=\"budget\"}") >= 15);
+        assert!(st.get_reason(Metric::SubjectsEvicted, "budget") >= 15);
     }
 }

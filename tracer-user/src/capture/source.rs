@@ -11,7 +11,11 @@ use tokio::{
     sync::{mpsc, watch},
 };
 
-use crate::{capture::decode::decode, capture::decode::Event, stats::Stats};
+use crate::{
+    capture::decode::decode,
+    capture::decode::Event,
+    stats::{Metric, Stats},
+};
 
 /// Events per batch sent to the pipeline.
 const BATCH: usize = 512;
@@ -88,11 +92,11 @@ async fn drain(
             }
             match decode(&item) {
                 Ok(ev) => batch.push(ev),
-                Err(e) => stats.add_reason("events_dropped_total", e.reason(), 1),
+                Err(e) => stats.add_reason(Metric::EventsDropped, e.reason(), 1),
             }
         }
         if read > 0 {
-            stats.add("ringbuf_records_read_total", read);
+            stats.add(Metric::RingbufRecordsRead, read);
         }
         if batch.is_empty() {
             return true;

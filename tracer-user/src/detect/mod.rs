@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     config::{By, DetectionConfig, Metric, Rule, RuleKind},
-    stats::Stats,
+    stats::{Metric as StatMetric, Stats},
 };
 
 /// What the detectors need of one attributed access.
@@ -369,10 +369,10 @@ impl Detector {
     /// Feeds one access; returns the alerts it triggers.
     pub fn observe(&mut self, a: &Access, stats: &Stats) -> Vec<Alert> {
         if !self.watches(a) {
-            stats.add("detector_accesses_skipped_total", 1);
+            stats.add(StatMetric::DetectorAccessesSkipped, 1);
             return Vec::new();
         }
-        stats.add("detector_accesses_total", 1);
+        stats.add(StatMetric::DetectorAccesses, 1);
         let mut alerts = Vec::new();
         let route = a.route.as_deref().unwrap_or("");
         let subject_hashes: Vec<u64> = a.subjects.iter().map(|s| hash_id(s)).collect();
@@ -517,7 +517,7 @@ impl Detector {
                     .unwrap_or(COOLDOWN_MS)
                     .min(COOLDOWN_MS);
                 *cooldown = a.ts_ms + cd;
-                stats.add(&format!("alerts_total{{rule=\"{}\"}}", rule.id), 1);
+                stats.add_label(StatMetric::Alerts, "rule", &rule.id, 1);
                 alerts.push(Alert {
                     rule_index: ri,
                     rule_id: rule.id.clone(),
@@ -559,7 +559,7 @@ impl Detector {
             .retain(|_, k| now_ms.saturating_sub(k.last_ms) <= idle);
         let n = before - self.keys.len();
         if n > 0 {
-            stats.add_reason("detector_keys_evicted_total", "idle", n as u64);
+            stats.add_reason(StatMetric::DetectorKeysEvicted, "idle", n as u64);
         }
     }
 
@@ -567,7 +567,7 @@ impl Detector {
         let max = self.cfg().max_tracked;
         let n = crate::statefile::evict_oldest(&mut self.keys, max, |k| k.last_ms);
         if n > 0 {
-            stats.add_reason("detector_keys_evicted_total", "budget", n as u64);
+            stats.add_reason(StatMetric::DetectorKeysEvicted, "budget", n as u64);
         }
     }
 

@@ -17,7 +17,7 @@ use tokio::{
 use crate::{
     detect::decide::Decision,
     ops::serve::{self, Body, Limits},
-    stats::Stats,
+    stats::{Metric, Stats},
 };
 
 /// What the feed serves: the decisions in force, and a channel of changes.
@@ -67,7 +67,7 @@ impl Feed {
             listener,
             Limits::LOCAL,
             self.stats.clone(),
-            "feed_failures_total",
+            Metric::FeedFailures,
             move |req| feed.answer(&req),
         )
     }
@@ -288,7 +288,7 @@ mod tests {
             )
         );
         eventually("the bad request is counted", || {
-            stats.get("feed_failures_total{reason=\"bad_request\"}") == 1
+            stats.get_reason(Metric::FeedFailures, "bad_request") == 1
         })
         .await;
     }
@@ -300,7 +300,7 @@ mod tests {
             addr,
             Limits::LOCAL,
             &stats,
-            "feed_failures_total",
+            Metric::FeedFailures,
             b"GET /decisions HTTP/1.1\r\n\r\n",
             "HTTP/1.1 200 OK\r\n",
         )

@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 
 use crate::{
     ops::serve::{self, Body, Limits},
-    stats::Stats,
+    stats::{Metric, Stats},
 };
 
 /// Every family name starts with this.
@@ -40,28 +40,7 @@ pub enum MetricsError {
     Duplicate(String),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Counter,
-    Gauge,
-}
-
-impl Kind {
-    /// Counters are the names that end in `_total`, as the agent's counters are named.
-    pub fn of(name: &str) -> Kind {
-        if name.ends_with("_total") {
-            Kind::Counter
-        } else {
-            Kind::Gauge
-        }
-    }
-    fn as_str(self) -> &'static str {
-        match self {
-            Kind::Counter => "counter",
-            Kind::Gauge => "gauge",
-        }
-    }
-}
+pub use crate::stats::Kind;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Value {
@@ -230,7 +209,7 @@ impl Exposition {
     pub fn add_stat(&mut self, key: &str, value: u64) -> Result<(), MetricsError> {
         let (base, labels) = split_key(key)?;
         let name = format!("{PREFIX}{base}");
-        self.add_owned(&name, Kind::of(base), help(base), labels, Value::Int(value))
+        self.add_owned(&name, kind(base), help(base), labels, Value::Int(value))
     }
 
     /// The page: families in name order, `# HELP` and `# TYPE` once each, then the samples.
@@ -258,119 +237,21 @@ impl Exposition {
     }
 }
 
-/// HELP text of the agent's and the kernel's counters, by name without the prefix.
+/// HELP text of the agent's and the kernel's counters, by name without the prefix: the agent's
+/// from its table ([`Metric`]), the kernel's (named in `tracer_common::COUNTER_NAMES`) here.
 pub fn help(name: &str) -> &'static str {
+    Metric::from_name(name).map_or_else(|| kernel_help(name), Metric::help)
+}
+
+/// The type of a counter by name without the prefix: the agent's from its table, any other's
+/// (the kernel's) by its name.
+pub fn kind(name: &str) -> Kind {
+    Metric::from_name(name).map_or_else(|| Kind::of(name), Metric::kind)
+}
+
+/// HELP text of the kernel's counters, by name without the prefix or labels.
+fn kernel_help(name: &str) -> &'static str {
     match name {
-        "alerts_total" => "Alerts raised, by rule.",
-        "checkpoints_written_total" => "Signed checkpoints written to the audit trail.",
-        "config_reloads_total" => "Configuration reloads on SIGHUP, by result.",
-        "connections_closed_total" => "Traced connections that ended.",
-        "connections_opened_total" => {
-            "Traced connections seen opening (origin=\"midstream\": already open when first seen)."
-        }
-        "decisions_ended_total" => "Decisions that ended, by reason.",
-        "decisions_started_total" => "Decisions taken, by origin (rule or operator).",
-        "detector_accesses_skipped_total" => {
-            "Accesses the detectors did not count (allowlisted or not watched)."
-        }
-        "detector_accesses_total" => "Accesses counted by the detectors.",
-        "detector_keys_evicted_total" => "Detector keys forgotten, by reason.",
-        "detector_keys_tracked" => "Keys (users, sessions, clients) the detectors track now.",
-        "disclosure_ids_unlisted_total" => {
-            "Disclosed person ids counted but not listed in records (over the per-record limit)."
-        }
-        "disclosure_persons_skipped_total" => {
-            "Persons in responses that could not be counted as disclosed, by reason."
-        }
-        "disclosures_cross_tenant_total" => {
-            "Disclosures of persons of another tenant than the caller's."
-        }
-        "disclosures_total" => "Responses that disclosed personal data.",
-        "disclosures_unparsed_total" => {
-            "Responses of disclosure routes that could not be read, by reason."
-        }
-        "enforcement_attach_failures_total" => {
-            "Enforcement hooks that could not be attached, by hook."
-        }
-        "enforcement_connections_blocked_total" => {
-            "Connections blocked in the kernel by decisions."
-        }
-        "enforcement_connections_gone_total" => {
-            "Connections a decision would have reset that had already closed."
-        }
-        "enforcement_connections_reset_total" => "Connections reset by decisions.",
-        "enforcement_failures_total" => "Enforcement actions that failed, by action.",
-        "enforcement_hits_unmatched_total" => "Kernel refusals that matched no decision in force.",
-        "enforcement_requests_refused_total" => "Requests the kernel refused for a blocked token.",
-        "enforcement_tokens_blocked_total" => {
-            "Session and login tokens added to the kernel's block table."
-        }
-        "events_anomalous_total" => {
-            "Kernel events that did not make sense (bad length, unknown kind)."
-        }
-        "events_dropped_total" => "Kernel events dropped in userspace, by reason.",
-        "exchanges_blocked_total" => "Exchanges of a blocked user or session.",
-        "exchanges_incomplete_total" => {
-            "Exchanges recorded with missing parts (no response, bytes not captured)."
-        }
-        "exchanges_matched_total" => "Exchanges that matched a configured route, by route.",
-        "exchanges_parsed_total" => "HTTP exchanges (request and response) parsed.",
-        "exchanges_unmatched_total" => "Exchanges that matched no configured route.",
-        "feed_failures_total" => "Decision feed failures, by reason.",
-        "http_anomalies_total" => "HTTP protocol anomalies seen, by reason.",
-        "identities_learned_total" => "Session identities learned, by source.",
-        "identities_resolved_total" => {
-            "Exchanges whose identity came from the request itself, by source."
-        }
-        "identities_unknown_total" => {
-            "Exchanges with a session credential whose identity is not known (attribution misses)."
-        }
-        "identities_unlearned_total" => {
-            "Identity exchanges from which nothing could be learned, by reason."
-        }
-        "kernel_connections_pruned_total" => {
-            "Kernel connection entries of exited processes removed."
-        }
-        "metrics_failures_total" => "Metrics endpoint failures, by reason.",
-        "midstream_bytes_skipped_total" => {
-            "Bytes skipped on connections picked up midstream until a message start."
-        }
-        "payload_bytes_received_total" => "Payload bytes received from the kernel.",
-        "records_dead_lettered_total" => {
-            "Records a sink refused for good, written to its dead-letter file, by sink and stream."
-        }
-        "records_delivered_total" => "Records delivered and acknowledged, by sink and stream.",
-        "records_dropped_total" => "Records lost, by reason, sink and stream.",
-        "records_spooled_total" => "Records written to the spool, by stream.",
-        "ringbuf_records_read_total" => "Records read from the kernel's ring buffer.",
-        "sessions_ended_total" => "Sessions ended by a logout or a cleared cookie.",
-        "sessions_evicted_total" => "Learned sessions forgotten before they expired, by reason.",
-        "sessions_expired_total" => "Learned sessions that expired.",
-        "sessions_known" => "Sessions whose identity the agent knows now.",
-        "sink_acked_sequence" => {
-            "Last spool sequence number a sink acknowledged, by sink and stream."
-        }
-        "sink_lag_records" => {
-            "Records spooled but not yet acknowledged by a sink, by sink and stream."
-        }
-        "sink_retries_total" => "Delivery attempts retried, by sink.",
-        "spool_bytes_collected_total" => "Spool bytes freed after every sink had them, by stream.",
-        "spool_read_errors_total" => "Errors reading the spool back.",
-        "spool_segments_dropped_total" => "Spool segments dropped, by reason and stream.",
-        "spool_torn_bytes_total" => "Bytes of torn spool tails cut at start, by stream.",
-        "state_files_rejected_total" => {
-            "State files that could not be read at start, by file or reason."
-        }
-        "state_save_errors_total" => "State files that could not be saved, by file or reason.",
-        "state_saves_total" => "Learned session state saved.",
-        "stream_bytes_uncaptured_total" => {
-            "Stream bytes the kernel reported but did not capture, by reason."
-        }
-        "subjects_disclosed_total" => "Distinct persons disclosed.",
-        "subjects_evicted_total" => "Disclosed persons forgotten, by reason.",
-        "tuples_resolved_total" => "Connections whose addresses were resolved, by source.",
-        "tuples_unknown_total" => "Connections whose addresses could not be resolved.",
-        "users_evicted_total" => "Known users forgotten, by reason.",
         "kernel_events_sent_total" => "Events the kernel programs put in the ring buffer.",
         "kernel_bytes_captured_total" => "Payload bytes the kernel programs captured.",
         "kernel_events_dropped_total" => "Events the kernel programs could not send, by reason.",
@@ -623,7 +504,7 @@ impl Endpoint {
             listener,
             limits,
             self.stats.clone(),
-            "metrics_failures_total",
+            Metric::MetricsFailures,
             move |req| ep.answer(&req),
         )
     }
@@ -1092,7 +973,7 @@ mod tests {
             )
         );
         eventually("the bad request is counted", || {
-            stats.get("metrics_failures_total{reason=\"bad_request\"}") == 1
+            stats.get_reason(Metric::MetricsFailures, "bad_request") == 1
         })
         .await;
     }
@@ -1105,7 +986,7 @@ mod tests {
             addr,
             Limits::LOCAL,
             &stats,
-            "metrics_failures_total",
+            Metric::MetricsFailures,
             b"GET /metrics HTTP/1.1\r\n\r\n",
             "HTTP/1.1 200 OK\r\n",
         )

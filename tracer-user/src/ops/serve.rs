@@ -28,7 +28,7 @@ use tokio::{
     task::JoinHandle,
 };
 
-use crate::stats::Stats;
+use crate::stats::{Metric, Stats};
 
 /// What one server allows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,7 +62,7 @@ pub fn serve<H>(
     listener: TcpListener,
     limits: Limits,
     stats: Arc<Stats>,
-    family: &'static str,
+    family: Metric,
     handler: H,
 ) -> JoinHandle<()>
 where
@@ -75,7 +75,7 @@ where
                 Ok((s, _)) => s,
                 Err(e) => {
                     // Out of file descriptors, most likely: wait rather than spin.
-                    log::debug!("{family}: accept: {e}");
+                    log::debug!("{}: accept: {e}", family.name());
                     stats.add_reason(family, "accept", 1);
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
@@ -111,7 +111,7 @@ where
                     None => conn.await,
                 };
                 if let Err(e) = outcome {
-                    log::debug!("{family}: {e}");
+                    log::debug!("{}: {e}", family.name());
                     if let Some(reason) = reason(&e) {
                         stats.add_reason(family, reason, 1);
                     }
@@ -246,7 +246,7 @@ pub(crate) mod tests {
         addr: SocketAddr,
         limits: Limits,
         stats: &Stats,
-        family: &str,
+        family: Metric,
         request: &[u8],
         ok_status_line: &str,
     ) {
@@ -256,7 +256,6 @@ pub(crate) mod tests {
             s.write_all(b"GET /").await.unwrap();
             held.push(s);
         }
-        let busy = format!("{family}{{reason=\"busy\"}}");
         // Connections are accepted in order, so the one over the cap is this one. It sends
         // nothing: closing a socket with unread input resets it, and the 503 could be lost.
         let mut s = TcpStream::connect(addr).await.unwrap();
@@ -266,7 +265,7 @@ pub(crate) mod tests {
             r,
             "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
         );
-        assert_eq!(stats.get(&busy), 1);
+        assert_eq!(stats.get_reason(family, "busy"), 1);
         drop(held.pop());
         // The slot is freed by the server's task once it sees the close; until then a new
         // connection is still refused (a 503, or a reset when the request came first) and
@@ -292,7 +291,7 @@ pub(crate) mod tests {
             assert!(refused < 500, "no slot was freed");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert_eq!(stats.get(&busy), 1 + refused);
+        assert_eq!(stats.get_reason(family, "busy"), 1 + refused);
     }
 
     /// A server of `/hello` and a two-line `/stream`, with a small cap and a short deadline.
@@ -311,7 +310,7 @@ pub(crate) mod tests {
             l,
             limits,
             stats.clone(),
-            "test_failures_total",
+            Metric::MetricsFailures,
             |req| match req.uri().path() {
                 "/hello" => respond(200, Some("text/plain"), Body::full("hello\n")),
                 "/stream" => {
@@ -368,7 +367,7 @@ pub(crate) mod tests {
         let r = exchange(addr, b"\x01\x02 nonsense\r\n\r\n").await;
         assert!(r.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{r}");
         eventually("the bad request is counted", || {
-            stats.get("test_failures_total{reason=\"bad_request\"}") == 1
+            stats.get_reason(Metric::MetricsFailures, "bad_request") == 1
         })
         .await;
     }
@@ -385,7 +384,7 @@ pub(crate) mod tests {
         slow.write_all(b"GET /hello HTTP/1.1\r\n").await.unwrap();
         slow.read_to_end(&mut out).await.unwrap();
         eventually("both timeouts are counted", || {
-            stats.get("test_failures_total{reason=\"timeout\"}") == 2
+            stats.get_reason(Metric::MetricsFailures, "timeout") == 2
         })
         .await;
     }
@@ -397,7 +396,7 @@ pub(crate) mod tests {
             addr,
             limits,
             &stats,
-            "test_failures_total",
+            Metric::MetricsFailures,
             b"GET /hello HTTP/1.1\r\n\r\n",
             "HTTP/1.1 200 OK\r\n",
         )

@@ -11,6 +11,7 @@ use crate::{
     detect::decide::{Decision, EndReason, Scope},
     exchange::Tuple,
     record::security::{self, Phase},
+    stats::Metric,
 };
 
 impl Pipeline {
@@ -26,10 +27,10 @@ impl Pipeline {
     /// The kernel refused a request carrying a blocked token on connection `id` (its responses
     /// are dropped from now on): the agent resets the connection and counts it.
     pub(super) fn enforce_hit(&mut self, id: ConnId, hash: u64) {
-        self.stats.add("enforcement_requests_refused_total", 1);
+        self.stats.add(Metric::EnforcementRequestsRefused, 1);
         let Some(decision) = self.blocked_tokens.get(&hash).cloned() else {
             self.stats
-                .add_reason("enforcement_hits_unmatched_total", "token_unknown", 1);
+                .add_reason(Metric::EnforcementHitsUnmatched, "token_unknown", 1);
             return;
         };
         if let Some(c) = self.conns.get_mut(&id) {
@@ -57,7 +58,7 @@ impl Pipeline {
             .blocking(a.user_id.as_deref(), a.session_id.as_deref(), now_ms)?
             .id
             .clone();
-        self.stats.add("exchanges_blocked_total", 1);
+        self.stats.add(Metric::ExchangesBlocked, 1);
         if edge {
             self.block_conn(id, &did);
         }
@@ -144,7 +145,7 @@ impl Pipeline {
                 enf.as_ref(),
             ));
             self.stats
-                .add_reason("decisions_ended_total", why.as_str(), 1);
+                .add_reason(Metric::DecisionsEnded, why.as_str(), 1);
             let tuples: Vec<Tuple> = self
                 .conns
                 .values_mut()

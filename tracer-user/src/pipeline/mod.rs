@@ -31,7 +31,7 @@ use crate::{
     record::ids::EventIds,
     record::security::{self, Enforcement, Phase},
     record::{self, CaptureInfo, ProcessInfo, RecordContext},
-    stats::Stats,
+    stats::{Key, Metric, Stats},
 };
 
 pub struct Settings {
@@ -60,7 +60,7 @@ pub struct Pipeline {
     /// The effects of the step in progress, handed out when it ends.
     fx: Effects,
     /// Counter names per route index, built once.
-    route_counters: Vec<String>,
+    route_counters: Vec<Option<Key>>,
     /// Payload bytes since the last batch ended.
     payload_bytes: u64,
     /// Who made each call; `None` leaves records unattributed (replay of capture-only fixtures).
@@ -194,7 +194,7 @@ impl Pipeline {
         // Counters kept locally on the hot path go to the shared stats once per batch.
         if self.payload_bytes > 0 {
             self.stats.add(
-                "payload_bytes_received_total",
+                Metric::PayloadBytesReceived,
                 std::mem::take(&mut self.payload_bytes),
             );
         }
@@ -205,7 +205,7 @@ impl Pipeline {
         let limits = self.s.limits.clone();
         let stats = &self.stats;
         self.conns.entry(id).or_insert_with(|| {
-            stats.add("connections_opened_total", 1);
+            stats.add(Metric::ConnectionsOpened, 1);
             // The agent traces servers: a connection first seen mid-life is taken as one too.
             let role = match origin {
                 ORIGIN_CONNECT => Role::Client,
@@ -213,7 +213,7 @@ impl Pipeline {
             };
             let midstream = origin == ORIGIN_MIDSTREAM;
             if midstream {
-                stats.add("connections_opened_total{origin=\"midstream\"}", 1);
+                stats.add_label(Metric::ConnectionsOpened, "origin", "midstream", 1);
             }
             Conn::new(ConnParser::new(role, false, limits), tuple, tls, midstream)
         })
@@ -231,18 +231,16 @@ impl Pipeline {
                 let mut t = tuple_addrs(&tuple);
                 if t.is_none() && conn.fd & 0x8000_0000 == 0 {
                     t = crate::capture::procfs::socket_tuple(conn.tgid, conn.fd);
-                    self.stats.add(
-                        if t.is_some() {
-                            "tuples_resolved_total{source=\"procfs\"}"
-                        } else {
-                            "tuples_unknown_total"
-                        },
-                        1,
-                    );
+                    if t.is_some() {
+                        self.stats
+                            .add_label(Metric::TuplesResolved, "source", "procfs", 1);
+                    } else {
+                        self.stats.add(Metric::TuplesUnknown, 1);
+                    }
                 }
                 if self.conns.contains_key(&conn) {
                     self.stats
-                        .add_reason("events_anomalous_total", "duplicate_conn_open", 1);
+                        .add_reason(Metric::EventsAnomalous, "duplicate_conn_open", 1);
                 }
                 let c = self.conn(conn, origin, t, tls);
                 c.tls |= tls;
@@ -257,14 +255,14 @@ impl Pipeline {
             } => {
                 if !self.conns.contains_key(&conn) {
                     self.stats
-                        .add_reason("events_anomalous_total", "data_before_conn_open", 1);
+                        .add_reason(Metric::EventsAnomalous, "data_before_conn_open", 1);
                 }
                 let tls = hdr.flags & DATA_F_TLS != 0;
                 self.payload_bytes += payload.len() as u64;
                 let c = self.conn(conn, ORIGIN_MIDSTREAM, None, tls);
                 let skipped = c.feed(dir_of(dir), pos, hdr.ts_ns, Piece::Data(&payload));
                 if skipped > 0 {
-                    self.stats.add("midstream_bytes_skipped_total", skipped);
+                    self.stats.add(Metric::MidstreamBytesSkipped, skipped);
                 }
                 self.collect(conn);
             }
@@ -277,16 +275,13 @@ impl Pipeline {
                 reason,
             } => {
                 let r = hole_reason(reason);
-                self.stats.add(
-                    &format!("stream_bytes_uncaptured_total{{reason=\"{r}\"}}"),
-                    len,
-                );
+                self.stats.add_reason(Metric::StreamBytesUncaptured, r, len);
                 let c = self.conn(conn, ORIGIN_MIDSTREAM, None, hdr.flags & DATA_F_TLS != 0);
                 c.hole_reasons.insert(r);
                 c.last_ns = hdr.ts_ns;
                 let skipped = c.feed(dir_of(dir), pos, hdr.ts_ns, Piece::Hole(len));
                 if skipped > 0 {
-                    self.stats.add("midstream_bytes_skipped_total", skipped);
+                    self.stats.add(Metric::MidstreamBytesSkipped, skipped);
                 }
                 self.collect(conn);
             }
@@ -300,7 +295,7 @@ impl Pipeline {
                     c.close_at(hdr.ts_ns, pos_in, pos_out);
                     self.collect(conn);
                     self.drop_conn(conn);
-                    self.stats.add("connections_closed_total", 1);
+                    self.stats.add(Metric::ConnectionsClosed, 1);
                 }
             }
             Event::ProcExec { tgid, .. } => {
@@ -319,21 +314,21 @@ impl Pipeline {
                     .filter(|k| k.tgid == tgid)
                     .copied()
                     .collect();
-                self.end_conns(ids, 0, "connections_closed_total{reason=\"process_exit\"}");
+                self.end_conns(ids, 0, "process_exit");
             }
         }
     }
 
     /// Ends connections whose end was not seen: what can be finished is recorded, they are
-    /// forgotten (a blocked one is unblocked), and each is counted under `counter`.
-    fn end_conns(&mut self, ids: Vec<ConnId>, now_ns: u64, counter: &str) {
+    /// forgotten (a blocked one is unblocked), and each is counted as closed for `reason`.
+    fn end_conns(&mut self, ids: Vec<ConnId>, now_ns: u64, reason: &str) {
         for id in ids {
             if let Some(c) = self.conns.get_mut(&id) {
                 c.parser.close(now_ns);
             }
             self.collect(id);
             self.drop_conn(id);
-            self.stats.add(counter, 1);
+            self.stats.add_reason(Metric::ConnectionsClosed, reason, 1);
         }
     }
 
@@ -369,7 +364,7 @@ impl Pipeline {
         let d = self
             .decisions
             .operator_block(scope, value, duration_ms, reason, id, now);
-        self.start_decision(&d, now, "decisions_started_total{origin=\"operator\"}");
+        self.start_decision(&d, now, "operator");
         (d, self.take())
     }
 
@@ -396,11 +391,7 @@ impl Pipeline {
             .filter(|(_, c)| c.last_ns != 0 && now_ns.saturating_sub(c.last_ns) > idle_ns)
             .map(|(k, _)| *k)
             .collect();
-        self.end_conns(
-            idle,
-            now_ns,
-            "connections_closed_total{reason=\"idle_expired\"}",
-        );
+        self.end_conns(idle, now_ns, "idle_expired");
         self.take()
     }
 
@@ -447,7 +438,7 @@ impl Pipeline {
         };
         let exchanges = c.parser.take_exchanges();
         for a in c.parser.take_anomalies() {
-            self.stats.add_reason("http_anomalies_total", a.reason(), 1);
+            self.stats.add_reason(Metric::HttpAnomalies, a.reason(), 1);
         }
         if exchanges.is_empty() {
             return;
@@ -465,7 +456,7 @@ impl Pipeline {
 
     /// One exchange along the path: route → attribute → disclose → record → detect → decide.
     fn exchange(&mut self, ex: &Exchange, at: &ConnFacts) {
-        self.stats.add("exchanges_parsed_total", 1);
+        self.stats.add(Metric::ExchangesParsed, 1);
         let route = self.route(ex);
         if route.is_none() && !self.s.record_unmatched {
             return;
@@ -484,7 +475,7 @@ impl Pipeline {
         );
         let cross = matches!((&who, &whose), (Some(a), Some(d)) if record::cross_tenant(Some(a), d) == Some(true));
         if cross {
-            self.stats.add("disclosures_cross_tenant_total", 1);
+            self.stats.add(Metric::DisclosuresCrossTenant, 1);
         }
         let blocked_by = who
             .as_ref()
@@ -534,15 +525,13 @@ impl Pipeline {
         match &route {
             Some(m) => {
                 if self.route_counters.len() <= m.index {
-                    self.route_counters.resize(m.index + 1, String::new());
+                    self.route_counters.resize(m.index + 1, None);
                 }
-                if self.route_counters[m.index].is_empty() {
-                    self.route_counters[m.index] =
-                        format!("exchanges_matched_total{{route=\"{}\"}}", m.name);
-                }
-                self.stats.add(&self.route_counters[m.index], 1);
+                let key = self.route_counters[m.index]
+                    .get_or_insert_with(|| Metric::ExchangesMatched.label("route", &m.name));
+                self.stats.add_key(key, 1);
             }
-            None => self.stats.add("exchanges_unmatched_total", 1),
+            None => self.stats.add(Metric::ExchangesUnmatched, 1),
         }
         route
     }
@@ -580,7 +569,7 @@ impl Pipeline {
     ) -> Vec<u8> {
         let capture = CaptureInfo::of(ex, &at.holes);
         if !capture.complete {
-            self.stats.add("exchanges_incomplete_total", 1);
+            self.stats.add(Metric::ExchangesIncomplete, 1);
         }
         let first = ex.request.first_ns;
         let last = ex
@@ -622,12 +611,12 @@ impl Pipeline {
         let decided = self.now_ms(wall_ns());
         if let Some(d) = self.decisions.on_alert(&rule, &alert, did, decided) {
             let start = d.start_ms;
-            self.start_decision(&d, start, "decisions_started_total{origin=\"rule\"}");
+            self.start_decision(&d, start, "rule");
         }
     }
 
-    /// A decision starts: its record, its counter, and its enforcement.
-    fn start_decision(&mut self, d: &Decision, at_ms: u64, counter: &str) {
+    /// A decision starts: its record, its counter (by `origin`), and its enforcement.
+    fn start_decision(&mut self, d: &Decision, at_ms: u64, origin: &str) {
         let rid = self.ids.next_id();
         self.fx.security.push(security::decision_line(
             d,
@@ -637,7 +626,8 @@ impl Pipeline {
             &self.s.host_name,
             None,
         ));
-        self.stats.add(counter, 1);
+        self.stats
+            .add_label(Metric::DecisionsStarted, "origin", origin, 1);
         self.enforce_decision(d);
     }
 
@@ -843,7 +833,7 @@ mod tests {
                 ("/p/2".to_string(), "4".to_string())
             ]
         );
-        assert_eq!(stats.get("midstream_bytes_skipped_total"), old.len() as u64);
+        assert_eq!(stats.get(Metric::MidstreamBytesSkipped), old.len() as u64);
     }
 
     /// The same bytes on a connection seen from its accept are all paired in order.
@@ -866,6 +856,6 @@ mod tests {
                 ("/p/2".to_string(), "4".to_string())
             ]
         );
-        assert_eq!(stats.get("midstream_bytes_skipped_total"), 0);
+        assert_eq!(stats.get(Metric::MidstreamBytesSkipped), 0);
     }
 }

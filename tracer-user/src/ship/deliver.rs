@@ -20,7 +20,7 @@ use super::{
     spool::{read_pos, write_pos, Reader, Shared},
     Destination, Line, Outcome, SendError, Stream,
 };
-use crate::stats::Stats;
+use crate::stats::{Key, Metric, Stats};
 
 /// Longest backoff between attempts, and the longest `Retry-After` honoured.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -71,11 +71,11 @@ fn stopped(ctx: &WorkerCtx) -> bool {
 }
 
 struct Names {
-    delivered: BTreeMap<Stream, String>,
-    dead: BTreeMap<Stream, String>,
-    skipped: BTreeMap<Stream, String>,
-    retries: String,
-    acked: BTreeMap<Stream, String>,
+    delivered: BTreeMap<Stream, Key>,
+    dead: BTreeMap<Stream, Key>,
+    skipped: BTreeMap<Stream, Key>,
+    retries: Key,
+    acked: BTreeMap<Stream, Key>,
 }
 
 fn jitter(d: Duration, state: &mut u64) -> Duration {
@@ -100,17 +100,28 @@ pub fn spawn(
 
 fn run(dest: &mut dyn Destination, streams: &[Stream], ctx: &WorkerCtx) {
     let name = dest.name().to_string();
-    let label =
-        |what: &str, s: Stream| format!("{what}{{sink=\"{name}\",stream=\"{}\"}}", s.name());
+    let label = |m: Metric, s: Stream| m.label("sink", &name).label("stream", s.name());
     let names = Names {
-        delivered: streams.iter().map(|s| (*s, label("records_delivered_total", *s))).collect(),
-        dead: streams.iter().map(|s| (*s, label("records_dead_lettered_total", *s))).collect(),
+        delivered: streams
+            .iter()
+            .map(|s| (*s, label(Metric::RecordsDelivered, *s)))
+            .collect(),
+        dead: streams
+            .iter()
+            .map(|s| (*s, label(Metric::RecordsDeadLettered, *s)))
+            .collect(),
         skipped: streams
             .iter()
-            .map(|s| (*s, format!("records_dropped_total{{reason=\"spool_full\",sink=\"{name}\",stream=\"{}\"}}", s.name())))
+            .map(|s| {
+                let k = Metric::RecordsDropped.label("reason", "spool_full");
+                (*s, k.label("sink", &name).label("stream", s.name()))
+            })
             .collect(),
-        retries: format!("sink_retries_total{{sink=\"{name}\"}}"),
-        acked: streams.iter().map(|s| (*s, label("sink_acked_sequence", *s))).collect(),
+        retries: Metric::SinkRetries.label("sink", &name),
+        acked: streams
+            .iter()
+            .map(|s| (*s, label(Metric::SinkAckedSequence, *s)))
+            .collect(),
     };
     let mut readers: Vec<Reader> = streams
         .iter()
@@ -118,7 +129,7 @@ fn run(dest: &mut dyn Destination, streams: &[Stream], ctx: &WorkerCtx) {
             let acked = read_pos(&ctx.root, *s, &name);
             if let Some(a) = acked {
                 ctx.shared.ack(*s, &name, a);
-                ctx.stats.set(&names.acked[s], a);
+                ctx.stats.set_key(&names.acked[s], a);
             } else {
                 // A new sink: everything still spooled is its to deliver.
                 ctx.shared.ack(*s, &name, 0);
@@ -143,13 +154,13 @@ fn run(dest: &mut dyn Destination, streams: &[Stream], ctx: &WorkerCtx) {
                 Ok(x) => x,
                 Err(e) => {
                     error!("sink {name}: reading the {} spool: {e}", r.stream.name());
-                    ctx.stats.add_reason("spool_read_errors_total", &name, 1);
+                    ctx.stats.add_reason(Metric::SpoolReadErrors, &name, 1);
                     std::thread::sleep(Duration::from_millis(500));
                     continue;
                 }
             };
             for (a, b) in skipped.ranges {
-                ctx.stats.add(&names.skipped[&r.stream], b - a + 1);
+                ctx.stats.add_key(&names.skipped[&r.stream], b - a + 1);
                 let _ = ctx.notices.send(Notice::Skipped {
                     sink: name.clone(),
                     stream: r.stream,
@@ -211,7 +222,7 @@ fn run(dest: &mut dyn Destination, streams: &[Stream], ctx: &WorkerCtx) {
                 warn!("sink {name}: saving its position: {e}; it may deliver some records again after a restart");
             }
             ctx.shared.ack(r.stream, &name, last);
-            ctx.stats.set(&names.acked[&r.stream], last);
+            ctx.stats.set_key(&names.acked[&r.stream], last);
             did = true;
             break; // security first again
         }
@@ -265,7 +276,8 @@ fn deliver(
                     dead_letter(&name, &pending, &rejected, ctx, names);
                 }
                 let accepted = pending.len() - rejected.len() - retry.len();
-                ctx.stats.add(&names.delivered[&stream], accepted as u64);
+                ctx.stats
+                    .add_key(&names.delivered[&stream], accepted as u64);
                 if *failures > 0 {
                     info!(
                         "sink {name}: delivering again after {} failed attempt(s)",
@@ -303,7 +315,7 @@ fn deliver(
             }
             Err(SendError::Retry { reason, after }) => (after, reason, false),
         };
-        ctx.stats.add(&names.retries, 1);
+        ctx.stats.add_key(&names.retries, 1);
         // Items the receiver asked to resend are not the sink being down.
         if !partial {
             *failures += 1;
@@ -397,16 +409,14 @@ fn dead_letter(
         f.sync_data()
     });
     let n = rejected.len() as u64;
-    ctx.stats.add(&names.dead[&stream], n);
+    ctx.stats.add_key(&names.dead[&stream], n);
     if let Err(e) = res {
         error!(
             "sink {name}: {n} rejected record(s) could not be written to {}: {e}",
             path.display()
         );
-        ctx.stats.add(
-            &format!("records_dropped_total{{reason=\"dead_letter_failed\",sink=\"{name}\"}}"),
-            n,
-        );
+        let key = Metric::RecordsDropped.label("reason", "dead_letter_failed");
+        ctx.stats.add_key(&key.label("sink", name), n);
     }
     let reason = rejected.first().map(|r| r.1.clone()).unwrap_or_default();
     // A receiver that refuses the notices of its own refusals must not make a loop of them.

@@ -26,7 +26,7 @@ use crate::{
     config::{OnFull, SinkConfig, SpoolConfig},
     record::ids::EventIds,
     record::rfc3339_micros,
-    stats::Stats,
+    stats::{Metric, Stats},
 };
 
 /// How long a stop waits for the sinks to take what is spooled.
@@ -117,8 +117,10 @@ impl Shipper {
                     s.name(),
                     sp.recovered.torn_bytes
                 );
-                stats.add(
-                    &format!("spool_torn_bytes_total{{stream=\"{}\"}}", s.name()),
+                stats.add_label(
+                    Metric::SpoolTornBytes,
+                    "stream",
+                    s.name(),
                     sp.recovered.torn_bytes,
                 );
             }
@@ -354,13 +356,8 @@ impl Shipper {
             return;
         }
         let now = now_ms();
-        self.stats.add(
-            &format!(
-                "records_dropped_total{{reason=\"{reason}\",stream=\"{}\"}}",
-                stream.name()
-            ),
-            n,
-        );
+        let key = Metric::RecordsDropped.label("reason", reason);
+        self.stats.add_key(&key.label("stream", stream.name()), n);
         let l = self.losses.entry((stream, reason)).or_insert(Loss {
             first_ms: now,
             last_ms: now,
@@ -405,10 +402,8 @@ impl Shipper {
                 }
             }
             if dropped_segments {
-                self.stats.add(
-                    "spool_segments_dropped_total{reason=\"spool_full\",stream=\"access\"}",
-                    1,
-                );
+                let key = Metric::SpoolSegmentsDropped.label("reason", "spool_full");
+                self.stats.add_key(&key.label("stream", "access"), 1);
             }
             self.lose(Stream::Access, "spool_full", refused);
             self.flush_access();
@@ -420,7 +415,7 @@ impl Shipper {
         match self.spool.stream(Stream::Access).flush() {
             Ok(n) => self
                 .stats
-                .add("records_spooled_total{stream=\"access\"}", n),
+                .add_label(Metric::RecordsSpooled, "stream", "access", n),
             Err((e, lost)) => {
                 let reason = if e.is_disk_full() {
                     "disk_full"
@@ -448,7 +443,7 @@ impl Shipper {
             match sp.flush() {
                 Ok(n) => self
                     .stats
-                    .add("records_spooled_total{stream=\"security\"}", n),
+                    .add_label(Metric::RecordsSpooled, "stream", "security", n),
                 Err((e, _)) => {
                     if e.is_disk_full() && self.spool.reserve.release() {
                         warn!("spool: disk full; gave up the security reserve to keep writing security records");
@@ -608,10 +603,8 @@ impl Shipper {
             }
             let freed = sp.collect(min);
             if freed > 0 {
-                self.stats.add(
-                    &format!("spool_bytes_collected_total{{stream=\"{}\"}}", s.name()),
-                    freed,
-                );
+                self.stats
+                    .add_label(Metric::SpoolBytesCollected, "stream", s.name(), freed);
             }
         }
     }
@@ -635,7 +628,7 @@ impl Shipper {
         let line = chain::checkpoint_line(&self.signer, &heads, &id, now_ms(), &self.host);
         self.pending_security.push_back(line);
         self.write_security();
-        self.stats.add("checkpoints_written_total", 1);
+        self.stats.add(Metric::CheckpointsWritten, 1);
         self.last_checkpoint = Instant::now();
     }
 
@@ -675,10 +668,8 @@ impl Shipper {
         self.spool.publish();
         for (name, m) in self.lag() {
             for (s, v) in m {
-                self.stats.set(
-                    &format!("sink_lag_records{{sink=\"{name}\",stream=\"{s}\"}}"),
-                    v,
-                );
+                let key = Metric::SinkLagRecords.label("sink", &name);
+                self.stats.set_key(&key.label("stream", s), v);
             }
         }
         if self.last_heartbeat.elapsed() >= Duration::from_secs(1) {
@@ -711,10 +702,8 @@ impl Shipper {
         self.collect();
         for (name, m) in self.lag() {
             for (s, v) in m {
-                self.stats.set(
-                    &format!("sink_lag_records{{sink=\"{name}\",stream=\"{s}\"}}"),
-                    v,
-                );
+                let key = Metric::SinkLagRecords.label("sink", &name);
+                self.stats.set_key(&key.label("stream", s), v);
             }
         }
         self.heartbeat(true);
