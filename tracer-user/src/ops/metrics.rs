@@ -838,6 +838,15 @@ mod tests {
     }
 
     #[test]
+    fn the_agents_help_and_type_come_from_its_table() {
+        for m in Metric::ALL {
+            assert_eq!(help(m.name()), m.help(), "{m:?}");
+            assert_eq!(kind(m.name()), m.kind(), "{m:?}");
+        }
+        assert_eq!(kind("kernel_events_sent_total"), Kind::Counter);
+    }
+
+    #[test]
     fn rates_over_the_window() {
         let t0 = Instant::now();
         let mut r = Rates::new(Duration::from_secs(60));
