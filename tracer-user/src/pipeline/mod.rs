@@ -334,7 +334,12 @@ impl Pipeline {
 
     /// Detection time: wall-clock ms (plus the test clock's offset).
     pub fn now_ms(&self, unix_ns: u64) -> u64 {
-        ((unix_ns / 1_000_000) as i64 + self.clock_offset_ms).max(0) as u64
+        self.at_ms(unix_ns / 1_000_000)
+    }
+
+    /// Wall-clock ms on the detection clock (plus the test clock's offset).
+    fn at_ms(&self, unix_ms: u64) -> u64 {
+        ((unix_ms as i64) + self.clock_offset_ms).max(0) as u64
     }
 
     fn is_edge(&self, service: &str) -> bool {
@@ -344,7 +349,7 @@ impl Pipeline {
 
     /// Ends the decisions whose time is up (called about once a second).
     pub fn tick(&mut self, now_unix_ms: u64) -> Effects {
-        let now = ((now_unix_ms as i64) + self.clock_offset_ms).max(0) as u64;
+        let now = self.at_ms(now_unix_ms);
         let ended = self.decisions.expire(now);
         self.end_decisions(ended, EndReason::Expired, now);
         self.take()
@@ -359,7 +364,7 @@ impl Pipeline {
         reason: String,
         now_unix_ms: u64,
     ) -> (Decision, Effects) {
-        let now = ((now_unix_ms as i64) + self.clock_offset_ms).max(0) as u64;
+        let now = self.at_ms(now_unix_ms);
         let id = self.ids.next_id();
         let d = self
             .decisions
@@ -375,7 +380,7 @@ impl Pipeline {
         value: &str,
         now_unix_ms: u64,
     ) -> (usize, Effects) {
-        let now = ((now_unix_ms as i64) + self.clock_offset_ms).max(0) as u64;
+        let now = self.at_ms(now_unix_ms);
         let ended = self.decisions.unblock(scope, value);
         let n = ended.len();
         self.end_decisions(ended, EndReason::Unblocked, now);
