@@ -70,6 +70,17 @@ pub struct RunOptions {
     pub config_path: Option<PathBuf>,
 }
 
+/// Why a SIGHUP's configuration was rejected (the running one stays).
+#[derive(Debug, thiserror::Error)]
+enum ReloadError {
+    #[error("the agent was started without a configuration file")]
+    NoConfigFile,
+    #[error(transparent)]
+    Plan(#[from] plan::PlanError),
+    #[error(transparent)]
+    Sinks(#[from] crate::ship::shipper::ShipError),
+}
+
 fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -298,11 +309,11 @@ pub async fn run(mut plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
             _ = hup.recv(), if !host.stopping() => {
                 let _ = crate::ops::notify::reloading();
                 let reload = match opts.config_path.as_deref() {
-                    Some(p) => load_plan(p),
-                    None => Err("the agent was started without a configuration file".to_string()),
+                    Some(p) => load_plan(p).map_err(ReloadError::from),
+                    None => Err(ReloadError::NoConfigFile),
                 };
                 let applied = reload.and_then(|new| {
-                    let (started, stopped) = out.shipper.reconfigure(&new.sinks).map_err(|e| e.to_string())?;
+                    let (started, stopped) = out.shipper.reconfigure(&new.sinks)?;
                     let later = restart_only(&fixed_at_start, &new);
                     if let Err(e) = host.kernel.set_filters(&new.load) {
                         warn!("reload: the kernel's target filters: {e}");
@@ -336,7 +347,7 @@ pub async fn run(mut plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
                     Err(e) => {
                         error!("SIGHUP: the new configuration is rejected, the running one stays: {e}");
                         stats.add_label(Metric::ConfigReloads, "result", "rejected", 1);
-                        out.shipper.agent_event("reload_rejected", serde_json::json!({"reason": e}));
+                        out.shipper.agent_event("reload_rejected", serde_json::json!({"reason": e.to_string()}));
                     }
                 }
                 let _ = crate::ops::notify::ready();

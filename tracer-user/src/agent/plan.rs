@@ -12,6 +12,26 @@ use crate::{
     pipeline,
 };
 
+/// Why a plan could not be made from a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("targets: cgroup {path:?} does not exist under the cgroup v2 mount ({})", CGROUP_MOUNTS.join(" or "))]
+    NoCgroup { path: String },
+    #[error(transparent)]
+    Routes(#[from] crate::attribute::routes::RouteError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// A reload's plan, with the file it came from.
+    #[error("{}: {source}", path.display())]
+    In {
+        path: PathBuf,
+        source: Box<PlanError>,
+    },
+}
+
+/// Where cgroup v2 may be mounted, in the order they are tried.
+const CGROUP_MOUNTS: [&str; 2] = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"];
+
 /// Everything `run` needs, derived from the validated config.
 pub struct Plan {
     pub load: LoadSettings,
@@ -38,7 +58,7 @@ pub struct Plan {
 impl Plan {
     /// Derives the run plan from a validated config. Fails only on what needs the host to
     /// check (a cgroup path that does not exist).
-    pub fn from_config(cfg: &Config) -> Result<Plan, String> {
+    pub fn from_config(cfg: &Config) -> Result<Plan, PlanError> {
         let mut ports: Vec<u16> = cfg
             .targets
             .iter()
@@ -62,7 +82,7 @@ impl Plan {
                 TargetMatch::Pid(_) => {}
             }
         }
-        let routes = RouteTable::new(&cfg.routes).map_err(|e| e.to_string())?;
+        let routes = RouteTable::new(&cfg.routes)?;
         let limits = ParserLimits {
             body_keep_bytes: cfg.capture.body_keep_bytes,
             ..ParserLimits::default()
@@ -112,10 +132,9 @@ impl Plan {
 }
 
 /// The id the kernel gives a cgroup v2 directory is its inode number.
-fn cgroup_id(path: &str) -> Result<u64, String> {
+fn cgroup_id(path: &str) -> Result<u64, PlanError> {
     use std::os::unix::fs::MetadataExt;
-    let mounts = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"];
-    for m in mounts {
+    for m in CGROUP_MOUNTS {
         let p = format!("{m}{path}");
         let is_v2 = std::fs::metadata(format!("{m}/cgroup.controllers")).is_ok();
         if is_v2 {
@@ -124,16 +143,18 @@ fn cgroup_id(path: &str) -> Result<u64, String> {
             }
         }
     }
-    Err(format!(
-        "targets: cgroup {path:?} does not exist under the cgroup v2 mount ({})",
-        mounts.join(" or ")
-    ))
+    Err(PlanError::NoCgroup {
+        path: path.to_string(),
+    })
 }
 
 /// Reads and checks the configuration again for a reload.
-pub fn load_plan(path: &std::path::Path) -> Result<Plan, String> {
-    let cfg = crate::config::load(path).map_err(|e| e.to_string())?;
-    Plan::from_config(&cfg).map_err(|e| format!("{}: {e}", path.display()))
+pub fn load_plan(path: &std::path::Path) -> Result<Plan, PlanError> {
+    let cfg = crate::config::load(path)?;
+    Plan::from_config(&cfg).map_err(|e| PlanError::In {
+        path: path.to_path_buf(),
+        source: Box::new(e),
+    })
 }
 
 /// What a reload cannot change in a running agent (kernel map sizes, where state lives, the

@@ -71,7 +71,7 @@ pub enum RouteError {
     Template {
         index: usize,
         route: String,
-        problem: String,
+        problem: TemplateProblem,
     },
     /// The same route string appears twice.
     #[error("routes[{index}].route: {}", self.detail())]
@@ -453,44 +453,85 @@ fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
-/// Parses `METHOD SP PATH`; the error is the problem, phrased to follow the quoted route.
-fn parse_template(route: &str) -> Result<Template, String> {
+/// What is wrong with a route template, phrased to follow the quoted route.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateProblem {
+    #[error("is empty")]
+    Empty,
+    #[error("has no space between the method and the path")]
+    NoSpace,
+    #[error("has an invalid method {0:?} (a method is a token like \"GET\", or \"*\")")]
+    InvalidMethod(String),
+    #[error("has the method {method:?} in lower case; methods are case-sensitive, so it would never match {upper:?}")]
+    LowerCaseMethod { method: String, upper: String },
+    #[error("has white space or control characters in its path")]
+    WhiteSpace,
+    #[error("has a path that does not start with \"/\"")]
+    NotAbsolute,
+    #[error("has a query or fragment in its path; list allowed query parameters in query_params")]
+    Query,
+    #[error("has an empty segment (\"//\")")]
+    EmptySegment,
+    #[error(
+        "has {{{0}*}} before the last segment; a {{name*}} parameter must be the last segment"
+    )]
+    RestNotLast(String),
+    #[error("uses {{{0}}} twice; parameter names must be unique within a route")]
+    DuplicateParam(String),
+    #[error("has a parameter that is not a whole segment ({0:?})")]
+    PartialParam(String),
+    #[error("has an unclosed \"{{\"")]
+    Unclosed,
+    #[error("has a malformed parameter {0:?}")]
+    MalformedParam(String),
+    #[error("has a parameter without a name (\"{{}}\")")]
+    NamelessParam,
+    #[error("has the parameter name {0:?}; names are ASCII letters, digits and \"_\", not starting with a digit")]
+    ParamName(String),
+    #[error("has a \"}}\" without a matching \"{{\"")]
+    Unopened,
+    #[error("has the dot-segment {0:?}; requests are matched after dot-segments are resolved")]
+    DotSegment(String),
+    #[error("has \"%\" in the segment {0:?}; write literal segments decoded (requests are matched after percent-decoding)")]
+    Percent(String),
+    #[error(
+        "has \";\" in the segment {0:?}; \";parameters\" are cut from requests before matching"
+    )]
+    Semicolon(String),
+}
+
+/// Parses `METHOD SP PATH`.
+fn parse_template(route: &str) -> Result<Template, TemplateProblem> {
     if route.trim().is_empty() {
-        return Err("is empty".into());
+        return Err(TemplateProblem::Empty);
     }
     let Some((method, path)) = route.split_once(' ') else {
-        return Err("has no space between the method and the path".into());
+        return Err(TemplateProblem::NoSpace);
     };
     let method = if method == "*" {
         Method::Any
     } else if method.is_empty() || !method.bytes().all(is_tchar) {
-        return Err(format!(
-            "has an invalid method {method:?} (a method is a token like \"GET\", or \"*\")"
-        ));
+        return Err(TemplateProblem::InvalidMethod(method.to_string()));
     } else if method.bytes().any(|b| b.is_ascii_lowercase()) {
-        return Err(format!(
-            "has the method {method:?} in lower case; methods are case-sensitive, so it would \
-             never match {:?}",
-            method.to_ascii_uppercase()
-        ));
+        return Err(TemplateProblem::LowerCaseMethod {
+            method: method.to_string(),
+            upper: method.to_ascii_uppercase(),
+        });
     } else {
         Method::Exact(method.to_string())
     };
     if path.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err("has white space or control characters in its path".into());
+        return Err(TemplateProblem::WhiteSpace);
     }
     if !path.starts_with('/') {
-        return Err("has a path that does not start with \"/\"".into());
+        return Err(TemplateProblem::NotAbsolute);
     }
     if path.contains('?') || path.contains('#') {
-        return Err(
-            "has a query or fragment in its path; list allowed query parameters in query_params"
-                .into(),
-        );
+        return Err(TemplateProblem::Query);
     }
 
     if path.contains("//") {
-        return Err("has an empty segment (\"//\")".into());
+        return Err(TemplateProblem::EmptySegment);
     }
     let body = &path[1..];
     let body = body.strip_suffix('/').unwrap_or(body);
@@ -502,10 +543,7 @@ fn parse_template(route: &str) -> Result<Template, String> {
             let seg = parse_segment(part)?;
             if let Seg::Rest(name) = &seg {
                 if i != last {
-                    return Err(format!(
-                        "has {{{name}*}} before the last segment; a {{name*}} parameter must be \
-                         the last segment"
-                    ));
+                    return Err(TemplateProblem::RestNotLast(name.clone()));
                 }
             }
             if let Seg::Param(name) | Seg::Rest(name) = &seg {
@@ -513,9 +551,7 @@ fn parse_template(route: &str) -> Result<Template, String> {
                     .iter()
                     .any(|s| matches!(s, Seg::Param(n) | Seg::Rest(n) if n == name));
                 if dup {
-                    return Err(format!(
-                        "uses {{{name}}} twice; parameter names must be unique within a route"
-                    ));
+                    return Err(TemplateProblem::DuplicateParam(name.clone()));
                 }
             }
             segs.push(seg);
@@ -528,37 +564,34 @@ fn parse_template(route: &str) -> Result<Template, String> {
     })
 }
 
-fn parse_segment(part: &str) -> Result<Seg, String> {
+fn parse_segment(part: &str) -> Result<Seg, TemplateProblem> {
     if part.is_empty() {
-        return Err("has an empty segment (\"//\")".into());
+        return Err(TemplateProblem::EmptySegment);
     }
     if let Some(inner) = part.strip_prefix('{') {
         let Some(inner) = inner.strip_suffix('}') else {
             return Err(if inner.contains('}') {
-                format!("has a parameter that is not a whole segment ({part:?})")
+                TemplateProblem::PartialParam(part.to_string())
             } else {
-                "has an unclosed \"{\"".into()
+                TemplateProblem::Unclosed
             });
         };
         if inner.contains('{') || inner.contains('}') {
-            return Err(format!("has a malformed parameter {part:?}"));
+            return Err(TemplateProblem::MalformedParam(part.to_string()));
         }
         let (name, rest) = match inner.strip_suffix('*') {
             Some(n) => (n, true),
             None => (inner, false),
         };
         if name.is_empty() {
-            return Err("has a parameter without a name (\"{}\")".into());
+            return Err(TemplateProblem::NamelessParam);
         }
         let mut bytes = name.bytes();
         let first_ok = bytes
             .next()
             .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_');
         if !first_ok || !bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-            return Err(format!(
-                "has the parameter name {name:?}; names are ASCII letters, digits and \"_\", \
-                 not starting with a digit"
-            ));
+            return Err(TemplateProblem::ParamName(name.to_string()));
         }
         return Ok(if rest {
             Seg::Rest(name.to_string())
@@ -568,30 +601,22 @@ fn parse_segment(part: &str) -> Result<Seg, String> {
     }
     if let Some(open) = part.find('{') {
         return Err(if part[open..].contains('}') {
-            format!("has a parameter that is not a whole segment ({part:?})")
+            TemplateProblem::PartialParam(part.to_string())
         } else {
-            "has an unclosed \"{\"".into()
+            TemplateProblem::Unclosed
         });
     }
     if part.contains('}') {
-        return Err("has a \"}\" without a matching \"{\"".into());
+        return Err(TemplateProblem::Unopened);
     }
     if part == "." || part == ".." {
-        return Err(format!(
-            "has the dot-segment {part:?}; requests are matched after dot-segments are resolved"
-        ));
+        return Err(TemplateProblem::DotSegment(part.to_string()));
     }
     if part.contains('%') {
-        return Err(format!(
-            "has \"%\" in the segment {part:?}; write literal segments decoded (requests are \
-             matched after percent-decoding)"
-        ));
+        return Err(TemplateProblem::Percent(part.to_string()));
     }
     if part.contains(';') {
-        return Err(format!(
-            "has \";\" in the segment {part:?}; \";parameters\" are cut from requests before \
-             matching"
-        ));
+        return Err(TemplateProblem::Semicolon(part.to_string()));
     }
     Ok(Seg::Literal(part.to_string()))
 }

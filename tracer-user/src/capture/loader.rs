@@ -228,7 +228,10 @@ pub fn load(s: &LoadSettings) -> Result<Kernel, LoadError> {
                 "could not attach tracepoint {category}:{name}: {e}; what it sees is not captured"
             );
         }
-        tracepoints.insert(format!("{category}:{name}"), res.err());
+        tracepoints.insert(
+            format!("{category}:{name}"),
+            res.err().map(|e| e.to_string()),
+        );
     }
     if tracepoints.values().all(Option::is_some) {
         return Err(LoadError::NothingAttached);
@@ -251,16 +254,26 @@ pub fn load(s: &LoadSettings) -> Result<Kernel, LoadError> {
     })
 }
 
+/// Why one tracepoint could not be attached (the others still are).
+#[derive(Debug, thiserror::Error)]
+enum AttachError {
+    #[error(transparent)]
+    Program(#[from] LoadError),
+    #[error("load: {0}")]
+    Load(aya::programs::ProgramError),
+    #[error("attach: {0}")]
+    Attach(aya::programs::ProgramError),
+}
+
 fn attach_tracepoint(
     ebpf: &mut Ebpf,
     prog: &'static str,
     category: &str,
     name: &str,
-) -> Result<(), String> {
-    let p: &mut TracePoint = program(ebpf, prog).map_err(|e| e.to_string())?;
-    p.load().map_err(|e| format!("load: {e}"))?;
-    p.attach(category, name)
-        .map_err(|e| format!("attach: {e}"))?;
+) -> Result<(), AttachError> {
+    let p: &mut TracePoint = program(ebpf, prog)?;
+    p.load().map_err(AttachError::Load)?;
+    p.attach(category, name).map_err(AttachError::Attach)?;
     Ok(())
 }
 

@@ -413,7 +413,7 @@ fn durations() {
     assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
     assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
     for bad in ["", "10", "1.5s", "1d", "s", "1m30s", "-1s"] {
-        let e = parse_duration(bad).unwrap_err();
+        let e = parse_duration(bad).unwrap_err().to_string();
         assert!(e.contains("expected a duration like"), "{bad}: {e}");
     }
     let got = problems(&MINIMAL.replace("[agent]", "[agent]\nstats_interval = \"0s\""));

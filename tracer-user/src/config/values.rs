@@ -11,20 +11,76 @@ const SIZE_EXPECTED: &str =
     "expected a size like \"4096\", \"64KiB\", \"16MiB\" or \"1GiB\" (binary units B, KiB, MiB, GiB)";
 const DURATION_EXPECTED: &str = "expected a duration like \"500ms\", \"10s\", \"5m\" or \"1h\"";
 
+/// What kind of value a text was read as, for the message of a [`ValueError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quantity {
+    Size,
+    Duration,
+}
+
+impl fmt::Display for Quantity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Quantity::Size => SIZE_EXPECTED,
+            Quantity::Duration => DURATION_EXPECTED,
+        })
+    }
+}
+
+/// Why a size or duration text was refused. Each message quotes the text and ends with what a
+/// right one looks like.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    #[error("{text:?} does not start with a number; {of}")]
+    NoNumber { text: String, of: Quantity },
+    #[error("{text:?} is not a whole number; {of}")]
+    NotWhole { text: String, of: Quantity },
+    #[error("{text:?} is not a whole number; use a smaller unit; {of}")]
+    NotWholeDuration { text: String, of: Quantity },
+    #[error(
+        "{text:?} uses the unit {unit:?}; sizes here are binary, write {instead:?} instead; {of}"
+    )]
+    DecimalUnit {
+        text: String,
+        unit: String,
+        instead: String,
+        of: Quantity,
+    },
+    #[error("{text:?} has no unit; {of}")]
+    NoUnit { text: String, of: Quantity },
+    #[error("{text:?} has the unknown unit {unit:?}; {of}")]
+    UnknownUnit {
+        text: String,
+        unit: String,
+        of: Quantity,
+    },
+    #[error("{text:?} is too large; {of}")]
+    TooLarge { text: String, of: Quantity },
+    #[error("{n} is negative; {of}")]
+    Negative { n: i64, of: Quantity },
+}
+
+/// The config checker collects problems as text.
+impl From<ValueError> for String {
+    fn from(e: ValueError) -> String {
+        e.to_string()
+    }
+}
+
 /// Parses a size: a whole number of bytes with an optional binary unit: `"4096"`, `"64KiB"`,
 /// `"16MiB"`, `"1GiB"` (also `B` and `TiB`; a space before the unit is allowed).
-pub fn parse_size(text: &str) -> Result<u64, String> {
+pub fn parse_size(text: &str) -> Result<u64, ValueError> {
+    let of = Quantity::Size;
     let s = text.trim();
     let end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(end);
     let unit = unit.trim_start();
+    let text = text.to_string();
     if num.is_empty() {
-        return Err(format!(
-            "{text:?} does not start with a number; {SIZE_EXPECTED}"
-        ));
+        return Err(ValueError::NoNumber { text, of });
     }
     if unit.starts_with(['.', ',']) {
-        return Err(format!("{text:?} is not a whole number; {SIZE_EXPECTED}"));
+        return Err(ValueError::NotWhole { text, of });
     }
     let mult: u64 = match unit {
         "" | "B" => 1,
@@ -35,58 +91,61 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         u if ["k", "kb", "m", "mb", "g", "gb", "t", "tb"]
             .contains(&u.to_ascii_lowercase().as_str()) =>
         {
-            return Err(format!(
-                "{text:?} uses the unit {u:?}; sizes here are binary, write {:?} instead; \
-                 {SIZE_EXPECTED}",
-                format!("{num}{}iB", u[..1].to_ascii_uppercase())
-            ))
+            return Err(ValueError::DecimalUnit {
+                text,
+                unit: u.to_string(),
+                instead: format!("{num}{}iB", u[..1].to_ascii_uppercase()),
+                of,
+            })
         }
         u => {
-            return Err(format!(
-                "{text:?} has the unknown unit {u:?}; {SIZE_EXPECTED}"
-            ))
+            return Err(ValueError::UnknownUnit {
+                text,
+                unit: u.to_string(),
+                of,
+            })
         }
     };
     num.parse::<u64>()
         .ok()
         .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("{text:?} is too large; {SIZE_EXPECTED}"))
+        .ok_or(ValueError::TooLarge { text, of })
 }
 
 /// Parses a duration: a whole number with the unit `ms`, `s`, `m` or `h`: `"500ms"`, `"10s"`,
 /// `"5m"`, `"1h"`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, ValueError> {
+    let of = Quantity::Duration;
     let s = text.trim();
     let end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(end);
     let unit = unit.trim_start();
+    let text = text.to_string();
     if num.is_empty() {
-        return Err(format!(
-            "{text:?} does not start with a number; {DURATION_EXPECTED}"
-        ));
+        return Err(ValueError::NoNumber { text, of });
     }
     if unit.starts_with(['.', ',']) {
-        return Err(format!(
-            "{text:?} is not a whole number; use a smaller unit; {DURATION_EXPECTED}"
-        ));
+        return Err(ValueError::NotWholeDuration { text, of });
     }
     let ms_per: u64 = match unit {
         "ms" => 1,
         "s" => 1000,
         "m" => 60_000,
         "h" => 3_600_000,
-        "" => return Err(format!("{text:?} has no unit; {DURATION_EXPECTED}")),
+        "" => return Err(ValueError::NoUnit { text, of }),
         u => {
-            return Err(format!(
-                "{text:?} has the unknown unit {u:?}; {DURATION_EXPECTED}"
-            ))
+            return Err(ValueError::UnknownUnit {
+                text,
+                unit: u.to_string(),
+                of,
+            })
         }
     };
     num.parse::<u64>()
         .ok()
         .and_then(|n| n.checked_mul(ms_per))
         .map(Duration::from_millis)
-        .ok_or_else(|| format!("{text:?} is too large; {DURATION_EXPECTED}"))
+        .ok_or(ValueError::TooLarge { text, of })
 }
 
 /// Formats a byte count the way the config writes it (`16MiB`, or plain bytes).
@@ -145,11 +204,12 @@ pub(super) fn has_control(s: &str) -> bool {
     s.chars().any(char::is_control)
 }
 
-fn size_value(v: &SizeValue) -> Result<u64, String> {
+fn size_value(v: &SizeValue) -> Result<u64, ValueError> {
     match v {
-        SizeValue::Bytes(n) => {
-            u64::try_from(*n).map_err(|_| format!("{n} is negative; {SIZE_EXPECTED}"))
-        }
+        SizeValue::Bytes(n) => u64::try_from(*n).map_err(|_| ValueError::Negative {
+            n: *n,
+            of: Quantity::Size,
+        }),
         SizeValue::Text(t) => parse_size(t),
     }
 }
@@ -245,10 +305,13 @@ mod tests {
             "17179869184GiB",
             "-1",
         ] {
-            let e = parse_size(bad).unwrap_err();
+            let e = parse_size(bad).unwrap_err().to_string();
             assert!(e.contains("expected a size like"), "{bad}: {e}");
         }
-        assert!(parse_size("16M").unwrap_err().contains("write \"16MiB\""));
+        assert!(parse_size("16M")
+            .unwrap_err()
+            .to_string()
+            .contains("write \"16MiB\""));
         assert_eq!(format_size(16 << 20), "16MiB");
         assert_eq!(format_size(1000), "1000");
         assert_eq!(format_size(0), "0");

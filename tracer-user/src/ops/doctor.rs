@@ -519,11 +519,10 @@ fn check_lockdown(kconfig: Option<&Kconfig>) -> Check {
     let read = |how: &str| match fs::read_to_string(&file) {
         Ok(text) => match parse_lockdown(&text) {
             Some(mode) => Ok(lockdown_check(mode, how)),
-            None => Err(format!(
-                "{} reads {:?}, no mode in brackets",
-                file.display(),
-                text.trim()
-            )),
+            None => Err(TrialError::NoLockdownMode {
+                path: file.clone(),
+                text: text.trim().to_string(),
+            }),
         },
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Check::ok(
             "lockdown",
@@ -531,7 +530,10 @@ fn check_lockdown(kconfig: Option<&Kconfig>) -> Check {
                 "none: {SECURITYFS} has no lockdown file, the kernel has no lockdown LSM ({how})"
             ),
         )),
-        Err(e) => Err(format!("reading {}: {e}", file.display())),
+        Err(source) => Err(TrialError::Read {
+            path: file.clone(),
+            source,
+        }),
     };
     let result = if is_mounted("securityfs", SECURITYFS) {
         read(&format!("{} read", file.display()))
@@ -650,6 +652,80 @@ fn load_object() -> (Check, Option<Ebpf>) {
 /// A trial is not possible because the object did not load.
 const NO_OBJECT: &str = "no trial: the eBPF object did not load (see bpf)";
 
+/// Why a trial (load, attach, mount, reset) did not work; its text goes into the check's line.
+#[derive(Debug, thiserror::Error)]
+enum TrialError {
+    #[error("{NO_OBJECT}")]
+    NoObject,
+    #[error("program {0} is missing from the object: the build is broken")]
+    MissingProgram(&'static str),
+    #[error("{name}: {}", chain(.source))]
+    ProgramType {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("loading {name}: {}", chain(.source))]
+    Load {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("attaching {name} to {to}: {}", chain(.source))]
+    Attach {
+        name: &'static str,
+        to: String,
+        source: aya::programs::ProgramError,
+    },
+    /// The uprobe's attach error says by itself where.
+    #[error("{}", chain(.0))]
+    AttachUprobe(aya::programs::ProgramError),
+    #[error("detaching {name}: {}", chain(.source))]
+    Detach {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("opening {}: {source}", path.display())]
+    Open { path: PathBuf, source: io::Error },
+    #[error("reading {}: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    #[error("{} reads {text:?}, no mode in brackets", path.display())]
+    NoLockdownMode { path: PathBuf, text: String },
+    /// A system call of the private mount namespace failed.
+    #[error("{what}: {source}")]
+    Os { what: String, source: io::Error },
+    #[error("the check's thread panicked")]
+    Panicked,
+    #[error("{what} for the trial: {source}")]
+    Io {
+        what: &'static str,
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Destroy(#[from] enforce::EnforceError),
+    #[error("SOCK_DESTROY of {local} <-> {peer} was acknowledged, but the peer read {n} bytes instead of a reset")]
+    NotResetRead {
+        local: std::net::SocketAddr,
+        peer: std::net::SocketAddr,
+        n: usize,
+    },
+    #[error("SOCK_DESTROY of {local} <-> {peer} was acknowledged, but the peer's read gave \"{source}\" instead of a reset")]
+    NotReset {
+        local: std::net::SocketAddr,
+        peer: std::net::SocketAddr,
+        source: io::Error,
+    },
+}
+
+/// The program `name` of the object, as type `T`.
+fn trial_program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, TrialError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(TrialError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| TrialError::ProgramType { name, source })
+}
+
 // ---------------------------------------------------------------------------------------------
 // Mounts
 // ---------------------------------------------------------------------------------------------
@@ -688,10 +764,13 @@ fn in_private_mount<T: Send>(
     fstype: &CStr,
     at: &CStr,
     f: impl FnOnce() -> T + Send,
-) -> Result<T, String> {
+) -> Result<T, TrialError> {
     std::thread::scope(|s| {
         s.spawn(|| {
-            let fail = |what: &str| format!("{what}: {}", io::Error::last_os_error());
+            let fail = |what: &str| TrialError::Os {
+                what: what.to_string(),
+                source: io::Error::last_os_error(),
+            };
             // SAFETY: unshare(2) with constant flags. On a thread it gives this thread alone its
             // own mount namespace (CLONE_NEWNS implies CLONE_FS, which threads may unshare).
             if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
@@ -730,7 +809,7 @@ fn in_private_mount<T: Send>(
             Ok(f())
         })
         .join()
-        .unwrap_or_else(|_| Err("the check's thread panicked".into()))
+        .unwrap_or(Err(TrialError::Panicked))
     })
 }
 
@@ -832,7 +911,7 @@ fn no_tracefs() -> String {
 /// What the tracepoints look like under tracefs, and a trial attach of one.
 struct TracepointSurvey {
     missing: Vec<(&'static str, &'static str)>,
-    trial: Result<String, String>,
+    trial: Result<String, TrialError>,
 }
 
 fn survey_tracepoints(ebpf: Option<&mut Ebpf>) -> TracepointSurvey {
@@ -843,26 +922,26 @@ fn survey_tracepoints(ebpf: Option<&mut Ebpf>) -> TracepointSurvey {
         .map(|(_, cat, name)| (*cat, *name))
         .collect();
     let trial = match ebpf {
-        None => Err(NO_OBJECT.into()),
+        None => Err(TrialError::NoObject),
         Some(ebpf) => trial_tracepoint(ebpf),
     };
     TracepointSurvey { missing, trial }
 }
 
-fn trial_tracepoint(ebpf: &mut Ebpf) -> Result<String, String> {
+fn trial_tracepoint(ebpf: &mut Ebpf) -> Result<String, TrialError> {
     let (prog, category, name) = TRACEPOINTS[0];
-    let p: &mut TracePoint = ebpf
-        .program_mut(prog)
-        .ok_or_else(|| format!("program {prog} is missing from the object: the build is broken"))?
-        .try_into()
-        .map_err(|e| format!("{prog}: {}", chain(&e)))?;
+    let p: &mut TracePoint = trial_program(ebpf, prog)?;
     p.load()
-        .map_err(|e| format!("loading {prog}: {}", chain(&e)))?;
+        .map_err(|source| TrialError::Load { name: prog, source })?;
     let link = p
         .attach(category, name)
-        .map_err(|e| format!("attaching {prog} to {category}:{name}: {}", chain(&e)))?;
+        .map_err(|source| TrialError::Attach {
+            name: prog,
+            to: format!("{category}:{name}"),
+            source,
+        })?;
     p.detach(link)
-        .map_err(|e| format!("detaching {prog}: {}", chain(&e)))?;
+        .map_err(|source| TrialError::Detach { name: prog, source })?;
     Ok(format!(
         "{prog} loaded and attached to {category}:{name}, then detached"
     ))
@@ -1033,21 +1112,17 @@ fn check_uprobes(
     }
 }
 
-fn trial_uprobe(ebpf: &mut Ebpf, target: &str) -> Result<(), String> {
+fn trial_uprobe(ebpf: &mut Ebpf, target: &str) -> Result<(), TrialError> {
     const PROG: &str = "openssl_ssl_read";
-    let p: &mut UProbe = ebpf
-        .program_mut(PROG)
-        .ok_or_else(|| format!("program {PROG} is missing from the object: the build is broken"))?
-        .try_into()
-        .map_err(|e| format!("{PROG}: {}", chain(&e)))?;
+    let p: &mut UProbe = trial_program(ebpf, PROG)?;
     p.load()
-        .map_err(|e| format!("loading {PROG}: {}", chain(&e)))?;
+        .map_err(|source| TrialError::Load { name: PROG, source })?;
     let me = NonZeroU32::new(std::process::id()).expect("a pid is not 0");
     let link = p
         .attach("SSL_read", target, UProbeScope::OneProcess(me))
-        .map_err(|e| chain(&e))?;
+        .map_err(TrialError::AttachUprobe)?;
     p.detach(link)
-        .map_err(|e| format!("detaching {PROG}: {}", chain(&e)))
+        .map_err(|source| TrialError::Detach { name: PROG, source })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1095,16 +1170,15 @@ fn check_cgroup(ebpf: Option<&mut Ebpf>, wants: &Wants) -> Check {
     }
 }
 
-fn trial_cgroup_skb(ebpf: &mut Ebpf, root: &Path) -> Result<(), String> {
+fn trial_cgroup_skb(ebpf: &mut Ebpf, root: &Path) -> Result<(), TrialError> {
     let name = crate::capture::loader::ENFORCE_PROG;
-    let cgroup = fs::File::open(root).map_err(|e| format!("opening {}: {e}", root.display()))?;
-    let p: &mut CgroupSkb = ebpf
-        .program_mut(name)
-        .ok_or_else(|| format!("program {name} is missing from the object: the build is broken"))?
-        .try_into()
-        .map_err(|e| format!("{name}: {}", chain(&e)))?;
+    let cgroup = fs::File::open(root).map_err(|source| TrialError::Open {
+        path: root.to_path_buf(),
+        source,
+    })?;
+    let p: &mut CgroupSkb = trial_program(ebpf, name)?;
     p.load()
-        .map_err(|e| format!("loading {name}: {}", chain(&e)))?;
+        .map_err(|source| TrialError::Load { name, source })?;
     // As `Kernel::attach_enforce` does: a link, which runs beside any other program there.
     let link = p
         .attach(
@@ -1112,15 +1186,13 @@ fn trial_cgroup_skb(ebpf: &mut Ebpf, root: &Path) -> Result<(), String> {
             CgroupSkbAttachType::Egress,
             CgroupAttachMode::Single,
         )
-        .map_err(|e| {
-            format!(
-                "attaching {name} to the egress of {}: {}",
-                root.display(),
-                chain(&e)
-            )
+        .map_err(|source| TrialError::Attach {
+            name,
+            to: format!("the egress of {}", root.display()),
+            source,
         })?;
     p.detach(link)
-        .map_err(|e| format!("detaching {name}: {}", chain(&e)))
+        .map_err(|source| TrialError::Detach { name, source })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1148,9 +1220,9 @@ fn check_sock_destroy(kconfig: Option<&Kconfig>) -> Check {
 
 /// Opens a loopback connection of the doctor's own and resets it by its 4-tuple, as the agent
 /// resets a blocked connection; the peer must see the reset.
-fn destroy_trial() -> Result<String, String> {
-    fn io(what: &'static str) -> impl Fn(io::Error) -> String {
-        move |e| format!("{what} for the trial: {e}")
+fn destroy_trial() -> Result<String, TrialError> {
+    fn io(what: &'static str) -> impl Fn(io::Error) -> TrialError {
+        move |source| TrialError::Io { what, source }
     }
     let listener = TcpListener::bind("127.0.0.1:0").map_err(io("a loopback listener"))?;
     let client = TcpStream::connect(listener.local_addr().map_err(io("its address"))?)
@@ -1159,7 +1231,7 @@ fn destroy_trial() -> Result<String, String> {
     let local = server
         .local_addr()
         .map_err(io("the server end's address"))?;
-    enforce::destroy(local, peer).map_err(|e| e.to_string())?;
+    enforce::destroy(local, peer)?;
     client
         .set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(io("a read timeout"))?;
@@ -1168,12 +1240,12 @@ fn destroy_trial() -> Result<String, String> {
         Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Ok(format!(
             "a trial SOCK_DESTROY reset a loopback connection of the doctor's own ({local} <-> {peer}): its peer saw ECONNRESET"
         )),
-        Ok(n) => Err(format!(
-            "SOCK_DESTROY of {local} <-> {peer} was acknowledged, but the peer read {n} bytes instead of a reset"
-        )),
-        Err(e) => Err(format!(
-            "SOCK_DESTROY of {local} <-> {peer} was acknowledged, but the peer's read gave \"{e}\" instead of a reset"
-        )),
+        Ok(n) => Err(TrialError::NotResetRead { local, peer, n }),
+        Err(source) => Err(TrialError::NotReset {
+            local,
+            peer,
+            source,
+        }),
     }
 }
 

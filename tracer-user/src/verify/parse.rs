@@ -72,9 +72,43 @@ struct RawChain<'a> {
     prev: Cow<'a, str>,
 }
 
+/// Why a line is not a sealed record, or a checkpoint or gap record cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum LineError {
+    #[error("an empty line")]
+    Empty,
+    #[error("no sealed chain fields ({0})")]
+    NoChainFields(serde_json::Error),
+    #[error("not JSON ({0})")]
+    NotJson(serde_json::Error),
+    #[error("sparbar.chain.stream is {0:?}; expected \"access\" or \"security\"")]
+    Stream(String),
+    #[error("event.sequence is {0}; expected 1 to {MAX_SEQ}")]
+    Sequence(u64),
+    #[error("it has no {0}")]
+    Missing(&'static str),
+    /// A field that is there but not what it must be: `{field} {expected}`.
+    #[error("{field} {expected}")]
+    Field {
+        field: String,
+        expected: &'static str,
+    },
+    #[error("sparbar.gap.first_sequence/last_sequence are {first}/{last}; expected two sequences, first <= last")]
+    GapRange { first: Value, last: Value },
+}
+
+impl LineError {
+    fn field(field: impl Into<String>, expected: &'static str) -> LineError {
+        LineError::Field {
+            field: field.into(),
+            expected,
+        }
+    }
+}
+
 pub(super) enum SpecialBody {
-    Checkpoint(Result<Checkpoint, String>),
-    Gap(Result<Gap, String>),
+    Checkpoint(Result<Checkpoint, LineError>),
+    Gap(Result<Gap, LineError>),
     /// What a sink's dead-lettered records mean for its files.
     SinkNote(String),
 }
@@ -86,41 +120,34 @@ pub(super) struct Parsed {
     pub(super) special: Option<SpecialBody>,
 }
 
-pub(super) fn parse_line(line: &[u8]) -> Result<Parsed, String> {
+pub(super) fn parse_line(line: &[u8]) -> Result<Parsed, LineError> {
     if line.iter().all(u8::is_ascii_whitespace) {
-        return Err("an empty line".into());
+        return Err(LineError::Empty);
     }
     let r: RawRecord = serde_json::from_slice(line).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => format!("no sealed chain fields ({e})"),
-        _ => format!("not JSON ({e})"),
+        serde_json::error::Category::Data => LineError::NoChainFields(e),
+        _ => LineError::NotJson(e),
     })?;
-    let stream = Stream::from_name(&r.sparbar.chain.stream).ok_or_else(|| {
-        format!(
-            "sparbar.chain.stream is {:?}; expected \"access\" or \"security\"",
-            r.sparbar.chain.stream
-        )
-    })?;
+    let stream = Stream::from_name(&r.sparbar.chain.stream)
+        .ok_or_else(|| LineError::Stream(r.sparbar.chain.stream.to_string()))?;
     let prev = chain::unhex::<32>(&r.sparbar.chain.prev)
-        .ok_or("sparbar.chain.prev is not 64 hex digits")?;
+        .ok_or_else(|| LineError::field("sparbar.chain.prev", "is not 64 hex digits"))?;
     if r.event.sequence == 0 || r.event.sequence > MAX_SEQ {
-        return Err(format!(
-            "event.sequence is {}; expected 1 to {MAX_SEQ}",
-            r.event.sequence
-        ));
+        return Err(LineError::Sequence(r.event.sequence));
     }
     let special = match (stream, r.event.dataset.as_deref()) {
         (Stream::Security, Some("sparbar.checkpoint")) => Some(SpecialBody::Checkpoint(
             r.sparbar
                 .checkpoint
                 .as_ref()
-                .ok_or_else(|| "it has no sparbar.checkpoint".to_string())
+                .ok_or(LineError::Missing("sparbar.checkpoint"))
                 .and_then(parse_checkpoint),
         )),
         (Stream::Security, Some("sparbar.gap")) => Some(SpecialBody::Gap(
             r.sparbar
                 .gap
                 .as_ref()
-                .ok_or_else(|| "it has no sparbar.gap".to_string())
+                .ok_or(LineError::Missing("sparbar.gap"))
                 .and_then(parse_gap),
         )),
         (Stream::Security, Some("sparbar.sink"))
@@ -142,34 +169,36 @@ pub(super) fn parse_line(line: &[u8]) -> Result<Parsed, String> {
     })
 }
 
-fn parse_checkpoint(v: &Value) -> Result<Checkpoint, String> {
+fn parse_checkpoint(v: &Value) -> Result<Checkpoint, LineError> {
     let text = |k: &str| {
         v[k].as_str()
             .map(str::to_string)
-            .ok_or_else(|| format!("sparbar.checkpoint.{k} is not a string"))
+            .ok_or_else(|| LineError::field(format!("sparbar.checkpoint.{k}"), "is not a string"))
     };
     let streams = v["streams"]
         .as_array()
-        .ok_or("sparbar.checkpoint.streams is not a list")?;
+        .ok_or_else(|| LineError::field("sparbar.checkpoint.streams", "is not a list"))?;
     let mut heads = Vec::with_capacity(streams.len());
     for (i, h) in streams.iter().enumerate() {
-        let bad = |what: &str| format!("sparbar.checkpoint.streams[{i}].{what}");
+        let bad = |what: &str, expected| {
+            LineError::field(format!("sparbar.checkpoint.streams[{i}].{what}"), expected)
+        };
         let stream = h["stream"]
             .as_str()
             .and_then(Stream::from_name)
-            .ok_or_else(|| bad("stream is not \"access\" or \"security\""))?;
+            .ok_or_else(|| bad("stream", "is not \"access\" or \"security\""))?;
         let seq = h["sequence"]
             .as_u64()
             .filter(|&n| n <= MAX_SEQ)
-            .ok_or_else(|| bad("sequence is not a sequence number"))?;
+            .ok_or_else(|| bad("sequence", "is not a sequence number"))?;
         let hash = h["hash"]
             .as_str()
             .and_then(chain::unhex::<32>)
-            .ok_or_else(|| bad("hash is not 64 hex digits"))?;
+            .ok_or_else(|| bad("hash", "is not 64 hex digits"))?;
         heads.push(Head { stream, seq, hash });
     }
     let signature = chain::unhex::<64>(&text("signature")?)
-        .ok_or("sparbar.checkpoint.signature is not 128 hex digits")?;
+        .ok_or_else(|| LineError::field("sparbar.checkpoint.signature", "is not 128 hex digits"))?;
     Ok(Checkpoint {
         heads,
         key_id: text("key_id")?,
@@ -178,11 +207,16 @@ fn parse_checkpoint(v: &Value) -> Result<Checkpoint, String> {
     })
 }
 
-fn parse_gap(v: &Value) -> Result<Gap, String> {
+fn parse_gap(v: &Value) -> Result<Gap, LineError> {
     let stream = match v["stream"].as_str() {
         Some("all") => None,
         Some(name) if Stream::from_name(name).is_some() => Stream::from_name(name),
-        _ => return Err("sparbar.gap.stream is not \"access\", \"security\" or \"all\"".into()),
+        _ => {
+            return Err(LineError::field(
+                "sparbar.gap.stream",
+                "is not \"access\", \"security\" or \"all\"",
+            ))
+        }
     };
     let shown = |x: &Value| match x {
         Value::Null => None,
@@ -194,9 +228,10 @@ fn parse_gap(v: &Value) -> Result<Gap, String> {
         (a, b) => match (a.as_u64(), b.as_u64()) {
             (Some(a), Some(b)) if 1 <= a && a <= b && b <= MAX_SEQ => Some((a, b)),
             _ => {
-                return Err(format!(
-                    "sparbar.gap.first_sequence/last_sequence are {a}/{b}; expected two sequences, first <= last"
-                ))
+                return Err(LineError::GapRange {
+                    first: a.clone(),
+                    last: b.clone(),
+                })
             }
         },
     };

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, io, path::PathBuf};
 
 use super::{
     input::{self, VerifyError},
-    parse::{parse_line, Checkpoint, Gap, SpecialBody},
+    parse::{parse_line, Checkpoint, Gap, LineError, SpecialBody},
     report::{si, Kind, Problem},
 };
 use crate::ship::{chain, Stream};
@@ -40,13 +40,13 @@ pub(super) struct Cand {
 }
 
 /// A checkpoint or gap record, where it was read and what it says.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(super) struct Special<T> {
     pub(super) file: u32,
     pub(super) line: u64,
     pub(super) seq: u64,
     pub(super) hash: [u8; 32],
-    pub(super) body: Result<T, String>,
+    pub(super) body: Result<T, LineError>,
 }
 
 /// Per file and stream while reading: the highest sequence so far and where it was.
@@ -61,7 +61,7 @@ struct FileStream {
 struct BadRun {
     first: u64,
     last: u64,
-    reason: String,
+    reason: LineError,
 }
 
 pub(super) struct Reader<'a> {
