@@ -27,6 +27,7 @@ use serde_json::Value;
 use super::{
     chain,
     http::{config_problem, join, send_split, short, Answer, Client, Every, Part, Peek},
+    sinks::SinkSetupError,
     BatchLimits, Destination, Line, Outcome, SendError,
 };
 use crate::config::HttpSinkConfig;
@@ -102,13 +103,23 @@ fn request_error(body: &str) -> String {
     }
 }
 
+/// What is wrong with an answer from Elasticsearch (the whole request is retried).
+#[derive(Debug, thiserror::Error)]
+pub enum ElasticError {
+    /// A proxy's page, or a body cut short: no verdict on any record.
+    #[error("answered 2xx but not with a bulk response ({source}): {body}")]
+    NotBulk {
+        source: serde_json::Error,
+        /// The start of the body (see [`short`]).
+        body: String,
+    },
+}
+
 /// Judges the items of a 2xx `_bulk` answer for `range` of the batch.
-pub fn judge_items(body: &str, range: Range<usize>) -> Result<Items, String> {
-    let bulk: Bulk = serde_json::from_str(body).map_err(|e| {
-        format!(
-            "answered 2xx but not with a bulk response ({e}): {}",
-            short(body)
-        )
+pub fn judge_items(body: &str, range: Range<usize>) -> Result<Items, ElasticError> {
+    let bulk: Bulk = serde_json::from_str(body).map_err(|source| ElasticError::NotBulk {
+        source,
+        body: short(body),
     })?;
     let mut out = Items::default();
     if bulk.errors == Some(false) {
@@ -160,11 +171,16 @@ impl ElasticDest {
         http: &HttpSinkConfig,
         index: &str,
         limits: BatchLimits,
-    ) -> Result<ElasticDest, String> {
+    ) -> Result<ElasticDest, SinkSetupError> {
         if index.is_empty() {
-            return Err(format!("sink {name}: the index is empty"));
+            return Err(SinkSetupError::EmptyIndex {
+                name: name.to_string(),
+            });
         }
-        let client = Client::new(http).map_err(|e| format!("sink {name}: {e}"))?;
+        let client = Client::new(http).map_err(|e| SinkSetupError::Http {
+            name: name.to_string(),
+            source: Box::new(e),
+        })?;
         // Only what is judged comes back (the status and error of each item, in order).
         let bulk_url = format!(
             "{}?filter_path=errors,items.*.status,items.*.error",

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use super::{Destination, Line, Outcome, SendError, Stream};
+use super::{sinks::SinkSetupError, Destination, Line, Outcome, SendError, Stream};
 use crate::config::FileSinkConfig;
 use crate::ship::BatchLimits;
 
@@ -40,8 +40,30 @@ fn err(path: &Path, what: &str, e: io::Error) -> SendError {
     SendError::retry(format!("{}: {what}: {e}", path.display()))
 }
 
+/// Why a sink's file cannot be opened (at start, the sink is refused; while sending, the batch
+/// is retried).
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{}: cannot create the directory: {source}", .dir.display())]
+    CreateDir { dir: PathBuf, source: io::Error },
+    #[error("{}: cannot open for appending: {source}", .path.display())]
+    Open { path: PathBuf, source: io::Error },
+    #[error("{}: stat: {source}", .path.display())]
+    Stat { path: PathBuf, source: io::Error },
+}
+
+impl From<OpenError> for SendError {
+    fn from(e: OpenError) -> SendError {
+        SendError::retry(e.to_string())
+    }
+}
+
 impl FileDest {
-    pub fn new(name: &str, cfg: &FileSinkConfig, limits: BatchLimits) -> Result<FileDest, String> {
+    pub fn new(
+        name: &str,
+        cfg: &FileSinkConfig,
+        limits: BatchLimits,
+    ) -> Result<FileDest, SinkSetupError> {
         let per_stream = cfg.path.contains("{stream}");
         let mut d = FileDest {
             name: name.to_string(),
@@ -57,7 +79,8 @@ impl FileDest {
         } else {
             &[Stream::Access][..]
         } {
-            d.file(*s).map_err(|e| e.to_string())?;
+            d.file(*s)
+                .map_err(|source| SinkSetupError::File { source })?;
         }
         Ok(d)
     }
@@ -74,7 +97,7 @@ impl FileDest {
         }
     }
 
-    fn file(&mut self, s: Stream) -> Result<&mut Open, SendError> {
+    fn file(&mut self, s: Stream) -> Result<&mut Open, OpenError> {
         let k = self.key(s);
         if !self.open.contains_key(&k) {
             let path = self.path_of(k);
@@ -83,15 +106,24 @@ impl FileDest {
                     .recursive(true)
                     .mode(DIR_MODE)
                     .create(dir)
-                    .map_err(|e| err(dir, "cannot create the directory", e))?;
+                    .map_err(|source| OpenError::CreateDir {
+                        dir: dir.to_path_buf(),
+                        source,
+                    })?;
             }
             let file = OpenOptions::new()
                 .create(true)
                 .append(true)
                 .mode(FILE_MODE)
                 .open(&path)
-                .map_err(|e| err(&path, "cannot open for appending", e))?;
-            let md = file.metadata().map_err(|e| err(&path, "stat", e))?;
+                .map_err(|source| OpenError::Open {
+                    path: path.clone(),
+                    source,
+                })?;
+            let md = file.metadata().map_err(|source| OpenError::Stat {
+                path: path.clone(),
+                source,
+            })?;
             let opened = md
                 .created()
                 .or_else(|_| md.modified())

@@ -13,13 +13,18 @@
 
 use std::{
     collections::BTreeMap,
-    io::Write,
+    io::{self, Write},
     ops::Range,
+    path::{Path, PathBuf},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use ureq::{
-    http::{HeaderName, HeaderValue, Uri},
+    http::{
+        header::{InvalidHeaderName, InvalidHeaderValue},
+        uri::InvalidUri,
+        HeaderName, HeaderValue, Uri,
+    },
     tls::{Certificate, ClientCert, PemItem, PrivateKey, RootCerts, TlsConfig},
     unversioned::{
         resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver},
@@ -90,30 +95,90 @@ impl Resolver for Pinned {
     }
 }
 
-fn read_file(what: &str, path: &std::path::Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("cannot read the {what} {}: {e}", path.display()))
+/// Why a sink's HTTP client could not be built from its config (its url, headers or TLS
+/// material); each text names the setting or file to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot read the {what} {}: {source}", .path.display())]
+    Read {
+        /// "CA file", "client certificate" or "client key".
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("{}: not a PEM file: {source}", .path.display())]
+    NotPem { path: PathBuf, source: ureq::Error },
+    #[error(
+        "{}: no certificate in it; expected PEM \"-----BEGIN CERTIFICATE-----\" blocks",
+        .path.display()
+    )]
+    NoCaCertificate { path: PathBuf },
+    #[error("{}: no certificate in it", .path.display())]
+    NoClientCertificate { path: PathBuf },
+    #[error("{}: no private key in it: {source}", .path.display())]
+    NoPrivateKey { path: PathBuf, source: ureq::Error },
+    #[error("url {url:?} is not a URL: {source}")]
+    NotAUrl { url: String, source: InvalidUri },
+    #[error("url {url:?} is not http:// or https://")]
+    Scheme { url: String },
+    #[error("url {url:?} has no host")]
+    NoHost { url: String },
+    #[error("server_name is set but the url {url:?} is http://; expected an https:// url")]
+    ServerNameWithoutTls { url: String },
+    #[error("header {name:?} is not a header name: {source}")]
+    HeaderName {
+        name: String,
+        source: InvalidHeaderName,
+    },
+    #[error("header {name:?} is set by the agent; expected authentication or tenant headers")]
+    OwnHeader { name: String },
+    #[error("the value of header {name:?} is not valid: {source}")]
+    HeaderValue {
+        name: String,
+        source: InvalidHeaderValue,
+    },
+    #[error("server_name {server_name:?} is not a host name: {source}")]
+    ServerName {
+        server_name: String,
+        source: InvalidUri,
+    },
+    /// The url's host and port do not make a url of their own (to pin `server_name` to).
+    #[error("url {url:?}: {source}")]
+    Target { url: String, source: InvalidUri },
 }
 
-fn certs_of(path: &std::path::Path) -> Result<Vec<Certificate<'static>>, String> {
+fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, ClientError> {
+    std::fs::read(path).map_err(|source| ClientError::Read {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn certs_of(path: &Path) -> Result<Vec<Certificate<'static>>, ClientError> {
     let pem = read_file("CA file", path)?;
     let mut certs = Vec::new();
     for item in ureq::tls::parse_pem(&pem) {
         match item {
             Ok(PemItem::Certificate(c)) => certs.push(c),
             Ok(_) => {}
-            Err(e) => return Err(format!("{}: not a PEM file: {e}", path.display())),
+            Err(source) => {
+                return Err(ClientError::NotPem {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
         }
     }
     if certs.is_empty() {
-        return Err(format!(
-            "{}: no certificate in it; expected PEM \"-----BEGIN CERTIFICATE-----\" blocks",
-            path.display()
-        ));
+        return Err(ClientError::NoCaCertificate {
+            path: path.to_path_buf(),
+        });
     }
     Ok(certs)
 }
 
-fn tls_config(tls: &TlsClientConfig) -> Result<TlsConfig, String> {
+fn tls_config(tls: &TlsClientConfig) -> Result<TlsConfig, ClientError> {
     let roots = match &tls.ca {
         Some(ca) => RootCerts::from(certs_of(ca)?),
         None => {
@@ -142,10 +207,14 @@ fn tls_config(tls: &TlsClientConfig) -> Result<TlsConfig, String> {
                 })
                 .collect();
             if chain.is_empty() {
-                return Err(format!("{}: no certificate in it", cert.display()));
+                return Err(ClientError::NoClientCertificate { path: cert.clone() });
             }
-            let k = PrivateKey::from_pem(&read_file("client key", key)?)
-                .map_err(|e| format!("{}: no private key in it: {e}", key.display()))?;
+            let k = PrivateKey::from_pem(&read_file("client key", key)?).map_err(|source| {
+                ClientError::NoPrivateKey {
+                    path: key.clone(),
+                    source,
+                }
+            })?;
             Some(ClientCert::new_with_certs(&chain, k))
         }
         _ => None,
@@ -157,36 +226,45 @@ fn tls_config(tls: &TlsClientConfig) -> Result<TlsConfig, String> {
 }
 
 impl Client {
-    pub fn new(cfg: &HttpSinkConfig) -> Result<Client, String> {
-        let uri: Uri = cfg
-            .url
-            .parse()
-            .map_err(|e| format!("url {:?} is not a URL: {e}", cfg.url))?;
+    pub fn new(cfg: &HttpSinkConfig) -> Result<Client, ClientError> {
+        let uri: Uri = cfg.url.parse().map_err(|source| ClientError::NotAUrl {
+            url: cfg.url.clone(),
+            source,
+        })?;
         let https = match uri.scheme_str() {
             Some("https") => true,
             Some("http") => false,
-            _ => return Err(format!("url {:?} is not http:// or https://", cfg.url)),
+            _ => {
+                return Err(ClientError::Scheme {
+                    url: cfg.url.clone(),
+                })
+            }
         };
         let Some(authority) = uri.authority().cloned() else {
-            return Err(format!("url {:?} has no host", cfg.url));
+            return Err(ClientError::NoHost {
+                url: cfg.url.clone(),
+            });
         };
         if !https && cfg.tls.server_name.is_some() {
-            return Err(format!(
-                "server_name is set but the url {:?} is http://; expected an https:// url",
-                cfg.url
-            ));
+            return Err(ClientError::ServerNameWithoutTls {
+                url: cfg.url.clone(),
+            });
         }
         let mut headers = Vec::with_capacity(cfg.headers.len());
         for (k, v) in &cfg.headers {
-            let name = HeaderName::try_from(k.as_str())
-                .map_err(|e| format!("header {k:?} is not a header name: {e}"))?;
+            let name =
+                HeaderName::try_from(k.as_str()).map_err(|source| ClientError::HeaderName {
+                    name: k.clone(),
+                    source,
+                })?;
             if OWN_HEADERS.contains(&name.as_str()) {
-                return Err(format!(
-                    "header {k:?} is set by the agent; expected authentication or tenant headers"
-                ));
+                return Err(ClientError::OwnHeader { name: k.clone() });
             }
-            let value = HeaderValue::try_from(v.as_str())
-                .map_err(|e| format!("the value of header {k:?} is not valid: {e}"))?;
+            let value =
+                HeaderValue::try_from(v.as_str()).map_err(|source| ClientError::HeaderValue {
+                    name: k.clone(),
+                    source,
+                })?;
             headers.push((name, value));
         }
         let mut builder = Agent::config_builder()
@@ -205,10 +283,16 @@ impl Client {
                 let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
                 let url = format!("https://{sn}:{port}{path}");
                 url.parse::<Uri>()
-                    .map_err(|e| format!("server_name {sn:?} is not a host name: {e}"))?;
-                let target: Uri = format!("https://{authority}/")
-                    .parse()
-                    .map_err(|e| format!("url {:?}: {e}", cfg.url))?;
+                    .map_err(|source| ClientError::ServerName {
+                        server_name: sn.clone(),
+                        source,
+                    })?;
+                let target: Uri = format!("https://{authority}/").parse().map_err(|source| {
+                    ClientError::Target {
+                        url: cfg.url.clone(),
+                        source,
+                    }
+                })?;
                 let resolver = Pinned {
                     server_name: sn.clone(),
                     target,
@@ -873,13 +957,14 @@ mod tests {
         assert!(Client::new(&cfg("ftp://x/", vec![])).is_err());
         assert!(Client::new(&cfg("http://", vec![])).is_err());
         let e = Client::new(&cfg("http://x/", vec![("Content-Type", "text/plain")])).err();
-        assert!(e.unwrap().contains("set by the agent"));
+        assert!(e.unwrap().to_string().contains("set by the agent"));
         assert!(Client::new(&cfg("http://x:3100/", vec![("X-Scope-OrgID", "t1")])).is_ok());
         let mut c = cfg("https://x/", vec![]);
         c.tls.ca = Some("/nonexistent/ca.pem".into());
         assert!(Client::new(&c)
             .err()
             .unwrap()
+            .to_string()
             .contains("/nonexistent/ca.pem"));
         let mut c = cfg("https://10.0.0.1:9200/", vec![]);
         c.tls.server_name = Some("es.internal".into());

@@ -23,6 +23,7 @@ use serde_json::{json, Value};
 
 use super::{
     http::{config_problem, join, now_ns, send_split, short, Answer, Client, Part, Peek},
+    sinks::SinkSetupError,
     BatchLimits, Destination, Line, Outcome, SendError,
 };
 use crate::config::HttpSinkConfig;
@@ -44,13 +45,16 @@ impl LokiDest {
         http: &HttpSinkConfig,
         labels: &BTreeMap<String, String>,
         limits: BatchLimits,
-    ) -> Result<LokiDest, String> {
+    ) -> Result<LokiDest, SinkSetupError> {
         if labels.contains_key("stream") {
-            return Err(format!(
-                "sink {name}: the label \"stream\" is set by the agent; expected another name"
-            ));
+            return Err(SinkSetupError::LokiStreamLabel {
+                name: name.to_string(),
+            });
         }
-        let client = Client::new(http).map_err(|e| format!("sink {name}: {e}"))?;
+        let client = Client::new(http).map_err(|e| SinkSetupError::Http {
+            name: name.to_string(),
+            source: Box::new(e),
+        })?;
         let base = client.url().trim_end_matches('/');
         let push_url = if base.ends_with(PUSH_PATH) {
             base.to_string()
@@ -219,7 +223,7 @@ mod tests {
             &BTreeMap::from([("stream".to_string(), "x".to_string())]),
             BatchLimits::default(),
         );
-        assert!(e.err().unwrap().contains("stream"));
+        assert!(e.err().unwrap().to_string().contains("stream"));
     }
 
     #[test]

@@ -33,6 +33,7 @@ use super::{
         config_problem, join, now_ns, rfc3339_unix_ns, send_split, short, Answer, Client, Every,
         Part, Peek,
     },
+    sinks::SinkSetupError,
     BatchLimits, Destination, Line, Outcome, SendError,
 };
 use crate::config::HttpSinkConfig;
@@ -65,8 +66,15 @@ fn this_host() -> String {
 impl OtlpDest {
     /// `http.url` is the full logs URL (`http://collector:4318/v1/logs`); a URL with no path
     /// gets `/v1/logs` (as OTEL_EXPORTER_OTLP_ENDPOINT does).
-    pub fn new(name: &str, http: &HttpSinkConfig, limits: BatchLimits) -> Result<OtlpDest, String> {
-        let client = Client::new(http).map_err(|e| format!("sink {name}: {e}"))?;
+    pub fn new(
+        name: &str,
+        http: &HttpSinkConfig,
+        limits: BatchLimits,
+    ) -> Result<OtlpDest, SinkSetupError> {
+        let client = Client::new(http).map_err(|e| SinkSetupError::Http {
+            name: name.to_string(),
+            source: Box::new(e),
+        })?;
         let u = client.url();
         let after_scheme = u.split_once("://").map(|(_, r)| r).unwrap_or(u);
         let url = match after_scheme.find('/') {

@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use super::{
     chain::{self, Head, Signer_},
     deliver::{self, Notice, WorkerCtx},
-    sinks::destination,
+    sinks::{destination, SinkSetupError},
     spool::{Spool, SpoolError},
     Destination, Stream,
 };
@@ -40,8 +40,17 @@ pub const RUN_FILE: &str = "run.json";
 pub enum ShipError {
     #[error(transparent)]
     Spool(#[from] SpoolError),
-    #[error("sink {name}: {reason}")]
-    Sink { name: String, reason: String },
+    /// A sink's destination could not be built from its config.
+    #[error("sink {name}: {source}")]
+    Sink {
+        name: String,
+        source: SinkSetupError,
+    },
+    #[error("sink {name}: cannot start its worker thread: {source}")]
+    Worker {
+        name: String,
+        source: std::io::Error,
+    },
     #[error("checkpoint key in {path}: {source}")]
     Key {
         path: PathBuf,
@@ -138,9 +147,9 @@ impl Shipper {
         let (tx, rx) = mpsc::channel();
         let mut dests = Vec::new();
         for s in sinks {
-            dests.push(destination(s, host).map_err(|reason| ShipError::Sink {
+            dests.push(destination(s, host).map_err(|source| ShipError::Sink {
                 name: s.name.clone(),
-                reason,
+                source,
             })?);
         }
         let now = Instant::now();
@@ -190,10 +199,11 @@ impl Shipper {
             let p = super::spool::read_pos(&self.cfg.dir, *st, &s.name).unwrap_or(0);
             self.spool.shared.ack(*st, &s.name, p);
         }
-        let handle = deliver::spawn(dest, s.streams.clone(), ctx).map_err(|e| ShipError::Sink {
-            name: s.name.clone(),
-            reason: format!("cannot start its worker thread: {e}"),
-        })?;
+        let handle =
+            deliver::spawn(dest, s.streams.clone(), ctx).map_err(|source| ShipError::Worker {
+                name: s.name.clone(),
+                source,
+            })?;
         info!(
             "sink {} ({}): {}",
             s.name,
@@ -231,9 +241,9 @@ impl Shipper {
             if self.workers.iter().any(|w| w.cfg == *s) {
                 continue;
             }
-            let d = destination(s, &self.host).map_err(|reason| ShipError::Sink {
+            let d = destination(s, &self.host).map_err(|source| ShipError::Sink {
                 name: s.name.clone(),
-                reason,
+                source,
             })?;
             fresh.push((s.clone(), d));
         }

@@ -5,11 +5,15 @@
 use std::{
     io::{self, Read, Write},
     net::TcpStream,
+    path::PathBuf,
     sync::Arc,
     time::Duration,
 };
 
-use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{
+    pem::{self, PemObject},
+    CertificateDer, PrivateKeyDer,
+};
 
 use crate::config::TlsClientConfig;
 
@@ -98,65 +102,104 @@ pub(super) fn host_of(address: &str) -> String {
         .to_string()
 }
 
-pub(super) fn tls_config(t: &TlsClientConfig) -> Result<Arc<rustls::ClientConfig>, String> {
+/// Why the TLS material of a syslog sink cannot be used; each text names the file or setting.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("reading the CA file {}: {source}", .path.display())]
+    ReadCa { path: PathBuf, source: pem::Error },
+    #[error(
+        "the CA file {} holds no PEM certificate; expected -----BEGIN CERTIFICATE-----",
+        .path.display()
+    )]
+    NoCaCertificate { path: PathBuf },
+    #[error("the CA file {}: {source}", .path.display())]
+    BadCa {
+        path: PathBuf,
+        source: rustls::Error,
+    },
+    #[error(
+        "found no system CA certificates to trust{}; install ca-certificates or set ca",
+        .source.as_ref().map_or(String::new(), |e| format!(" ({e})"))
+    )]
+    NoSystemCa {
+        /// The first error met while loading them, if any.
+        source: Option<rustls_native_certs::Error>,
+    },
+    #[error("TLS setup: {source}")]
+    Setup { source: rustls::Error },
+    #[error("reading the client certificate {}: {source}", .path.display())]
+    ReadClientCert { path: PathBuf, source: pem::Error },
+    #[error("the client certificate file {} holds no PEM certificate", .path.display())]
+    NoClientCertificate { path: PathBuf },
+    #[error("reading the client key {}: {source}", .path.display())]
+    ReadClientKey { path: PathBuf, source: pem::Error },
+    #[error("the client certificate and key: {source}")]
+    ClientAuth { source: rustls::Error },
+    #[error("client_cert and client_key go together; set both or neither")]
+    CertWithoutKey,
+}
+
+pub(super) fn tls_config(t: &TlsClientConfig) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     match &t.ca {
         Some(ca) => {
+            let read_ca = |source| TlsError::ReadCa {
+                path: ca.clone(),
+                source,
+            };
             let certs = CertificateDer::pem_file_iter(ca)
-                .map_err(|e| format!("reading the CA file {}: {e}", ca.display()))?
+                .map_err(read_ca)?
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("reading the CA file {}: {e}", ca.display()))?;
+                .map_err(read_ca)?;
             if certs.is_empty() {
-                return Err(format!(
-                    "the CA file {} holds no PEM certificate; expected -----BEGIN CERTIFICATE-----",
-                    ca.display()
-                ));
+                return Err(TlsError::NoCaCertificate { path: ca.clone() });
             }
             for c in certs {
-                roots
-                    .add(c)
-                    .map_err(|e| format!("the CA file {}: {e}", ca.display()))?;
+                roots.add(c).map_err(|source| TlsError::BadCa {
+                    path: ca.clone(),
+                    source,
+                })?;
             }
         }
         None => {
             let found = rustls_native_certs::load_native_certs();
             let (added, _) = roots.add_parsable_certificates(found.certs);
             if added == 0 {
-                let why = found
-                    .errors
-                    .first()
-                    .map_or(String::new(), |e| format!(" ({e})"));
-                return Err(format!(
-                    "found no system CA certificates to trust{why}; install ca-certificates or set ca"
-                ));
+                return Err(TlsError::NoSystemCa {
+                    source: found.errors.into_iter().next(),
+                });
             }
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS setup: {e}"))?
+        .map_err(|source| TlsError::Setup { source })?
         .with_root_certificates(roots);
     let config = match (&t.cert, &t.key) {
         (Some(cert), Some(key)) => {
+            let read_cert = |source| TlsError::ReadClientCert {
+                path: cert.clone(),
+                source,
+            };
             let chain = CertificateDer::pem_file_iter(cert)
-                .map_err(|e| format!("reading the client certificate {}: {e}", cert.display()))?
+                .map_err(read_cert)?
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("reading the client certificate {}: {e}", cert.display()))?;
+                .map_err(read_cert)?;
             if chain.is_empty() {
-                return Err(format!(
-                    "the client certificate file {} holds no PEM certificate",
-                    cert.display()
-                ));
+                return Err(TlsError::NoClientCertificate { path: cert.clone() });
             }
-            let key = PrivateKeyDer::from_pem_file(key)
-                .map_err(|e| format!("reading the client key {}: {e}", key.display()))?;
+            let key =
+                PrivateKeyDer::from_pem_file(key).map_err(|source| TlsError::ReadClientKey {
+                    path: key.clone(),
+                    source,
+                })?;
             builder
                 .with_client_auth_cert(chain, key)
-                .map_err(|e| format!("the client certificate and key: {e}"))?
+                .map_err(|source| TlsError::ClientAuth { source })?
         }
         (None, None) => builder.with_no_client_auth(),
-        _ => return Err("client_cert and client_key go together; set both or neither".into()),
+        _ => return Err(TlsError::CertWithoutKey),
     };
     Ok(Arc::new(config))
 }

@@ -18,26 +18,106 @@ mod rfc5424;
 mod tests;
 
 use std::{
-    io::Write,
-    net::{TcpStream, ToSocketAddrs},
+    io::{self, Write},
+    net::{SocketAddr, TcpStream, ToSocketAddrs},
     sync::Arc,
     time::Duration,
 };
 
 use log::warn;
-use rustls::pki_types::ServerName;
+use rustls::pki_types::{InvalidDnsNameError, ServerName};
 
+pub use self::{
+    conn::TlsError,
+    relp::{encode_frame, parse_frame, RelpError, RelpFrame, RelpReader, RELP_WINDOW},
+    rfc5424::{octet_frame, rfc5424_timestamp, sd_escape, severity, SD_ID},
+};
 use self::{
     conn::{host_of, io_text, tls_config, Conn},
     relp::{check_offers, parse_rsp, relp_round, Answer, Session, RELP_OFFERS, TXNR_MAX},
     rfc5424::{header_field, Header},
 };
-pub use self::{
-    relp::{encode_frame, parse_frame, RelpFrame, RelpReader, RELP_WINDOW},
-    rfc5424::{octet_frame, rfc5424_timestamp, sd_escape, severity, SD_ID},
-};
 use super::{BatchLimits, Destination, Line, Outcome, SendError};
 use crate::config::{SyslogSinkConfig, SyslogTransport};
+
+/// Why a syslog sink could not be set up (`new`) or could not open its connection or RELP
+/// session (`place` is "RELP over TLS to logs.example.org:2514").
+#[derive(Debug, thiserror::Error)]
+pub enum SyslogError {
+    /// (Boxed: the rustls errors inside are large, and every `Result` carrying this pays.)
+    #[error("syslog sink {name} ({place}): {source}")]
+    Tls {
+        name: String,
+        place: String,
+        source: Box<TlsError>,
+    },
+    #[error("syslog sink {name} ({place}): {host:?} is not a name to verify the server's certificate against ({source}); set server_name")]
+    ServerName {
+        name: String,
+        place: String,
+        host: String,
+        source: InvalidDnsNameError,
+    },
+    #[error("{place}: resolving the address: {source}")]
+    Resolve { place: String, source: io::Error },
+    #[error("{place}: connecting: the name resolved to no address")]
+    NoAddress { place: String },
+    /// The last address tried and why it failed.
+    #[error("{place}: connecting: {addr}: {source}")]
+    Connect {
+        place: String,
+        addr: SocketAddr,
+        source: io::Error,
+    },
+    #[error("{place}: setting up the socket: {source}")]
+    Socket { place: String, source: io::Error },
+    #[error("{place}: starting TLS: {source}")]
+    StartTls {
+        place: String,
+        source: rustls::Error,
+    },
+    #[error("{place}: TLS handshake: {}", io_text(.source, *.timeout))]
+    Handshake {
+        place: String,
+        source: io::Error,
+        timeout: Duration,
+    },
+    #[error("{place}: sending open: {}", io_text(.source, *.timeout))]
+    SendOpen {
+        place: String,
+        source: io::Error,
+        timeout: Duration,
+    },
+    #[error("{place}: waiting for the answer to open: {source}")]
+    AwaitOpen { place: String, source: RelpError },
+    #[error("{place}: the server closed the session it was opening (serverclose)")]
+    ClosedOnOpen { place: String },
+    #[error(
+        "{place}: expected the answer to open (txnr {txnr} rsp), got txnr {got_txnr} {command:?}"
+    )]
+    NotTheOpenAnswer {
+        place: String,
+        txnr: u32,
+        got_txnr: u32,
+        command: String,
+    },
+    #[error("{place}: the answer to open: {source}")]
+    OpenAnswer { place: String, source: RelpError },
+    #[error("{place}: the server refused the session: {code} {text}")]
+    Refused {
+        place: String,
+        code: u16,
+        text: String,
+    },
+    #[error("{place}: {source}")]
+    Offers { place: String, source: RelpError },
+}
+
+impl From<SyslogError> for SendError {
+    fn from(e: SyslogError) -> SendError {
+        SendError::retry(e.to_string())
+    }
+}
 
 /// A syslog sink: one connection (or RELP session), opened when needed and kept between batches.
 ///
@@ -66,7 +146,11 @@ pub struct SyslogDest {
 impl SyslogDest {
     /// Checks the TLS material (CA, client certificate and key are read now, so a bad path is
     /// reported at startup); connects on the first batch.
-    pub fn new(name: &str, cfg: &SyslogSinkConfig, host_name: &str) -> Result<SyslogDest, String> {
+    pub fn new(
+        name: &str,
+        cfg: &SyslogSinkConfig,
+        host_name: &str,
+    ) -> Result<SyslogDest, SyslogError> {
         let use_tls = match cfg.transport {
             SyslogTransport::Tcp => false,
             SyslogTransport::Tls => true,
@@ -84,15 +168,22 @@ impl SyslogDest {
         );
         let tls = if use_tls {
             let t = cfg.tls.clone().unwrap_or_default();
-            let config =
-                tls_config(&t).map_err(|e| format!("syslog sink {name} ({place}): {e}"))?;
+            let config = tls_config(&t).map_err(|e| SyslogError::Tls {
+                name: name.to_string(),
+                place: place.clone(),
+                source: Box::new(e),
+            })?;
             let host = t
                 .server_name
                 .clone()
                 .unwrap_or_else(|| host_of(&cfg.address));
-            let server = ServerName::try_from(host.clone()).map_err(|e| {
-                format!("syslog sink {name} ({place}): {host:?} is not a name to verify the server's certificate against ({e}); set server_name")
-            })?;
+            let server =
+                ServerName::try_from(host.clone()).map_err(|source| SyslogError::ServerName {
+                    name: name.to_string(),
+                    place: place.clone(),
+                    host: host.clone(),
+                    source,
+                })?;
             Some((config, server))
         } else {
             None
@@ -125,36 +216,61 @@ impl SyslogDest {
         self
     }
 
-    fn connect(&self) -> Result<Conn, String> {
-        let place = &self.place;
+    fn connect(&self) -> Result<Conn, SyslogError> {
+        let place = || self.place.clone();
         let addrs = self
             .address
             .to_socket_addrs()
-            .map_err(|e| format!("{place}: resolving the address: {e}"))?;
+            .map_err(|source| SyslogError::Resolve {
+                place: place(),
+                source,
+            })?;
         let mut sock = None;
-        let mut last = String::from("the name resolved to no address");
+        let mut last = None;
         for a in addrs {
             match TcpStream::connect_timeout(&a, self.timeout) {
                 Ok(s) => {
                     sock = Some(s);
                     break;
                 }
-                Err(e) => last = format!("{a}: {e}"),
+                Err(e) => last = Some((a, e)),
             }
         }
-        let mut sock = sock.ok_or_else(|| format!("{place}: connecting: {last}"))?;
+        let mut sock = match (sock, last) {
+            (Some(s), _) => s,
+            (None, Some((addr, source))) => {
+                return Err(SyslogError::Connect {
+                    place: place(),
+                    addr,
+                    source,
+                })
+            }
+            (None, None) => return Err(SyslogError::NoAddress { place: place() }),
+        };
         sock.set_read_timeout(Some(self.timeout))
             .and_then(|_| sock.set_write_timeout(Some(self.timeout)))
             .and_then(|_| sock.set_nodelay(true))
-            .map_err(|e| format!("{place}: setting up the socket: {e}"))?;
+            .map_err(|source| SyslogError::Socket {
+                place: place(),
+                source,
+            })?;
         let Some((config, server)) = &self.tls else {
             return Ok(Conn::Plain(sock));
         };
-        let mut c = rustls::ClientConnection::new(config.clone(), server.clone())
-            .map_err(|e| format!("{place}: starting TLS: {e}"))?;
+        let mut c =
+            rustls::ClientConnection::new(config.clone(), server.clone()).map_err(|source| {
+                SyslogError::StartTls {
+                    place: place(),
+                    source,
+                }
+            })?;
         while c.is_handshaking() {
             c.complete_io(&mut sock)
-                .map_err(|e| format!("{place}: TLS handshake: {}", io_text(&e, self.timeout)))?;
+                .map_err(|source| SyslogError::Handshake {
+                    place: place(),
+                    source,
+                    timeout: self.timeout,
+                })?;
         }
         Ok(Conn::Tls(Box::new(rustls::StreamOwned::new(c, sock))))
     }
@@ -186,7 +302,7 @@ impl SyslogDest {
         }
         self.check_kept();
         if self.session.is_none() {
-            let conn = self.connect().map_err(SendError::retry)?;
+            let conn = self.connect()?;
             self.session = Some(Session::new(conn, 1));
         }
         let Some(s) = self.session.as_mut() else {
@@ -206,8 +322,8 @@ impl SyslogDest {
         }
     }
 
-    fn open_relp(&self) -> Result<Session, String> {
-        let place = &self.place;
+    fn open_relp(&self) -> Result<Session, SyslogError> {
+        let place = || self.place.clone();
         let conn = self.connect()?;
         let mut s = Session::new(conn, 1);
         let t = s.take_txnr();
@@ -216,29 +332,44 @@ impl SyslogDest {
         s.conn
             .write_all(&out)
             .and_then(|_| s.conn.flush())
-            .map_err(|e| format!("{place}: sending open: {}", io_text(&e, self.timeout)))?;
+            .map_err(|source| SyslogError::SendOpen {
+                place: place(),
+                source,
+                timeout: self.timeout,
+            })?;
         let f = s
             .read_frame(self.timeout)
-            .map_err(|e| format!("{place}: waiting for the answer to open: {e}"))?;
+            .map_err(|source| SyslogError::AwaitOpen {
+                place: place(),
+                source,
+            })?;
         if f.command == "serverclose" {
-            return Err(format!(
-                "{place}: the server closed the session it was opening (serverclose)"
-            ));
+            return Err(SyslogError::ClosedOnOpen { place: place() });
         }
         if f.command != "rsp" || f.txnr != t {
-            return Err(format!(
-                "{place}: expected the answer to open (txnr {t} rsp), got txnr {} {:?}",
-                f.txnr, f.command
-            ));
+            return Err(SyslogError::NotTheOpenAnswer {
+                place: place(),
+                txnr: t,
+                got_txnr: f.txnr,
+                command: f.command,
+            });
         }
         let (code, text, offers) =
-            parse_rsp(&f.data).map_err(|e| format!("{place}: the answer to open: {e}"))?;
+            parse_rsp(&f.data).map_err(|source| SyslogError::OpenAnswer {
+                place: place(),
+                source,
+            })?;
         if code != 200 {
-            return Err(format!(
-                "{place}: the server refused the session: {code} {text}"
-            ));
+            return Err(SyslogError::Refused {
+                place: place(),
+                code,
+                text,
+            });
         }
-        check_offers(offers).map_err(|e| format!("{place}: {e}"))?;
+        check_offers(offers).map_err(|source| SyslogError::Offers {
+            place: place(),
+            source,
+        })?;
         Ok(s)
     }
 
@@ -257,7 +388,7 @@ impl SyslogDest {
         let reason = loop {
             let reused = self.session.is_some();
             if !reused {
-                self.session = Some(self.open_relp().map_err(SendError::retry)?);
+                self.session = Some(self.open_relp()?);
             }
             let Some(s) = self.session.as_mut() else {
                 return Err(SendError::retry(format!("{}: no session", self.place)));

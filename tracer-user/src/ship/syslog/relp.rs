@@ -20,6 +20,53 @@ pub(super) const RELP_OFFERS: &[u8] = b"relp_version=0\nrelp_software=sparbar\nc
 /// its own parser refuses, so a session close to the end is reopened (a new session starts at 1).
 pub(super) const TXNR_MAX: u32 = 999_999_999;
 
+/// What went wrong in a RELP session: the server's bytes, its answers, or the connection.
+#[derive(Debug, thiserror::Error)]
+pub enum RelpError {
+    #[error("the server closed the connection")]
+    Closed,
+    #[error("no answer from the server within {timeout:?}")]
+    NoAnswer { timeout: Duration },
+    #[error("reading the server's answers: {source}")]
+    Read { source: io::Error },
+    #[error("sending: {}", io_text(.source, *.timeout))]
+    Send {
+        source: io::Error,
+        /// The socket's timeout, which the text names when it ran out.
+        timeout: Duration,
+    },
+    #[error("the server answered txnr {txnr}, which is not in flight")]
+    NotInFlight { txnr: u32 },
+    #[error("the server is closing the session (serverclose)")]
+    ServerClose,
+    #[error("the server sent an unexpected {command:?} frame (txnr {txnr})")]
+    Unexpected { command: String, txnr: u32 },
+    /// `found` is the byte at `at`, `None` at the end of the input.
+    #[error(
+        "malformed RELP frame from the server: {what} at byte {at} (found {})",
+        .found.map_or("the end".into(), |c| format!("{:?}", c as char))
+    )]
+    Malformed {
+        what: &'static str,
+        at: usize,
+        found: Option<u8>,
+    },
+    #[error(
+        "malformed RELP frame from the server: DATALEN {len} is more than the {MAX_ANSWER} bytes an answer may have"
+    )]
+    TooLong { len: usize },
+    /// `got` is the answer's first 16 bytes.
+    #[error("malformed RELP answer: expected a 3-digit code, got {got:?}")]
+    NoCode { got: String },
+    #[error("malformed RELP answer: no space after the code")]
+    NoSpaceAfterCode,
+    #[error("the server speaks RELP version {version:?}; this client speaks version 0")]
+    Version { version: String },
+    /// `offers` is the server's whole offer list.
+    #[error("the server does not offer the syslog command (its offers: {offers:?})")]
+    NoSyslog { offers: String },
+}
+
 /// A connection and, for RELP, its session state.
 pub(super) struct Session {
     pub(super) conn: Conn,
@@ -44,7 +91,7 @@ impl Session {
     }
 
     /// The next frame from the server, waiting up to the socket's read timeout.
-    pub(super) fn read_frame(&mut self, timeout: Duration) -> Result<RelpFrame, String> {
+    pub(super) fn read_frame(&mut self, timeout: Duration) -> Result<RelpFrame, RelpError> {
         let mut buf = [0u8; 8192];
         loop {
             if let Some(f) = self.reader.next_frame()? {
@@ -54,7 +101,7 @@ impl Session {
             // (nothing to send at the end of a batch) the last answers wait ~40 ms.
             let _ = socket2::SockRef::from(self.conn.socket()).set_tcp_quickack(true);
             match self.conn.read(&mut buf) {
-                Ok(0) => return Err("the server closed the connection".into()),
+                Ok(0) => return Err(RelpError::Closed),
                 Ok(n) => self.reader.push(&buf[..n]),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e)
@@ -63,9 +110,9 @@ impl Session {
                         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                     ) =>
                 {
-                    return Err(format!("no answer from the server within {timeout:?}"))
+                    return Err(RelpError::NoAnswer { timeout })
                 }
-                Err(e) => return Err(format!("reading the server's answers: {e}")),
+                Err(source) => return Err(RelpError::Read { source }),
             }
         }
     }
@@ -84,7 +131,7 @@ pub(super) fn relp_round(
     msgs: &[Vec<u8>],
     answers: &mut [Option<Answer>],
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), RelpError> {
     let todo: Vec<usize> = (0..msgs.len()).filter(|&i| answers[i].is_none()).collect();
     let mut next = 0;
     let mut inflight: VecDeque<(u32, usize)> = VecDeque::new();
@@ -101,7 +148,7 @@ pub(super) fn relp_round(
             s.conn
                 .write_all(&out)
                 .and_then(|_| s.conn.flush())
-                .map_err(|e| format!("sending: {}", io_text(&e, timeout)))?;
+                .map_err(|source| RelpError::Send { source, timeout })?;
         }
         // Wait for an answer, take every answer already here, and refill at once: frames
         // going out carry the ACKs of the answers, so neither side's Nagle or delayed ACK
@@ -120,18 +167,13 @@ fn apply_answer(
     f: &RelpFrame,
     inflight: &mut VecDeque<(u32, usize)>,
     answers: &mut [Option<Answer>],
-) -> Result<(), String> {
+) -> Result<(), RelpError> {
     match f.command.as_str() {
         "rsp" => {
             let pos = inflight
                 .iter()
                 .position(|(t, _)| *t == f.txnr)
-                .ok_or_else(|| {
-                    format!(
-                        "the server answered txnr {}, which is not in flight",
-                        f.txnr
-                    )
-                })?;
+                .ok_or(RelpError::NotInFlight { txnr: f.txnr })?;
             let (code, text, _) = parse_rsp(&f.data)?;
             let (_, i) = inflight.remove(pos).unwrap_or_default();
             answers[i] = Some(if code == 200 {
@@ -141,11 +183,11 @@ fn apply_answer(
             });
             Ok(())
         }
-        "serverclose" => Err("the server is closing the session (serverclose)".into()),
-        other => Err(format!(
-            "the server sent an unexpected {other:?} frame (txnr {})",
-            f.txnr
-        )),
+        "serverclose" => Err(RelpError::ServerClose),
+        other => Err(RelpError::Unexpected {
+            command: other.to_string(),
+            txnr: f.txnr,
+        }),
     }
 }
 
@@ -179,7 +221,7 @@ impl RelpReader {
     }
 
     /// The next complete frame, `None` until one is complete, an error on a malformed one.
-    pub fn next_frame(&mut self) -> Result<Option<RelpFrame>, String> {
+    pub fn next_frame(&mut self) -> Result<Option<RelpFrame>, RelpError> {
         match parse_frame(&self.buf)? {
             None => Ok(None),
             Some((f, used)) => {
@@ -193,13 +235,11 @@ impl RelpReader {
 /// Parses one frame at the start of `b`: `Ok(None)` if it is not complete yet, else the frame
 /// and how many bytes it took. Follows librelp's parser (TXNR and DATALEN of at most 9 digits,
 /// COMMAND of 1 to 32 letters); also takes `DATALEN SP LF` for an empty DATA.
-pub fn parse_frame(b: &[u8]) -> Result<Option<(RelpFrame, usize)>, String> {
-    let bad = |what: &str, at: usize| {
-        format!(
-            "malformed RELP frame from the server: {what} at byte {at} (found {})",
-            b.get(at)
-                .map_or("the end".into(), |c| format!("{:?}", *c as char))
-        )
+pub fn parse_frame(b: &[u8]) -> Result<Option<(RelpFrame, usize)>, RelpError> {
+    let bad = |what: &'static str, at: usize| RelpError::Malformed {
+        what,
+        at,
+        found: b.get(at).copied(),
     };
     // TXNR
     let Some((txnr, mut i)) = number(b, 0).map_err(|at| bad("expected TXNR digits", at))? else {
@@ -234,9 +274,7 @@ pub fn parse_frame(b: &[u8]) -> Result<Option<(RelpFrame, usize)>, String> {
     };
     let len = len as usize;
     if len > MAX_ANSWER {
-        return Err(format!(
-            "malformed RELP frame from the server: DATALEN {len} is more than the {MAX_ANSWER} bytes an answer may have"
-        ));
+        return Err(RelpError::TooLong { len });
     }
     if len == 0 {
         match b.get(i) {
@@ -313,21 +351,18 @@ fn number(b: &[u8], at: usize) -> Result<Option<(u32, usize)>, usize> {
 }
 
 /// The DATA of an `rsp`: `CODE SP TEXT [LF DATA]` → code, text (as printable text), data.
-pub(super) fn parse_rsp(d: &[u8]) -> Result<(u16, String, &[u8]), String> {
+pub(super) fn parse_rsp(d: &[u8]) -> Result<(u16, String, &[u8]), RelpError> {
     let code = d
         .get(..3)
         .filter(|c| c.iter().all(u8::is_ascii_digit))
-        .ok_or_else(|| {
-            format!(
-                "malformed RELP answer: expected a 3-digit code, got {:?}",
-                String::from_utf8_lossy(&d[..d.len().min(16)])
-            )
+        .ok_or_else(|| RelpError::NoCode {
+            got: String::from_utf8_lossy(&d[..d.len().min(16)]).into_owned(),
         })?;
     let code = code.iter().fold(0u16, |n, c| n * 10 + u16::from(c - b'0'));
     let rest = match d.get(3) {
         None => &d[3..],
         Some(b' ') => &d[4..],
-        Some(_) => return Err("malformed RELP answer: no space after the code".into()),
+        Some(_) => return Err(RelpError::NoSpaceAfterCode),
     };
     let (text, data) = match rest.iter().position(|&c| c == b'\n') {
         Some(p) => (&rest[..p], &rest[p + 1..]),
@@ -341,16 +376,16 @@ pub(super) fn parse_rsp(d: &[u8]) -> Result<(u16, String, &[u8]), String> {
 }
 
 /// Checks the server's offers in its answer to `open`: RELP version 0 and the syslog command.
-pub(super) fn check_offers(offers: &[u8]) -> Result<(), String> {
+pub(super) fn check_offers(offers: &[u8]) -> Result<(), RelpError> {
     let text = String::from_utf8_lossy(offers);
     let mut syslog = false;
     for line in text.split('\n') {
         let (name, values) = line.split_once('=').unwrap_or((line, ""));
         match name {
             "relp_version" if values != "0" => {
-                return Err(format!(
-                    "the server speaks RELP version {values:?}; this client speaks version 0"
-                ))
+                return Err(RelpError::Version {
+                    version: values.to_string(),
+                })
             }
             "commands" => syslog = values.split(',').any(|v| v == "syslog"),
             _ => {}
@@ -359,9 +394,9 @@ pub(super) fn check_offers(offers: &[u8]) -> Result<(), String> {
     if syslog {
         Ok(())
     } else {
-        Err(format!(
-            "the server does not offer the syslog command (its offers: {text:?})"
-        ))
+        Err(RelpError::NoSyslog {
+            offers: text.into_owned(),
+        })
     }
 }
 
@@ -377,7 +412,7 @@ mod tests {
         assert_eq!(out, b"2 syslog 5 hello\n3 close 0\n");
     }
 
-    fn frames_of(chunks: &[&[u8]]) -> Result<Vec<RelpFrame>, String> {
+    fn frames_of(chunks: &[&[u8]]) -> Result<Vec<RelpFrame>, RelpError> {
         let mut r = RelpReader::default();
         let mut out = Vec::new();
         for c in chunks {
@@ -459,13 +494,32 @@ mod tests {
             b"12 rsp 0",
             b"12 rsp 0 ",
         ] {
-            assert_eq!(
-                parse_frame(part),
-                Ok(None),
+            assert!(
+                matches!(parse_frame(part), Ok(None)),
                 "{:?}",
                 String::from_utf8_lossy(part)
             );
         }
+    }
+
+    #[test]
+    fn frame_error_texts() {
+        assert_eq!(
+            parse_frame(b"1 rsp x").unwrap_err().to_string(),
+            "malformed RELP frame from the server: expected DATALEN digits at byte 6 (found 'x')"
+        );
+        assert_eq!(
+            parse_frame(b"1 rsp 999999 ").unwrap_err().to_string(),
+            "malformed RELP frame from the server: DATALEN 999999 is more than the 65536 bytes an answer may have"
+        );
+        assert_eq!(
+            parse_rsp(b"200-OK").unwrap_err().to_string(),
+            "malformed RELP answer: no space after the code"
+        );
+        assert_eq!(
+            check_offers(b"relp_version=1").unwrap_err().to_string(),
+            "the server speaks RELP version \"1\"; this client speaks version 0"
+        );
     }
 
     #[test]
@@ -483,9 +537,11 @@ mod tests {
         assert!(check_offers(b"relp_version=0\nrelp_software=librelp,1.11.0,http://librelp.adiscon.com\ncommands=syslog").is_ok());
         assert!(check_offers(b"relp_version=0\ncommands=")
             .unwrap_err()
+            .to_string()
             .contains("syslog command"));
         assert!(check_offers(b"relp_version=1\ncommands=syslog")
             .unwrap_err()
+            .to_string()
             .contains("version"));
     }
 }
