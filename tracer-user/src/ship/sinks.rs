@@ -17,23 +17,23 @@ use crate::config::{SinkConfig, SinkKind};
 /// then keeps the old sinks); each text names what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkSetupError {
-    /// A file sink's file (or its directory) cannot be opened now. The text ends in "(will
-    /// retry)" as it did when this was the first send's error; kept, operators match on it.
-    #[error("{source} (will retry)")]
+    /// A file sink's file (or its directory) cannot be opened now.
+    #[error(transparent)]
     File { source: OpenError },
     /// The TLS material or server name of a syslog sink.
     #[error(transparent)]
     Syslog(#[from] SyslogError),
     /// The url, headers or TLS material of a Loki, Elasticsearch or OTLP sink.
-    /// (Boxed: the rustls and ureq errors inside are large.)
-    #[error("sink {name}: {source}")]
+    /// (Boxed: the rustls and ureq errors inside are large.) The sink's name is in
+    /// [`ShipError::Sink`](super::shipper::ShipError::Sink) around it.
+    #[error("{source}")]
     Http {
         name: String,
         source: Box<ClientError>,
     },
-    #[error("sink {name}: the label \"stream\" is set by the agent; expected another name")]
+    #[error("the label \"stream\" is set by the agent; expected another name")]
     LokiStreamLabel { name: String },
-    #[error("sink {name}: the index is empty")]
+    #[error("the index is empty")]
     EmptyIndex { name: String },
 }
 
@@ -83,8 +83,14 @@ mod tests {
         }
     }
 
+    /// What the operator reads: the setup error inside the shipper's, which names the sink once.
     fn text(cfg: SinkConfig) -> String {
-        destination(&cfg, "h").err().expect("refused").to_string()
+        let source = destination(&cfg, "h").err().expect("refused");
+        crate::ship::shipper::ShipError::Sink {
+            name: cfg.name.clone(),
+            source,
+        }
+        .to_string()
     }
 
     /// Operators and tests match on these texts: they must not change by accident.
@@ -150,7 +156,7 @@ mod tests {
         };
         assert_eq!(
             text(sink("f", SinkKind::File(file))),
-            format!("{d}/f: cannot create the directory: File exists (os error 17) (will retry)")
+            format!("sink f: {d}/f: cannot create the directory: File exists (os error 17)")
         );
 
         let empty = dir.path().join("empty.pem");
@@ -168,7 +174,7 @@ mod tests {
         };
         assert_eq!(
             text(sink("s", SinkKind::Syslog(syslog.clone()))),
-            format!("syslog sink s (syslog over TLS to 127.0.0.1:6514): the CA file {d}/empty.pem holds no PEM certificate; expected -----BEGIN CERTIFICATE-----")
+            format!("sink s: syslog over TLS to 127.0.0.1:6514: the CA file {d}/empty.pem holds no PEM certificate; expected -----BEGIN CERTIFICATE-----")
         );
         let mut only_cert = syslog;
         only_cert.transport = SyslogTransport::Relp;
@@ -178,7 +184,7 @@ mod tests {
         });
         assert_eq!(
             text(sink("s", SinkKind::Syslog(only_cert))),
-            "syslog sink s (RELP over TLS to 127.0.0.1:6514): client_cert and client_key go together; set both or neither"
+            "sink s: RELP over TLS to 127.0.0.1:6514: client_cert and client_key go together; set both or neither"
         );
     }
 }

@@ -45,13 +45,13 @@ use crate::config::{SyslogSinkConfig, SyslogTransport};
 #[derive(Debug, thiserror::Error)]
 pub enum SyslogError {
     /// (Boxed: the rustls errors inside are large, and every `Result` carrying this pays.)
-    #[error("syslog sink {name} ({place}): {source}")]
+    #[error("{place}: {source}")]
     Tls {
         name: String,
         place: String,
         source: Box<TlsError>,
     },
-    #[error("syslog sink {name} ({place}): {host:?} is not a name to verify the server's certificate against ({source}); set server_name")]
+    #[error("{place}: {host:?} is not a name to verify the server's certificate against ({source}); set server_name")]
     ServerName {
         name: String,
         place: String,
