@@ -6,6 +6,7 @@
 mod bench;
 mod bootstrap;
 mod demo;
+mod fuzz;
 mod package;
 
 use std::{
@@ -50,6 +51,17 @@ enum Cmd {
         #[command(subcommand)]
         which: bench::Which,
     },
+    /// The libFuzzer targets of fuzz/ (cargo-fuzz on the nightly), seeded from the crafted corpus.
+    Fuzz {
+        /// Executions per target.
+        #[arg(long, default_value_t = 10_000_000)]
+        runs: u64,
+        /// Stop a target after this many seconds even if it has not done `runs`.
+        #[arg(long)]
+        max_total_time: Option<u64>,
+        /// Targets to run (default: all of them).
+        targets: Vec<String>,
+    },
     /// The Debian package and the tarball (binary, systemd unit, config, man pages, completions).
     Package {
         /// Debian revision: the package is <version>-<revision>.
@@ -85,6 +97,14 @@ fn main() -> Result<()> {
             bootstrap::run()?;
             let bin = build_release()?;
             demo::run(&bin, duration)
+        }
+        Cmd::Fuzz {
+            runs,
+            max_total_time,
+            targets,
+        } => {
+            bootstrap::run()?;
+            fuzz::run(&targets, runs, max_total_time)
         }
         Cmd::Bench { which } => {
             bootstrap::run()?;
