@@ -965,6 +965,29 @@ mod tests {
     }
 
     #[test]
+    fn anomalies_of_request_and_response_are_carried_once() {
+        let p = proc_info();
+        let mut ex = exchange("/a", Some(400));
+        assert!(build(&ctx(&ex, None, &p, true))["sparbar"]
+            .get("anomalies")
+            .is_none());
+        ex.request.wire.anomalies = vec!["conflicting_framing", "request_line_whitespace"];
+        if let Some(r) = ex.response.as_mut() {
+            r.wire.anomalies = vec!["body_over_budget", "conflicting_framing"];
+        }
+        let rec = build(&ctx(&ex, None, &p, true));
+        assert_eq!(
+            rec["sparbar"]["anomalies"],
+            json!([
+                "conflicting_framing",
+                "request_line_whitespace",
+                "body_over_budget"
+            ])
+        );
+        assert_eq!(check_fields(&rec), Ok(()));
+    }
+
+    #[test]
     fn outcome_and_asterisk_target() {
         let p = proc_info();
         let mut ex = exchange("*", Some(404));
