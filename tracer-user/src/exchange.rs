@@ -54,11 +54,14 @@ pub struct Request {
     pub target: String,
     /// `1` for HTTP/1.1, `0` for HTTP/1.0.
     pub minor_version: u8,
+    /// The header lines the server acts on, in order, duplicates kept (several `Cookie`
+    /// lines stay several). Lines the server ignores and trailers are in `wire`, never here.
     pub headers: Vec<Header>,
     pub body: Body,
     /// Monotonic kernel timestamps (ns) of the first and last byte seen of this message.
     pub first_ns: u64,
     pub last_ns: u64,
+    pub wire: WireNotes,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +73,24 @@ pub struct Response {
     pub body: Body,
     pub first_ns: u64,
     pub last_ns: u64,
+    pub wire: WireNotes,
+}
+
+/// What a message carried besides the headers the server acts on, and what was unusual about
+/// it. Kept apart from `headers` on purpose: nothing after the parser (attribution above all)
+/// may take a trailer or an ignored line for a header.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WireNotes {
+    /// Trailer fields of a chunked body. nginx 1.22 skips them; Apache keeps them apart from
+    /// the headers (`MergeTrailers off`).
+    pub trailers: Vec<Header>,
+    /// Header lines the edge ignores (nginx's `ignore_invalid_headers`: names with `_` or
+    /// other characters outside `[A-Za-z0-9-]`) or cannot read as a header at all.
+    pub ignored_headers: Vec<Header>,
+    /// Reasons (the names of [`crate::http::Anomaly::reason`]) of what was unusual about this
+    /// message: lenient forms the servers disagree on, conflicting framing, a body cut by the
+    /// memory budget. Each was also counted once in `http_anomalies_total`.
+    pub anomalies: Vec<&'static str>,
 }
 
 /// How a request/response pair ended up. `Complete` is the normal case.
@@ -90,6 +111,20 @@ pub struct Exchange {
     /// Set when this connection switched protocols (101 Upgrade or a 2xx CONNECT) after this
     /// exchange; nothing after it on the connection is parsed as HTTP/1.
     pub upgraded: bool,
+}
+
+impl Exchange {
+    /// The anomaly reasons of the request and the response, each once, request first.
+    pub fn anomalies(&self) -> Vec<&'static str> {
+        let mut out: Vec<&'static str> = Vec::new();
+        let resp = self.response.iter().flat_map(|r| r.wire.anomalies.iter());
+        for a in self.request.wire.anomalies.iter().chain(resp) {
+            if !out.contains(a) {
+                out.push(a);
+            }
+        }
+        out
+    }
 }
 
 impl Header {

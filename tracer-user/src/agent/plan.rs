@@ -8,7 +8,7 @@ use crate::{
     capture::discovery::TargetSpec,
     capture::loader::LoadSettings,
     config::{Config, IdentityConfig, TargetMatch, Unmatched},
-    http::ParserLimits,
+    http::{BodyBudget, ParserLimits},
     pipeline,
 };
 
@@ -85,6 +85,7 @@ impl Plan {
         let routes = RouteTable::new(&cfg.routes)?;
         let limits = ParserLimits {
             body_keep_bytes: cfg.capture.body_keep_bytes,
+            body_budget: BodyBudget::new(cfg.capture.body_budget_bytes),
             ..ParserLimits::default()
         };
         Ok(Plan {

@@ -35,6 +35,7 @@ fn ex(
             },
             first_ns: 0,
             last_ns: 0,
+            wire: Default::default(),
         },
         response: Some(Response {
             status,
@@ -49,6 +50,7 @@ fn ex(
             },
             first_ns: 0,
             last_ns: 0,
+            wire: Default::default(),
         }),
         completeness: Completeness::Complete,
         upgraded: false,

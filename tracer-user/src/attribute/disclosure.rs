@@ -356,6 +356,7 @@ mod tests {
             },
             first_ns: 0,
             last_ns: 0,
+            wire: Default::default(),
         }
     }
 

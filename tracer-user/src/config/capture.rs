@@ -13,6 +13,8 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: u32 = 256 << 10;
 pub const DEFAULT_QUEUE_CAPACITY: usize = 65536;
 pub const DEFAULT_BODY_KEEP_BYTES: usize = 1 << 20;
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 65536;
+/// 64 bodies at the default `body_keep_bytes`.
+pub const DEFAULT_BODY_BUDGET_BYTES: u64 = 64 << 20;
 
 const MIN_RING_BUFFER_SIZE: u64 = 64 << 10;
 const MAX_RING_BUFFER_SIZE: u64 = 1 << 30;
@@ -21,6 +23,7 @@ const MAX_MAX_MESSAGE_BYTES: u64 = 16 << 20;
 const MAX_QUEUE_CAPACITY: i64 = 1 << 24;
 const MAX_BODY_KEEP_BYTES: u64 = 64 << 20;
 const MAX_MAX_CONNECTIONS: i64 = 1 << 20;
+const MAX_BODY_BUDGET_BYTES: u64 = 16 << 30;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CaptureConfig {
@@ -34,6 +37,8 @@ pub struct CaptureConfig {
     pub body_keep_bytes: usize,
     /// Tracked connections; 1 ..= 2^20.
     pub max_connections: u32,
+    /// Body bytes held in memory across all connections at once; 0 ..= 16 GiB.
+    pub body_budget_bytes: u64,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -44,6 +49,7 @@ pub(super) struct RawCapture {
     queue_capacity: Option<i64>,
     body_keep_bytes: Option<SizeValue>,
     max_connections: Option<i64>,
+    body_budget_bytes: Option<SizeValue>,
 }
 
 pub(super) fn check_capture(raw: RawCapture, p: &mut Problems) -> CaptureConfig {
@@ -74,6 +80,15 @@ pub(super) fn check_capture(raw: RawCapture, p: &mut Problems) -> CaptureConfig 
         MAX_BODY_KEEP_BYTES,
         false,
     );
+    let budget = check_size(
+        p,
+        "capture.body_budget_bytes",
+        raw.body_budget_bytes,
+        DEFAULT_BODY_BUDGET_BYTES,
+        0,
+        MAX_BODY_BUDGET_BYTES,
+        false,
+    );
     let queue = check_count(
         p,
         "capture.queue_capacity",
@@ -95,5 +110,6 @@ pub(super) fn check_capture(raw: RawCapture, p: &mut Problems) -> CaptureConfig 
         queue_capacity: usize::try_from(queue).unwrap_or(DEFAULT_QUEUE_CAPACITY),
         body_keep_bytes: usize::try_from(keep).unwrap_or(DEFAULT_BODY_KEEP_BYTES),
         max_connections: u32::try_from(conns).unwrap_or(DEFAULT_MAX_CONNECTIONS),
+        body_budget_bytes: budget,
     }
 }

@@ -45,6 +45,7 @@ fn defaults() {
             queue_capacity: 65536,
             body_keep_bytes: 1 << 20,
             max_connections: 65536,
+            body_budget_bytes: crate::http::DEFAULT_BODY_BUDGET_BYTES,
         }
     );
     assert_eq!(

@@ -1,6 +1,7 @@
 //! Everything unexpected the HTTP/1.1 parser can meet on a connection, one variant each, with
 //! the stable name its counter carries.
 
+use super::leniency::Oddity;
 use super::types::Dir;
 
 /// Something unexpected on a connection. Each is counted by [`Anomaly::reason`].
@@ -81,6 +82,27 @@ pub enum Anomaly {
     DataAfterClose {
         dir: Dir,
     },
+    /// A request form the guarded servers disagree on or refuse (see `leniency`).
+    Lenient {
+        dir: Dir,
+        pos: u64,
+        what: Oddity,
+    },
+    /// A request with Transfer-Encoding and Content-Length, or either of them twice: the
+    /// request-smuggling family. The edge answers and closes; the rest is taken as body.
+    ConflictingFraming {
+        dir: Dir,
+        pos: u64,
+    },
+    /// A chunked request with a trailer section (kept apart, never read as headers).
+    RequestTrailers {
+        dir: Dir,
+        pos: u64,
+    },
+    /// A body was cut because the bodies held in flight reached the global memory budget.
+    BodyOverBudget {
+        dir: Dir,
+    },
 }
 
 impl Anomaly {
@@ -110,6 +132,10 @@ impl Anomaly {
             Anomaly::GzipError { .. } => "gzip_error",
             Anomaly::DeflateError { .. } => "deflate_error",
             Anomaly::DataAfterClose { .. } => "data_after_close",
+            Anomaly::Lenient { what, .. } => what.reason(),
+            Anomaly::ConflictingFraming { .. } => "conflicting_framing",
+            Anomaly::RequestTrailers { .. } => "request_trailers",
+            Anomaly::BodyOverBudget { .. } => "body_over_budget",
         }
     }
 }

@@ -9,19 +9,42 @@ use flate2::write::{DeflateDecoder, GzDecoder, ZlibDecoder};
 use crate::exchange::{Body, BodyLoss};
 
 use super::framing::Encoding;
-use super::types::ParserLimits;
+use super::types::{BodyBudget, ParserLimits};
 
 /// Compressed input kept to retry a `deflate` body as raw deflate when it is not zlib-wrapped.
 const ZLIB_REPLAY_MAX: usize = 16 * 1024;
 /// Compressed input fed to a decoder at once (bounds the output per step).
 const DECODE_SLICE: usize = 16 * 1024;
 
-/// Decoder output, kept up to `cap` bytes.
+/// Decoder output, kept up to `cap` bytes and as far as the global budget allows.
 #[derive(Debug)]
 struct Sink {
     data: Vec<u8>,
     cap: usize,
     overflow: bool,
+    budget: BodyBudget,
+    /// Bytes of `data` taken from the budget (given back on drop unless moved on).
+    charged: u64,
+    over_budget: bool,
+}
+
+impl Sink {
+    fn new(cap: usize, budget: BodyBudget) -> Self {
+        Sink {
+            data: Vec::new(),
+            cap,
+            overflow: false,
+            budget,
+            charged: 0,
+            over_budget: false,
+        }
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.budget.give_back(self.charged);
+    }
 }
 
 impl Write for Sink {
@@ -30,7 +53,14 @@ impl Write for Sink {
         if buf.len() > room {
             self.overflow = true;
         }
-        self.data.extend_from_slice(&buf[..buf.len().min(room)]);
+        let mut n = buf.len().min(room);
+        if n > 0 && !self.budget.take(n as u64) {
+            self.overflow = true;
+            self.over_budget = true;
+            n = 0;
+        }
+        self.charged += n as u64;
+        self.data.extend_from_slice(&buf[..n]);
         Ok(buf.len())
     }
 
@@ -51,12 +81,8 @@ enum Decoder {
 }
 
 impl Decoder {
-    fn new(enc: Encoding, cap: usize) -> Self {
-        let sink = Sink {
-            data: Vec::new(),
-            cap,
-            overflow: false,
-        };
+    fn new(enc: Encoding, cap: usize, budget: BodyBudget) -> Self {
+        let sink = Sink::new(cap, budget);
         match enc {
             Encoding::Gzip => Decoder::Gzip(GzDecoder::new(sink)),
             Encoding::Deflate => Decoder::Zlib {
@@ -116,23 +142,26 @@ impl Decoder {
             return Err(());
         };
         let cap = dec.get_ref().cap;
-        *self = Decoder::Raw(DeflateDecoder::new(Sink {
-            data: Vec::new(),
-            cap,
-            overflow: false,
-        }));
+        let budget = dec.get_ref().budget.clone();
+        *self = Decoder::Raw(DeflateDecoder::new(Sink::new(cap, budget)));
         self.feed(&input)
     }
 
-    /// Everything decoded so far (after flushing the decoder's buffer).
-    fn take_output(&mut self) -> (Vec<u8>, bool) {
+    /// Everything decoded so far (after flushing the decoder's buffer), with the budget bytes
+    /// it holds (the caller takes them over).
+    fn take_output(&mut self) -> Output {
         let _ = match self {
             Decoder::Gzip(d) => d.flush(),
             Decoder::Zlib { dec, .. } => dec.flush(),
             Decoder::Raw(d) => d.flush(),
         };
         let s = self.sink();
-        (std::mem::take(&mut s.data), s.overflow)
+        Output {
+            data: std::mem::take(&mut s.data),
+            overflow: s.overflow,
+            charged: std::mem::take(&mut s.charged),
+            over_budget: s.over_budget,
+        }
     }
 
     /// Finish a complete stream: `Err` if it is truncated or corrupt.
@@ -144,6 +173,41 @@ impl Decoder {
         };
         r.map_err(|_| ())
     }
+}
+
+struct Output {
+    data: Vec<u8>,
+    overflow: bool,
+    charged: u64,
+    over_budget: bool,
+}
+
+/// The bytes of a finished body, holding their share of the budget until the last `Bytes`
+/// that points at them is dropped.
+struct Charged {
+    data: Vec<u8>,
+    budget: BodyBudget,
+    n: u64,
+}
+
+impl AsRef<[u8]> for Charged {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl Drop for Charged {
+    fn drop(&mut self) {
+        self.budget.give_back(self.n);
+    }
+}
+
+/// A finished body and what went wrong while reading it.
+pub(super) struct Finished {
+    pub(super) body: Body,
+    pub(super) decode_error: bool,
+    /// Cut because the global body budget was reached.
+    pub(super) over_budget: bool,
 }
 
 fn loss_rank(l: BodyLoss) -> u8 {
@@ -168,6 +232,16 @@ pub(super) struct BodyAcc {
     stopped: bool,
     decoded_from: Option<String>,
     decode_error: bool,
+    budget: BodyBudget,
+    /// Bytes of `keep` taken from the budget.
+    charged: u64,
+    over_budget: bool,
+}
+
+impl Drop for BodyAcc {
+    fn drop(&mut self) {
+        self.budget.give_back(self.charged);
+    }
 }
 
 impl BodyAcc {
@@ -192,7 +266,21 @@ impl BodyAcc {
             stopped: false,
             decoded_from: None,
             decode_error: false,
+            budget: limits.body_budget.clone(),
+            charged: 0,
+            over_budget: false,
         }
+    }
+
+    /// Takes over what the decoder decoded: its bytes become `keep`, its budget share ours.
+    fn adopt(&mut self, out: Output) {
+        if out.overflow {
+            self.set_loss(BodyLoss::KeptLimit);
+        }
+        self.over_budget |= out.over_budget;
+        self.budget.give_back(std::mem::take(&mut self.charged));
+        self.keep = out.data;
+        self.charged = out.charged;
     }
 
     fn set_loss(&mut self, l: BodyLoss) {
@@ -208,7 +296,7 @@ impl BodyAcc {
         }
         if let Some(enc) = self.encoding {
             if self.decoder.is_none() && self.wire_len == data.len() as u64 {
-                self.decoder = Some(Decoder::new(enc, self.decode_cap));
+                self.decoder = Some(Decoder::new(enc, self.decode_cap, self.budget.clone()));
                 self.decoded_from = Some(enc.name().to_string());
             }
             let Some(dec) = self.decoder.as_mut() else {
@@ -240,16 +328,21 @@ impl BodyAcc {
             self.set_loss(BodyLoss::KeptLimit);
             self.stopped = true;
         }
-        self.keep.extend_from_slice(&data[..data.len().min(room)]);
+        let n = data.len().min(room);
+        if n > 0 && !self.budget.take(n as u64) {
+            self.set_loss(BodyLoss::KeptLimit);
+            self.over_budget = true;
+            self.stopped = true;
+            return;
+        }
+        self.charged += n as u64;
+        self.keep.extend_from_slice(&data[..n]);
     }
 
     fn stop_decoding(&mut self) {
         if let Some(mut dec) = self.decoder.take() {
-            let (out, overflow) = dec.take_output();
-            if overflow {
-                self.set_loss(BodyLoss::KeptLimit);
-            }
-            self.keep = out;
+            let out = dec.take_output();
+            self.adopt(out);
         }
         self.stopped = true;
     }
@@ -265,29 +358,36 @@ impl BodyAcc {
     }
 
     /// Finish the body; `complete`: its framing ended normally.
-    pub(super) fn finish(mut self, complete: bool) -> (Body, bool) {
+    pub(super) fn finish(mut self, complete: bool) -> Finished {
         if let Some(mut dec) = self.decoder.take() {
             if complete && dec.finish().is_err() {
                 self.decode_error = true;
                 self.set_loss(BodyLoss::DecodeError);
             }
-            let (out, overflow) = dec.take_output();
-            if overflow {
-                self.set_loss(BodyLoss::KeptLimit);
-            }
-            self.keep = out;
+            let out = dec.take_output();
+            self.adopt(out);
         }
         if !complete {
             self.set_loss(BodyLoss::Incomplete);
         }
-        (
-            Body {
+        let keep = std::mem::take(&mut self.keep);
+        let data = match std::mem::take(&mut self.charged) {
+            0 => Bytes::from(keep),
+            n => Bytes::from_owner(Charged {
+                data: keep,
+                budget: self.budget.clone(),
+                n,
+            }),
+        };
+        Finished {
+            body: Body {
                 wire_len: self.wire_len,
-                data: Bytes::from(self.keep),
+                data,
                 loss: self.loss,
-                decoded_from: self.decoded_from,
+                decoded_from: self.decoded_from.take(),
             },
-            self.decode_error,
-        )
+            decode_error: self.decode_error,
+            over_budget: self.over_budget,
+        }
     }
 }

@@ -1,6 +1,8 @@
 //! Reading the shape of HTTP/1.1 messages from bytes: which start line a line is, where a head
-//! ends, the parsed head, and the headers that decide a body's framing (Content-Length,
-//! Transfer-Encoding, chunk sizes) and its content coding.
+//! ends, the parsed response head, and the headers that decide a body's framing
+//! (Content-Length, Transfer-Encoding, chunk sizes) and its content coding. Request heads and
+//! request framing are read as the guarded servers read them, in `leniency` (with the table of
+//! what nginx and Apache accept).
 
 use crate::exchange::{header, Header};
 
@@ -103,17 +105,16 @@ fn parser_config() -> httparse::ParserConfig {
     let mut c = httparse::ParserConfig::default();
     c.allow_spaces_after_header_name_in_responses(true)
         .allow_obsolete_multiline_headers_in_responses(true)
-        .ignore_invalid_headers_in_responses(true)
-        .ignore_invalid_headers_in_requests(true);
+        .ignore_invalid_headers_in_responses(true);
     c
 }
 
-pub(super) fn header_slots(buf: &[u8]) -> Vec<httparse::Header<'static>> {
+fn header_slots(buf: &[u8]) -> Vec<httparse::Header<'static>> {
     let lines = buf.iter().filter(|&&b| b == b'\n').count();
     vec![httparse::EMPTY_HEADER; lines + 1]
 }
 
-pub(super) fn convert_headers(hs: &[httparse::Header<'_>]) -> Vec<Header> {
+fn convert_headers(hs: &[httparse::Header<'_>]) -> Vec<Header> {
     hs.iter()
         .map(|h| Header {
             name: h.name.to_string(),
@@ -128,39 +129,24 @@ pub(super) struct ParsedHead {
     pub(super) headers: Vec<Header>,
 }
 
+/// Parses a response head (status line and headers) with httparse. Request heads are read by
+/// `leniency`, as the guarded servers read them.
 pub(super) fn parse_head(kind: Kind, buf: &[u8]) -> Option<ParsedHead> {
+    if kind != Kind::Response {
+        return None;
+    }
     let mut slots = header_slots(buf);
-    let cfg = parser_config();
-    match kind {
-        Kind::Request => {
-            let mut req = httparse::Request::new(&mut slots);
-            match cfg.parse_request(&mut req, buf) {
-                Ok(httparse::Status::Complete(_)) => Some(ParsedHead {
-                    start: Start::Req {
-                        method: req.method?.to_string(),
-                        target: req.path?.to_string(),
-                    },
-                    minor: req.version?,
-                    headers: convert_headers(req.headers),
-                }),
-                _ => None,
-            }
-        }
-        Kind::Response => {
-            let mut resp = httparse::Response::new(&mut slots);
-            match cfg.parse_response(&mut resp, buf) {
-                Ok(httparse::Status::Complete(_)) => Some(ParsedHead {
-                    start: Start::Resp {
-                        status: resp.code?,
-                        reason: resp.reason.unwrap_or("").to_string(),
-                    },
-                    minor: resp.version?,
-                    headers: convert_headers(resp.headers),
-                }),
-                _ => None,
-            }
-        }
-        Kind::Unknown => None,
+    let mut resp = httparse::Response::new(&mut slots);
+    match parser_config().parse_response(&mut resp, buf) {
+        Ok(httparse::Status::Complete(_)) => Some(ParsedHead {
+            start: Start::Resp {
+                status: resp.code?,
+                reason: resp.reason.unwrap_or("").to_string(),
+            },
+            minor: resp.version?,
+            headers: convert_headers(resp.headers),
+        }),
+        _ => None,
     }
 }
 
@@ -246,8 +232,8 @@ pub(super) fn content_encoding(headers: &[Header]) -> Option<Encoding> {
     }
 }
 
-/// Parse a chunk-size line (ending in `\n`): hex size, optional whitespace, optional
-/// `;extensions`. `None` if malformed or the size does not fit in u64.
+/// Parse a chunk-size line (ending in `\n`): hex size, then optionally an extension started by
+/// `;`, SP or HT (as nginx reads it). `None` if malformed or the size does not fit in u64.
 pub(super) fn parse_chunk_size(line: &[u8]) -> Option<u64> {
     let line = line.strip_suffix(b"\n")?;
     let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -260,8 +246,9 @@ pub(super) fn parse_chunk_size(line: &[u8]) -> Option<u64> {
         let d = (b as char).to_digit(16)? as u64;
         n = n.checked_mul(16)?.checked_add(d)?;
     }
-    let rest = line[digits..].trim_ascii_start();
-    (rest.is_empty() || rest[0] == b';').then_some(n)
+    // nginx: after the size, `;`, SP or HT starts an extension that runs to the line end.
+    let rest = &line[digits..];
+    (rest.is_empty() || matches!(rest[0], b';' | b' ' | b'\t')).then_some(n)
 }
 
 /// A parsed start line: a request line or a status line.

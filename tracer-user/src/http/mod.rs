@@ -102,6 +102,7 @@ mod anomaly;
 mod body;
 mod direction;
 mod framing;
+mod leniency;
 mod pairing;
 pub mod reassembly;
 #[cfg(test)]
@@ -109,7 +110,10 @@ mod tests;
 mod types;
 
 pub use anomaly::Anomaly;
-pub use types::{ConnProtocol, Dir, ParserLimits, Role, MIN_MSG_LEN};
+pub use leniency::Oddity;
+pub use types::{
+    BodyBudget, ConnProtocol, Dir, ParserLimits, Role, DEFAULT_BODY_BUDGET_BYTES, MIN_MSG_LEN,
+};
 
 use crate::exchange::Exchange;
 use crate::http::reassembly::StreamStats;

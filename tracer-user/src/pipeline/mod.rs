@@ -445,6 +445,13 @@ impl Pipeline {
         for a in c.parser.take_anomalies() {
             self.stats.add_reason(Metric::HttpAnomalies, a.reason(), 1);
         }
+        for ex in &exchanges {
+            count_truncated(&self.stats, ex);
+        }
+        self.stats.set(
+            Metric::HttpBodyBytesHeld,
+            self.s.limits.body_budget.in_use(),
+        );
         if exchanges.is_empty() {
             return;
         }
@@ -715,6 +722,25 @@ pub fn mono_to_unix_ns() -> i128 {
         ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
     };
     read(libc::CLOCK_REALTIME) - read(libc::CLOCK_MONOTONIC)
+}
+
+/// Counts the bodies of one exchange that were kept only in part, by why.
+fn count_truncated(stats: &Stats, ex: &Exchange) {
+    let msgs = [
+        Some((&ex.request.body, &ex.request.wire)),
+        ex.response.as_ref().map(|r| (&r.body, &r.wire)),
+    ];
+    for (body, wire) in msgs.into_iter().flatten() {
+        if body.loss != Some(crate::exchange::BodyLoss::KeptLimit) {
+            continue;
+        }
+        let reason = if wire.anomalies.contains(&"body_over_budget") {
+            "memory_budget"
+        } else {
+            "keep_limit"
+        };
+        stats.add_reason(Metric::HttpBodiesTruncated, reason, 1);
+    }
 }
 
 #[cfg(test)]

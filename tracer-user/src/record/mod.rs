@@ -159,6 +159,7 @@ pub const FIELDS: &[&str] = &[
     "sparbar.capture.request_bytes_missing",
     "sparbar.capture.response_bytes_missing",
     "sparbar.capture.reasons",
+    "sparbar.anomalies",
     "sparbar.query.dropped",
     "user.id",
     "user.hash",
@@ -416,6 +417,10 @@ struct SparbarFields<'a> {
     connection: ConnectionId<'a>,
     capture: &'a CaptureInfo,
     query: Dropped,
+    /// What was unusual about the exchange on the wire (reasons of `http::Anomaly`): crafted
+    /// forms the servers disagree on, conflicting framing, a body cut by the memory budget.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    anomalies: Vec<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -518,6 +523,7 @@ pub fn record<'a>(ctx: &'a RecordContext<'a>) -> Record<'a> {
             query: Dropped {
                 dropped: query_dropped,
             },
+            anomalies: ex.anomalies(),
         },
         user: ctx.attribution.and_then(|a| {
             (a.user_id.is_some() || a.user_hash.is_some()).then(|| User {
@@ -738,6 +744,7 @@ mod tests {
                 },
                 first_ns: 1,
                 last_ns: 2,
+                wire: Default::default(),
             },
             response: status.map(|status| Response {
                 status,
@@ -756,6 +763,7 @@ mod tests {
                 },
                 first_ns: 3,
                 last_ns: 4,
+                wire: Default::default(),
             }),
             completeness: Completeness::Complete,
             upgraded: false,
@@ -919,6 +927,7 @@ mod tests {
                 body: Body::default(),
                 first_ns: 0,
                 last_ns: 0,
+                wire: Default::default(),
             },
             response: None,
             completeness: Completeness::NoResponse,
@@ -953,6 +962,29 @@ mod tests {
         assert_eq!(rec["sparbar"]["query"]["dropped"], 2);
         assert_eq!(rec["sparbar"]["capture"]["complete"], false);
         assert_eq!(rec["sparbar"]["capture"]["reasons"], json!(["no_response"]));
+    }
+
+    #[test]
+    fn anomalies_of_request_and_response_are_carried_once() {
+        let p = proc_info();
+        let mut ex = exchange("/a", Some(400));
+        assert!(build(&ctx(&ex, None, &p, true))["sparbar"]
+            .get("anomalies")
+            .is_none());
+        ex.request.wire.anomalies = vec!["conflicting_framing", "request_line_whitespace"];
+        if let Some(r) = ex.response.as_mut() {
+            r.wire.anomalies = vec!["body_over_budget", "conflicting_framing"];
+        }
+        let rec = build(&ctx(&ex, None, &p, true));
+        assert_eq!(
+            rec["sparbar"]["anomalies"],
+            json!([
+                "conflicting_framing",
+                "request_line_whitespace",
+                "body_over_budget"
+            ])
+        );
+        assert_eq!(check_fields(&rec), Ok(()));
     }
 
     #[test]

@@ -138,6 +138,10 @@ metrics! {
         "Decision feed failures, by reason.";
     HttpAnomalies = "http_anomalies_total", Counter,
         "HTTP protocol anomalies seen, by reason.";
+    HttpBodiesTruncated = "http_bodies_truncated_total", Counter,
+        "Message bodies kept only in part, by reason (keep_limit: over capture.body_keep_bytes; memory_budget: bodies in flight reached capture.body_budget_bytes).";
+    HttpBodyBytesHeld = "http_body_bytes_held", Gauge,
+        "Body bytes the HTTP parser holds in memory across all connections (bounded by capture.body_budget_bytes).";
     IdentitiesLearned = "identities_learned_total", Counter,
         "Session identities learned, by source.";
     IdentitiesResolved = "identities_resolved_total", Counter,

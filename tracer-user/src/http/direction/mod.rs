@@ -4,16 +4,18 @@
 
 mod resync;
 
-use crate::exchange::{header, Body, Header, Request, Response};
+use crate::exchange::{header, Body, Header, Request, Response, WireNotes};
 use crate::http::reassembly::{Piece, Stream};
 
 use self::resync::{LossAcc, Resync};
 use super::anomaly::Anomaly;
-use super::body::BodyAcc;
+use super::body::{BodyAcc, Finished};
 use super::framing::{
-    classify_line, content_encoding, content_length, convert_headers, find_head_end, header_slots,
-    parse_chunk_size, parse_head, prefix_ok, transfer_encoding, Chunk, Framing, LengthHeader,
-    Start, TeHeader,
+    classify_line, content_encoding, content_length, find_head_end, parse_chunk_size, parse_head,
+    prefix_ok, transfer_encoding, Chunk, Framing, LengthHeader, Start, TeHeader,
+};
+use super::leniency::{
+    parse_fields, parse_request_line, request_framing, Oddity, Refusal, ReqFraming,
 };
 use super::pairing::{ClassAnswer, Loss, Pairing, PendingResp, Verdict};
 use super::types::{kind_of, Class, ConnProtocol, Dir, Kind, ParserLimits, Role, MIN_MSG_LEN};
@@ -162,6 +164,19 @@ struct InMsg {
     /// Responses: framed by guess with a Content-Length; if the request was in fact a HEAD,
     /// the "body" holds the following responses, so a loss marker follows it.
     guessed_len: bool,
+    /// Trailers, ignored header lines and the anomalies of this message.
+    wire: WireNotes,
+}
+
+impl InMsg {
+    /// An anomaly of this message: counted for the connection and carried by the record.
+    fn note(&mut self, sh: &mut Shared, a: Anomaly) {
+        let r = a.reason();
+        if !self.wire.anomalies.contains(&r) {
+            self.wire.anomalies.push(r);
+        }
+        sh.anomaly(a);
+    }
 }
 
 impl InMsg {
@@ -428,7 +443,10 @@ impl DirState {
                     StartCheck::Plain => self.fresh = false,
                 }
             }
-            if !prefix_ok(kind, &h.buf) {
+            // nginx and Apache answer (400) a request line that starts with whitespace: it is
+            // read, so that the answer has its request.
+            let lead_ws = kind == Kind::Request && matches!(h.buf[0], b' ' | b'\t');
+            if !lead_ws && !prefix_ok(kind, &h.buf) {
                 self.malformed_start(sh, kind, h.start_pos);
                 return (self.head_lost(sh, &h, got_nl), take);
             }
@@ -442,8 +460,27 @@ impl DirState {
                 }
                 return (Phase::Head(h), take);
             }
-            match classify_line(kind, &h.buf) {
-                Some(k) => sh.decide(self.dir, k),
+            // A known request direction reads the line as the servers do; elsewhere (the role
+            // is not known yet) a lenient request line must at least end in `HTTP/1.x`.
+            let found = match kind {
+                Kind::Request => {
+                    parse_request_line(&h.buf, false).map(|l| (Kind::Request, l.http09))
+                }
+                _ => classify_line(kind, &h.buf).map(|k| (k, false)).or_else(|| {
+                    (kind == Kind::Unknown)
+                        .then(|| parse_request_line(&h.buf, true))
+                        .flatten()
+                        .map(|_| (Kind::Request, false))
+                }),
+            };
+            match found {
+                Some((k, http09)) => {
+                    sh.decide(self.dir, k);
+                    if http09 {
+                        // An HTTP/0.9 simple request has no headers: its head is this line.
+                        return (self.complete_head(sh, h, ts), take);
+                    }
+                }
                 None => {
                     self.malformed_start(sh, kind, h.start_pos);
                     return (self.head_lost(sh, &h, true), take);
@@ -479,19 +516,48 @@ impl DirState {
 
     fn complete_head(&mut self, sh: &mut Shared, h: HeadBuf, ts: u64) -> Phase {
         let kind = sh.kind_of(self.dir);
-        let Some(p) = parse_head(kind, &h.buf) else {
-            sh.anomaly(Anomaly::MalformedHeaders {
-                dir: self.dir,
-                pos: h.start_pos,
-            });
+        let pos = h.start_pos;
+        let mut oddities: Vec<Oddity> = Vec::new();
+        let mut wire = WireNotes::default();
+        let parsed = match kind {
+            Kind::Request => {
+                let nl = h
+                    .buf
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .map_or(h.buf.len(), |i| i + 1);
+                parse_request_line(&h.buf[..nl], false).map(|line| {
+                    let fields = parse_fields(&h.buf[nl..]);
+                    oddities = line.oddities;
+                    for o in fields.oddities {
+                        if !oddities.contains(&o) {
+                            oddities.push(o);
+                        }
+                    }
+                    wire.ignored_headers = fields.ignored;
+                    (
+                        Start::Req {
+                            method: line.method,
+                            target: line.target,
+                        },
+                        line.minor,
+                        fields.headers,
+                        line.http09,
+                    )
+                })
+            }
+            _ => parse_head(kind, &h.buf).map(|p| (p.start, p.minor, p.headers, false)),
+        };
+        let Some((start, minor, headers, http09)) = parsed else {
+            sh.anomaly(Anomaly::MalformedHeaders { dir: self.dir, pos });
             return self.head_lost(sh, &h, true);
         };
         sh.decide(self.dir, kind);
-        let encoding = content_encoding(&p.headers);
+        let encoding = content_encoding(&headers);
         let mut msg = Box::new(InMsg {
-            start: p.start,
-            minor: p.minor,
-            headers: p.headers,
+            start,
+            minor,
+            headers,
             first_ns: h.first_ns,
             head_ns: ts,
             last_ns: ts,
@@ -501,8 +567,18 @@ impl DirState {
             upgrade_req: false,
             guessed: false,
             guessed_len: false,
+            wire,
         });
-        let pos = h.start_pos;
+        for what in oddities {
+            msg.note(
+                sh,
+                Anomaly::Lenient {
+                    dir: self.dir,
+                    pos,
+                    what,
+                },
+            );
+        }
         match kind {
             Kind::Request => {
                 let class = match &msg.start {
@@ -515,25 +591,36 @@ impl DirState {
                 msg.upgrade_req =
                     class == Class::Connect || header(&msg.headers, "upgrade").is_some();
                 sh.pairing.push_request_head(msg.seq, ts, class);
-                let te = transfer_encoding(&msg.headers);
-                let cl = content_length(&msg.headers);
-                let framing = match (te, cl) {
-                    (TeHeader::Chunked, cl) => {
-                        if !matches!(cl, LengthHeader::Absent) {
-                            sh.anomaly(Anomaly::ContentLengthWithChunked { dir: self.dir, pos });
+                let framing = if http09 {
+                    // The server answers a simple request and closes.
+                    Some(Framing::Close)
+                } else {
+                    match request_framing(&msg.headers, msg.minor) {
+                        ReqFraming::None => None,
+                        ReqFraming::Length(n) => Some(Framing::Length(n)),
+                        ReqFraming::Chunked => Some(Framing::Chunked(Chunk::Size(Vec::new()))),
+                        ReqFraming::Refused(why) => {
+                            let dir = self.dir;
+                            msg.note(
+                                sh,
+                                match why {
+                                    Refusal::Conflicting => {
+                                        Anomaly::ConflictingFraming { dir, pos }
+                                    }
+                                    Refusal::BadTransferEncoding => {
+                                        Anomaly::BadTransferEncoding { dir, pos }
+                                    }
+                                    Refusal::BadContentLength => {
+                                        Anomaly::BadContentLength { dir, pos }
+                                    }
+                                },
+                            );
+                            // The edge answers and closes: nothing after this head is a
+                            // request it acts on (see `leniency`).
+                            msg.upgrade_req = false;
+                            Some(Framing::Close)
                         }
-                        Some(Framing::Chunked(Chunk::Size(Vec::new())))
                     }
-                    (TeHeader::Other, _) => {
-                        sh.anomaly(Anomaly::BadTransferEncoding { dir: self.dir, pos });
-                        return self.request_unframeable(sh, msg);
-                    }
-                    (TeHeader::Absent, LengthHeader::Invalid) => {
-                        sh.anomaly(Anomaly::BadContentLength { dir: self.dir, pos });
-                        return self.request_unframeable(sh, msg);
-                    }
-                    (TeHeader::Absent, LengthHeader::Valid(n)) if n > 0 => Some(Framing::Length(n)),
-                    (TeHeader::Absent, _) => None,
                 };
                 let expect = match &framing {
                     Some(Framing::Length(n)) => Some(*n),
@@ -559,14 +646,6 @@ impl DirState {
             }
             Kind::Unknown => self.head_lost(sh, &h, true),
         }
-    }
-
-    /// A request head whose body cannot be framed: keep the request, resynchronise after it.
-    fn request_unframeable(&mut self, sh: &mut Shared, mut msg: Box<InMsg>) -> Phase {
-        msg.partial = true;
-        let tb = msg.head_ns;
-        self.finish_request(sh, msg, false);
-        self.new_resync(LossAcc::region(false, 0, tb), true)
     }
 
     fn start_response_body(
@@ -627,11 +706,8 @@ impl DirState {
     }
 
     fn finish_request(&mut self, sh: &mut Shared, msg: Box<InMsg>, complete: bool) -> Phase {
-        let msg = *msg;
-        let (body, decode_error) = msg.body.finish(complete);
-        if decode_error {
-            self.decode_anomaly(sh, &body);
-        }
+        let mut msg = *msg;
+        let body = self.finish_body(sh, &mut msg, complete);
         let Start::Req { method, target } = msg.start else {
             return Phase::Idle;
         };
@@ -643,6 +719,7 @@ impl DirState {
             body,
             first_ns: msg.first_ns,
             last_ns: msg.last_ns,
+            wire: msg.wire,
         };
         sh.pairing
             .complete_request(msg.seq, req, msg.partial || !complete);
@@ -661,11 +738,8 @@ impl DirState {
         body_framed: bool,
         upgrade: bool,
     ) {
-        let msg = *msg;
-        let (body, decode_error) = msg.body.finish(complete);
-        if decode_error {
-            self.decode_anomaly(sh, &body);
-        }
+        let mut msg = *msg;
+        let body = self.finish_body(sh, &mut msg, complete);
         let Start::Resp { status, reason } = msg.start else {
             return;
         };
@@ -679,6 +753,7 @@ impl DirState {
                 body,
                 first_ns: msg.first_ns,
                 last_ns: msg.last_ns,
+                wire: msg.wire,
             },
             partial: msg.partial || !complete,
             guessed: msg.guessed,
@@ -704,12 +779,28 @@ impl DirState {
         }
     }
 
-    fn decode_anomaly(&self, sh: &mut Shared, body: &Body) {
+    /// Finishes the body of `msg` (its accumulator is left empty) and notes what went wrong.
+    fn finish_body(&self, sh: &mut Shared, msg: &mut InMsg, complete: bool) -> Body {
+        let acc = std::mem::replace(&mut msg.body, BodyAcc::new(&sh.limits, None, None));
+        let Finished {
+            body,
+            decode_error,
+            over_budget,
+        } = acc.finish(complete);
         let dir = self.dir;
-        sh.anomaly(match body.decoded_from.as_deref() {
-            Some("deflate") => Anomaly::DeflateError { dir },
-            _ => Anomaly::GzipError { dir },
-        });
+        if decode_error {
+            msg.note(
+                sh,
+                match body.decoded_from.as_deref() {
+                    Some("deflate") => Anomaly::DeflateError { dir },
+                    _ => Anomaly::GzipError { dir },
+                },
+            );
+        }
+        if over_budget {
+            msg.note(sh, Anomaly::BodyOverBudget { dir });
+        }
+        body
     }
 
     fn finish_msg(&mut self, sh: &mut Shared, msg: Box<InMsg>, complete: bool) -> Phase {
@@ -830,18 +921,14 @@ impl DirState {
                         let used = end.saturating_sub(old).max(1).min(avail.len());
                         let block = &buf[1..end];
                         if block.len() > 2 {
-                            let mut slots = header_slots(block);
-                            match httparse::parse_headers(block, &mut slots) {
-                                Ok(httparse::Status::Complete((_, hs))) => {
-                                    msg.headers.extend(convert_headers(hs))
-                                }
-                                _ => {
-                                    sh.anomaly(Anomaly::MalformedHeaders {
-                                        dir: self.dir,
-                                        pos: self.pos,
-                                    });
-                                    msg.partial = true;
-                                }
+                            // Trailers are kept apart from the headers: nginx drops them,
+                            // Apache keeps them apart; no server reads them as headers.
+                            let f = parse_fields(block);
+                            msg.wire.trailers = f.headers;
+                            msg.wire.trailers.extend(f.ignored);
+                            if matches!(msg.start, Start::Req { .. }) {
+                                let (dir, pos) = (self.dir, self.pos);
+                                msg.note(sh, Anomaly::RequestTrailers { dir, pos });
                             }
                         }
                         (self.finish_msg(sh, msg, true), used)
