@@ -5,6 +5,8 @@
 
 use core::mem::size_of;
 
+pub mod scan;
+
 // ---------------------------------------------------------------------------------------------
 // Map names (at most 15 bytes: the kernel cuts longer names).
 // ---------------------------------------------------------------------------------------------
@@ -19,11 +21,11 @@ pub const MAP_CONNS: &str = "CONNS";
 pub const MAP_SSL_FDS: &str = "SSL_FDS";
 pub const MAP_BLOCK_CONNS: &str = "BLOCK_CONNS";
 pub const MAP_ENFORCE_ON: &str = "ENFORCE_ON";
-pub const MAP_TOKEN_PATS: &str = "TOKEN_PATS";
+pub const MAP_TOKEN_TABLES: &str = "TOKEN_TABLES";
 pub const MAP_BLOCK_TOKENS: &str = "BLOCK_TOKENS";
 pub const MAP_ENFORCE_TGIDS: &str = "ENFORCE_TGIDS";
 pub const MAP_TOKEN_CTL: &str = "TOKEN_CTL";
-pub const MAP_TOKEN_CARRY: &str = "TOKEN_CARRY";
+pub const MAP_TOKEN_STATE: &str = "TOKEN_STATE";
 
 // ---------------------------------------------------------------------------------------------
 // Limits.
@@ -234,11 +236,15 @@ pub const C_REFUSED_NO_TUPLE: u32 = 23;
 pub const C_REFUSED_TABLE_FULL: u32 = 24;
 /// Reads scanned for blocked tokens.
 pub const C_TOKEN_SCANS: u32 = 25;
-/// Scans that stopped at the loop budget before the end of the scanned bytes.
+/// Reads whose scan stopped at the loop budget before their end.
 pub const C_TOKEN_SCAN_BUDGET: u32 = 26;
 /// Reads that could not be scanned because copying the buffer failed.
 pub const C_TOKEN_SCAN_FAILED: u32 = 27;
-pub const COUNTER_MAX: u32 = 28;
+/// Request heads longer than `scan::SCAN_HEAD_MAX`: their connection is no longer scanned.
+pub const C_TOKEN_SCAN_HEAD_BOUND: u32 = 28;
+/// Request bodies longer than `scan::SCAN_BODY_MAX`: the rest of the body is not scanned.
+pub const C_TOKEN_SCAN_BODY_BOUND: u32 = 29;
+pub const COUNTER_MAX: u32 = 30;
 
 /// Names the agent reports the kernel counters under (`<noun>_<verb>_total` style, reason last).
 pub const COUNTER_NAMES: [&str; COUNTER_MAX as usize] = [
@@ -270,6 +276,8 @@ pub const COUNTER_NAMES: [&str; COUNTER_MAX as usize] = [
     "kernel_token_scans_total",
     "kernel_token_scans_truncated_total{reason=\"loop_budget\"}",
     "kernel_token_scans_failed_total{reason=\"read_user_failed\"}",
+    "kernel_token_scans_truncated_total{reason=\"head_bound\"}",
+    "kernel_token_scans_truncated_total{reason=\"body_bound\"}",
 ];
 
 /// Counters that mean something was lost; the agent reports them as drops.
@@ -389,10 +397,9 @@ pub const ENFORCE_ON_IDX: u32 = 0;
 /// Bytes of a token (cookie value, bearer token, login name) that go into its hash.
 pub const MAX_TOKEN_LEN: usize = 256;
 
-/// Bytes that end a token in a request: `;` and `,` (cookie lists), `&` (forms), `"` (JSON),
-/// space, CR and LF.
+/// Bytes that end a token in a request head (see [`scan::is_end`], which the kernel uses).
 pub const fn is_token_end(b: u8) -> bool {
-    matches!(b, b';' | b',' | b'&' | b'"' | b' ' | b'\r' | b'\n')
+    scan::is_end(b, true)
 }
 
 /// The hash the kernel and the agent both give a token: FNV-1a 64 over at most
@@ -434,29 +441,17 @@ const _: () = {
     assert!(token_hash(0, b"a") == 0xaf63_dc4c_8601_ec8c);
 };
 
-/// Patterns the kernel looks for (`TOKEN_PATS` entries); the token is what follows one.
+/// Patterns the agent may configure (session cookies, `Bearer`, session headers, login fields);
+/// compiled into `TOKEN_TABLES` (see [`scan::ScanTables`]).
 pub const MAX_TOKEN_PATS: u32 = 8;
-/// Bytes of one pattern.
+/// Bytes of one configured pattern.
 pub const TOKEN_PAT_LEN: usize = 32;
 /// Entries of the blocked-token table (`BLOCK_TOKENS`).
 pub const MAX_BLOCKED_TOKENS: u32 = 16384;
 /// Entries of the edge-process table (`ENFORCE_TGIDS`).
 pub const MAX_ENFORCE_TGIDS: u32 = 16384;
-/// Bytes at the start of each read in which a pattern may begin (after the end of the
-/// connection's previous read, which is scanned again in front of it); a token that begins there
-/// is read on past this, up to [`MAX_TOKEN_LEN`] bytes, if the read holds them.
-pub const TOKEN_SCAN_BYTES: usize = 4096;
-
-/// A `TOKEN_PATS` entry: `bytes[..len]` is matched case-sensitively anywhere in the scanned
-/// bytes; `len == 0` marks an unused slot.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TokenPattern {
-    pub len: u32,
-    pub _pad: u32,
-    pub bytes: [u8; TOKEN_PAT_LEN],
-}
-const _: () = assert!(size_of::<TokenPattern>() == 40);
+/// Connections whose scan state the kernel keeps between reads (`TOKEN_STATE`, LRU).
+pub const MAX_SCAN_CONNS: u32 = 16384;
 
 /// `TOKEN_CTL[0]`, written by the agent: the seed of [`token_hash`] and whether to scan at all.
 /// While `on` is zero (no token blocked) a read costs the kernel this one array lookup.
@@ -499,6 +494,7 @@ mod pod {
     unsafe impl aya::Pod for super::ConnState {}
     unsafe impl aya::Pod for super::SslKey {}
     unsafe impl aya::Pod for super::BlockKey {}
-    unsafe impl aya::Pod for super::TokenPattern {}
+    unsafe impl aya::Pod for super::scan::ScanTables {}
+    unsafe impl aya::Pod for super::scan::ConnScan {}
     unsafe impl aya::Pod for super::TokenCtl {}
 }

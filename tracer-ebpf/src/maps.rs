@@ -3,7 +3,7 @@
 //!
 //! A leaf: it uses nothing else of this crate, and every other module may use it. The per-CPU
 //! state of a loop that one module alone runs lives in that module, beside its type: `EMIT` in
-//! `emit`, `TOKEN_SCAN` and `TOKEN_CARRY` in `tokens`.
+//! `emit`, `TOKEN_SCAN`, `TOKEN_STATE` and `TOKEN_TABLES` in `tokens`.
 
 use aya_ebpf::{
     macros::map,
@@ -11,8 +11,7 @@ use aya_ebpf::{
 };
 use tracer_common::{
     BlockKey, BlockTokenValue, BlockValue, ConnKey, ConnState, DataEvent, KernelConfig, SslKey,
-    TokenCtl, TokenPattern, COMM_LEN, COUNTER_MAX, MAX_BLOCKED_CONNS, MAX_BLOCKED_TOKENS,
-    MAX_ENFORCE_TGIDS, MAX_TOKEN_PATS,
+    TokenCtl, COMM_LEN, COUNTER_MAX, MAX_BLOCKED_CONNS, MAX_BLOCKED_TOKENS, MAX_ENFORCE_TGIDS,
 };
 
 /// Overridden by the agent from `capture.ring_buffer_size`.
@@ -76,10 +75,6 @@ pub static BLOCK_CONNS: HashMap<BlockKey, BlockValue> =
 /// `[0]` non-zero while `BLOCK_CONNS` is not empty (kept by the agent): the fast way out.
 #[map(name = "ENFORCE_ON")]
 pub static ENFORCE_ON: Array<u32> = Array::with_max_entries(1, 0);
-
-/// Patterns after which a token follows (`skolsid=`, `Bearer ` ...); written by the agent.
-#[map(name = "TOKEN_PATS")]
-pub static TOKEN_PATS: Array<TokenPattern> = Array::with_max_entries(MAX_TOKEN_PATS, 0);
 
 /// Hashes (`tracer_common::token_hash`) of the tokens whose requests are refused; written by
 /// the agent only. A plain hash: a full table refuses the block, it never evicts one.

@@ -21,7 +21,7 @@ use sha2::Sha256;
 
 use super::credentials::{bearer_token, jwt_claims, login_username, now_unix};
 pub use super::credentials::{
-    forwarded_client, request_cookie, set_cookies, token_patterns_for_field, wire_value, SetCookie,
+    forwarded_client, request_cookie, set_cookies, token_patterns_for_field, SetCookie,
 };
 use crate::{
     attribute::jsonpath::{scalar_id, JsonPath},
@@ -314,6 +314,11 @@ impl Attributor {
         }
         v.dedup();
         v
+    }
+
+    /// Whether route `name` is a login route (its request carries a login name).
+    pub fn is_login_route(&self, name: &str) -> bool {
+        self.cfg.login.iter().any(|l| l.route == name)
     }
 
     /// The kernel's hashes of every credential and login name known for a user (or a session).
@@ -705,11 +710,9 @@ impl Attributor {
             .as_deref()
             .and_then(|f| login_username(req, f));
         a.user_hash = name.as_deref().map(|n| self.keyer.user_hash(n));
-        a.login_token = rule
-            .username
-            .as_deref()
-            .and_then(|f| wire_value(&req.body.data, f))
-            .and_then(|v| self.khash(v));
+        // The kernel decodes the name as the platform does (tracer_common::scan), so its hash
+        // is of the decoded name however the request encodes it.
+        a.login_token = name.as_deref().and_then(|n| self.khash(n.as_bytes()));
         let Some(resp) = ex.response.as_ref().filter(|_| ok) else {
             // A failed login: the attempted name is kept as a hash only.
             a.source = match ex.response.as_ref().map(|r| r.status) {

@@ -574,25 +574,25 @@ impl Kernel {
     }
 
     /// The patterns after which the kernel looks for tokens in what an edge process reads, e.g.
-    /// `skolsid=`, `Bearer `, `username=`, `"username":"` (case-sensitive, matched anywhere in
-    /// the first `TOKEN_SCAN_BYTES` of each read). Replaces the previous set; at most
-    /// `MAX_TOKEN_PATS` patterns of 1 to `TOKEN_PAT_LEN` bytes.
+    /// `skolsid=`, `Bearer `, `username=`, `"username":"`, compiled into the kernel's streaming
+    /// matcher (`enforce::token_patterns` says how each is matched). Replaces the previous set;
+    /// at most `MAX_TOKEN_PATS` patterns of 1 to `TOKEN_PAT_LEN` bytes.
     pub fn set_token_patterns(&mut self, pats: &[Vec<u8>]) -> Result<(), EnforceError> {
-        let slots = enforce::token_patterns(pats)?;
+        let tables = enforce::token_patterns(pats)?;
         let m = self
             .ebpf
-            .map_mut(MAP_TOKEN_PATS)
-            .ok_or(EnforceError::MissingMap(MAP_TOKEN_PATS))?;
-        let mut a = Array::<_, TokenPattern>::try_from(m).map_err(|e| EnforceError::Map {
-            name: MAP_TOKEN_PATS,
+            .map_mut(MAP_TOKEN_TABLES)
+            .ok_or(EnforceError::MissingMap(MAP_TOKEN_TABLES))?;
+        let mut a = Array::<_, tracer_common::scan::ScanTables>::try_from(m).map_err(|e| {
+            EnforceError::Map {
+                name: MAP_TOKEN_TABLES,
+                source: e,
+            }
+        })?;
+        a.set(0, tables, 0).map_err(|e| EnforceError::Map {
+            name: MAP_TOKEN_TABLES,
             source: e,
         })?;
-        for (i, p) in slots.iter().enumerate() {
-            a.set(i as u32, p, 0).map_err(|e| EnforceError::Map {
-                name: MAP_TOKEN_PATS,
-                source: e,
-            })?;
-        }
         Ok(())
     }
 

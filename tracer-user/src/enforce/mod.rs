@@ -21,7 +21,8 @@ use std::{
 
 use thiserror::Error;
 use tracer_common::{
-    BlockKey, TokenPattern, AF_INET, AF_INET6, MAX_BLOCKED_CONNS, MAX_TOKEN_PATS, TOKEN_PAT_LEN,
+    scan::{Pattern, ScanTables, TablesError, PK_TOKEN},
+    BlockKey, AF_INET, AF_INET6, MAX_BLOCKED_CONNS, MAX_TOKEN_PATS, TOKEN_PAT_LEN,
 };
 
 use crate::exchange::Tuple;
@@ -77,6 +78,8 @@ pub enum EnforceError {
         len: usize,
         max: usize,
     },
+    #[error("the token patterns take {bytes} bytes together, the kernel's matcher holds at most {max}; drop some of the configured session cookies, session headers or login fields")]
+    PatternsTooLong { bytes: usize, max: usize },
     #[error("the table of edge processes is full ({max} entries); pid {tgid} is not scanned for blocked tokens")]
     EdgeTableFull { max: u32, tgid: u32 },
     #[error("opening a NETLINK_SOCK_DIAG socket: {0}")]
@@ -171,19 +174,21 @@ pub fn block_key(t: &Tuple) -> Result<BlockKey, EnforceError> {
     })
 }
 
-/// The `TOKEN_PATS` entries for `pats` (the rest unused): at most `MAX_TOKEN_PATS` patterns of
-/// 1 to `TOKEN_PAT_LEN` bytes each, matched case-sensitively.
-pub fn token_patterns(
-    pats: &[Vec<u8>],
-) -> Result<[TokenPattern; MAX_TOKEN_PATS as usize], EnforceError> {
+/// The kernel's matcher (`TOKEN_TABLES`) for `pats`, the agent's patterns after which a token
+/// follows (`Attributor::kernel_patterns`): at most `MAX_TOKEN_PATS` patterns of 1 to
+/// `TOKEN_PAT_LEN` bytes each. The kernel skips spaces and tabs before every token, so trailing
+/// spaces are dropped; a pattern that names a header (`Name: `) matches at the start of a line
+/// and, like `Bearer `, in any case (servers compare header names and the auth scheme without
+/// case); cookie names and login fields match exactly.
+pub fn token_patterns(pats: &[Vec<u8>]) -> Result<ScanTables, EnforceError> {
     if pats.len() > MAX_TOKEN_PATS as usize {
         return Err(EnforceError::TooManyPatterns {
             n: pats.len(),
             max: MAX_TOKEN_PATS,
         });
     }
-    let mut out = [TokenPattern::default(); MAX_TOKEN_PATS as usize];
-    for (index, (p, slot)) in pats.iter().zip(out.iter_mut()).enumerate() {
+    let mut shaped: Vec<(Vec<u8>, bool)> = Vec::with_capacity(pats.len());
+    for (index, p) in pats.iter().enumerate() {
         if p.is_empty() || p.len() > TOKEN_PAT_LEN {
             return Err(EnforceError::BadPattern {
                 index,
@@ -192,10 +197,47 @@ pub fn token_patterns(
                 max: TOKEN_PAT_LEN,
             });
         }
-        slot.len = p.len() as u32;
-        slot.bytes[..p.len()].copy_from_slice(p);
+        shaped.push(shape_pattern(p));
     }
-    Ok(out)
+    let compiled: Vec<Pattern> = shaped
+        .iter()
+        .map(|(b, any_case)| Pattern {
+            bytes: b,
+            any_case: *any_case,
+            kind: PK_TOKEN,
+        })
+        .collect();
+    ScanTables::build(&compiled).map_err(|e| match e {
+        TablesError::TooLong { bytes, max } => EnforceError::PatternsTooLong { bytes, max },
+        TablesError::Empty { index } => EnforceError::BadPattern {
+            index,
+            pattern: String::new(),
+            len: 0,
+            max: TOKEN_PAT_LEN,
+        },
+    })
+}
+
+/// A configured pattern as the kernel matches it, and whether in any case (see
+/// [`token_patterns`]).
+fn shape_pattern(p: &[u8]) -> (Vec<u8>, bool) {
+    let trimmed: Vec<u8> = {
+        let mut v = p.to_vec();
+        while v.len() > 1 && v.last() == Some(&b' ') {
+            v.pop();
+        }
+        v
+    };
+    if p.eq_ignore_ascii_case(b"bearer ") {
+        // The scheme and at least one space, then any spacing.
+        return (b"bearer ".to_vec(), true);
+    }
+    if trimmed.last() == Some(&b':') && trimmed.len() > 1 && p.ends_with(b": ") {
+        let mut v = vec![b'\n'];
+        v.extend_from_slice(&trimmed);
+        return (v, true);
+    }
+    (trimmed, false)
 }
 
 pub(crate) fn table_full(t: &Tuple) -> EnforceError {
@@ -776,16 +818,28 @@ mod tests {
 
     #[test]
     fn token_pattern_limits() {
-        let pats: Vec<Vec<u8>> = vec![b"skolsid=".to_vec(), b"\"username\":\"".to_vec()];
+        use tracer_common::scan::{BUILTIN_PAT_BYTES, PAT_BITS};
+        let pats: Vec<Vec<u8>> = vec![
+            b"skolsid=".to_vec(),
+            b"\"username\":\"".to_vec(),
+            b"Bearer ".to_vec(),
+            b"X-Session: ".to_vec(),
+        ];
         let t = token_patterns(&pats).unwrap();
-        assert_eq!(t[0].len, 8);
-        assert_eq!(&t[0].bytes[..8], b"skolsid=");
-        assert!(t[0].bytes[8..].iter().all(|b| *b == 0));
-        assert_eq!(t[1].len, 12);
-        assert!(t[2..].iter().all(|p| *p == TokenPattern::default()));
-        assert!(token_patterns(&[]).unwrap().iter().all(|p| p.len == 0));
-        let full: Vec<Vec<u8>> = (0..8).map(|i| vec![b'a' + i; 32]).collect();
-        assert_eq!(token_patterns(&full).unwrap()[7].len, 32);
+        // skolsid= (8), "username":" (12), bearer<sp> (7), \nX-Session: (11), then built-ins.
+        let used = 8 + 12 + 7 + 11 + BUILTIN_PAT_BYTES;
+        let bits = |w: [u64; 2]| w[0].count_ones() + w[1].count_ones();
+        assert_eq!(bits(t.start), 6);
+        assert_eq!(bits(t.end), 6);
+        // Cookie names exactly; `Bearer` and header names in any case.
+        // (`k` is in no pattern matched in any case.)
+        assert_eq!(t.mask[b'K' as usize], [0, 0]);
+        assert_ne!(t.mask[b'k' as usize], [0, 0]);
+        assert_ne!(t.mask[b'B' as usize], [0, 0]);
+        assert_eq!(t.mask[b'B' as usize], t.mask[b'b' as usize]);
+        assert_eq!(t.mask[b'x' as usize], t.mask[b'X' as usize]);
+        assert!(used <= PAT_BITS);
+        assert!(token_patterns(&[]).is_ok());
         let nine: Vec<Vec<u8>> = (0..9).map(|i| vec![b'a' + i]).collect();
         assert!(matches!(
             token_patterns(&nine),
@@ -807,6 +861,12 @@ mod tests {
         assert!(matches!(
             token_patterns(&[Vec::new()]),
             Err(EnforceError::BadPattern { len: 0, .. })
+        ));
+        // Together they must fit the matcher.
+        let full: Vec<Vec<u8>> = (0..8).map(|i| vec![b'a' + i; 32]).collect();
+        assert!(matches!(
+            token_patterns(&full),
+            Err(EnforceError::PatternsTooLong { bytes: 256, max }) if max == PAT_BITS - BUILTIN_PAT_BYTES
         ));
     }
 

@@ -121,6 +121,15 @@ use crate::http::reassembly::StreamStats;
 use direction::{DirState, Shared};
 use pairing::{Pairing, PumpCtx};
 
+/// A request as soon as the parser has read it, before its answer is paired: once when its
+/// head is read (if a body follows, `body_read: false`, empty body) and once when it is whole.
+/// For checks that must act before the server answers (the pipeline's request-time blocks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestRead {
+    pub request: crate::exchange::Request,
+    pub body_read: bool,
+}
+
 /// Parses one connection: feed it pieces of both directions, take exchanges and anomalies.
 pub struct ConnParser {
     dirs: [DirState; 2],
@@ -151,6 +160,7 @@ impl ConnParser {
                 next_seq: 0,
                 pairing,
                 anomalies: Vec::new(),
+                requests_read: None,
             },
             closed: false,
             ends_known: false,
@@ -225,6 +235,20 @@ impl ConnParser {
 
     pub fn take_exchanges(&mut self) -> Vec<Exchange> {
         std::mem::take(&mut self.sh.pairing.out)
+    }
+
+    /// Keeps every request as soon as it is read, for [`ConnParser::take_requests_read`].
+    pub fn keep_requests_read(&mut self) {
+        self.sh.requests_read.get_or_insert_with(Vec::new);
+    }
+
+    /// The requests read since the last call (empty unless [`ConnParser::keep_requests_read`]).
+    pub fn take_requests_read(&mut self) -> Vec<RequestRead> {
+        self.sh
+            .requests_read
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     pub fn take_anomalies(&mut self) -> Vec<Anomaly> {

@@ -68,7 +68,7 @@ impl Pipeline {
         Some(did)
     }
 
-    fn block_conn(&mut self, id: ConnId, decision: &str) {
+    pub(super) fn block_conn(&mut self, id: ConnId, decision: &str) {
         if !self.s.detection.enforce {
             return;
         }
@@ -85,7 +85,7 @@ impl Pipeline {
         }
     }
 
-    fn block_token(&mut self, hash: u64, decision: &str) {
+    pub(super) fn block_token(&mut self, hash: u64, decision: &str) {
         if self.s.detection.enforce && !self.blocked_tokens.contains_key(&hash) {
             self.blocked_tokens.insert(hash, decision.to_string());
             self.fx.kernel.push(Action::BlockToken {

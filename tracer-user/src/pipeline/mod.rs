@@ -7,6 +7,7 @@
 
 mod blocks;
 mod conn;
+mod early;
 mod effects;
 
 use std::{
@@ -75,6 +76,9 @@ pub struct Pipeline {
     /// Added to record time for detection and decisions (an injectable clock for tests that
     /// compress days; 0 in production).
     clock_offset_ms: i64,
+    /// Counts of the request-time look at a request (`early`), which the exchange's own
+    /// attribution counts again: thrown away.
+    scratch_stats: Stats,
 }
 
 /// What the path knows of the connection an exchange came on.
@@ -95,6 +99,7 @@ impl Pipeline {
             enforced: HashMap::new(),
             blocked_tokens: HashMap::new(),
             clock_offset_ms: 0,
+            scratch_stats: Stats::default(),
             attributor: None,
             subjects,
             s,
@@ -203,6 +208,8 @@ impl Pipeline {
 
     fn conn(&mut self, id: ConnId, origin: u8, tuple: Option<Addrs>, tls: bool) -> &mut Conn {
         let limits = self.s.limits.clone();
+        // Requests are kept as they are read only where blocks can be enforced.
+        let early = self.s.detection.enforce && self.attributor.is_some();
         let stats = &self.stats;
         self.conns.entry(id).or_insert_with(|| {
             stats.add(Metric::ConnectionsOpened, 1);
@@ -215,7 +222,11 @@ impl Pipeline {
             if midstream {
                 stats.add_label(Metric::ConnectionsOpened, "origin", "midstream", 1);
             }
-            Conn::new(ConnParser::new(role, false, limits), tuple, tls, midstream)
+            let mut parser = ConnParser::new(role, false, limits);
+            if early {
+                parser.keep_requests_read();
+            }
+            Conn::new(parser, tuple, tls, midstream)
         })
     }
 
@@ -441,6 +452,7 @@ impl Pipeline {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
+        let read = c.parser.take_requests_read();
         let exchanges = c.parser.take_exchanges();
         for a in c.parser.take_anomalies() {
             self.stats.add_reason(Metric::HttpAnomalies, a.reason(), 1);
@@ -452,15 +464,24 @@ impl Pipeline {
             Metric::HttpBodyBytesHeld,
             self.s.limits.body_budget.in_use(),
         );
-        if exchanges.is_empty() {
+        if exchanges.is_empty() && read.is_empty() {
             return;
         }
         let facts = ConnFacts {
             id,
             tuple: c.tuple,
             tls: c.tls,
-            holes: std::mem::take(&mut c.hole_reasons).into_iter().collect(),
+            holes: if exchanges.is_empty() {
+                Vec::new()
+            } else {
+                std::mem::take(&mut c.hole_reasons).into_iter().collect()
+            },
         };
+        // Requests first, as soon as they are read: a block must reach the kernel before the
+        // answer is written.
+        for r in read {
+            self.request_read(r, &facts);
+        }
         for ex in exchanges {
             self.exchange(&ex, &facts);
         }

@@ -118,6 +118,8 @@ metrics! {
         "Kernel refusals that matched no decision in force.";
     EnforcementRequestsRefused = "enforcement_requests_refused_total", Counter,
         "Requests the kernel refused for a blocked token.";
+    EnforcementRequestsStopped = "enforcement_requests_stopped_total", Counter,
+        "Requests the agent stopped as soon as it read them (before their answer), by reason.";
     EnforcementTokensBlocked = "enforcement_tokens_blocked_total", Counter,
         "Session and login tokens added to the kernel's block table.";
     EventsAnomalous = "events_anomalous_total", Counter,

@@ -62,6 +62,8 @@ pub(super) struct Shared {
     pub(super) next_seq: u64,
     pub(super) pairing: Pairing,
     pub(super) anomalies: Vec<Anomaly>,
+    /// Requests as soon as they are read, for checks before the answer (`None`: not wanted).
+    pub(super) requests_read: Option<Vec<super::RequestRead>>,
 }
 
 impl Shared {
@@ -628,7 +630,27 @@ impl DirState {
                 };
                 msg.body = BodyAcc::new(&sh.limits, encoding, expect);
                 match framing {
-                    Some(framing) => Phase::Body { msg, framing },
+                    Some(framing) => {
+                        // The head is read; the body may take a while (its own event follows).
+                        if let (Some(q), Start::Req { method, target }) =
+                            (sh.requests_read.as_mut(), &msg.start)
+                        {
+                            q.push(super::RequestRead {
+                                request: Request {
+                                    method: method.clone(),
+                                    target: target.clone(),
+                                    minor_version: msg.minor,
+                                    headers: msg.headers.clone(),
+                                    body: Body::default(),
+                                    first_ns: msg.first_ns,
+                                    last_ns: msg.last_ns,
+                                    wire: msg.wire.clone(),
+                                },
+                                body_read: false,
+                            });
+                        }
+                        Phase::Body { msg, framing }
+                    }
                     None => self.finish_request(sh, msg, true),
                 }
             }
@@ -721,6 +743,12 @@ impl DirState {
             last_ns: msg.last_ns,
             wire: msg.wire,
         };
+        if let Some(q) = sh.requests_read.as_mut() {
+            q.push(super::RequestRead {
+                request: req.clone(),
+                body_read: true,
+            });
+        }
         sh.pairing
             .complete_request(msg.seq, req, msg.partial || !complete);
         if complete && msg.upgrade_req {

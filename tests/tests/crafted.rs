@@ -1,0 +1,287 @@
+//! Privileged end-to-end test of enforcement against crafted requests (issue 12, deliverable
+//! 4): the demo platform behind nginx/TLS, the agent enforcing; a pupil is blocked by the
+//! operator, then sends each crafted form of a request on a fresh connection. At the client,
+//! no answer may come back for any of them; an honest pupil's same forms are answered.
+
+use std::path::Path;
+
+use anyhow::{ensure, Context as _, Result};
+use serde_json::{json, Value};
+use sparbar_tests::*;
+
+/// Sends each request (a list of byte pieces, written with a pause between them) over a fresh
+/// TLS connection and reports per request whether an HTTP status line came back, and which.
+const CLIENT: &str = r#"
+import json, socket, ssl, sys, time
+port, cafile = int(sys.argv[1]), sys.argv[2]
+ctx = ssl.create_default_context(cafile=cafile)
+ctx.check_hostname = False
+out = []
+for pieces in json.load(sys.stdin):
+    got = b""
+    try:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=4)
+        s = ctx.wrap_socket(raw, server_hostname="localhost")
+        for i, p in enumerate(pieces):
+            if i:
+                time.sleep(0.3)
+            s.sendall(bytes.fromhex(p))
+        s.settimeout(3)
+        while True:
+            b = s.recv(65536)
+            if not b:
+                break
+            got += b
+            if b"\r\n\r\n" in got:
+                break
+    except (OSError, ssl.SSLError):
+        pass
+    line = got.split(b"\r\n", 1)[0].decode("latin-1")
+    out.append(line if line.startswith("HTTP/1.") else None)
+print(json.dumps(out))
+"#;
+
+fn send(port: u16, cafile: &str, reqs: &[Vec<Vec<u8>>]) -> Result<Vec<Option<String>>> {
+    let input: Vec<Vec<String>> = reqs
+        .iter()
+        .map(|pieces| pieces.iter().map(hex::encode).collect())
+        .collect();
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", CLIENT, &port.to_string(), cafile])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().context("stdin")?;
+        stdin.write_all(serde_json::to_string(&input)?.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    ensure!(out.status.success(), "the TLS client failed");
+    let v: Vec<Option<String>> = serde_json::from_slice(&out.stdout)
+        .with_context(|| String::from_utf8_lossy(&out.stdout).into_owned())?;
+    Ok(v)
+}
+
+/// `n` bytes of other headers, in lines of about 700 bytes: within nginx's 8k per line and the
+/// demo app's (Python's) 100 headers, so an honest request so padded is answered.
+fn padding(n: usize) -> String {
+    let mut s = String::new();
+    let mut i = 0;
+    while s.len() < n {
+        s.push_str(&format!("X-Pad-{i}: {}\r\n", "a".repeat(700)));
+        i += 1;
+    }
+    s
+}
+
+fn get(path: &str, headers: &str) -> Vec<Vec<u8>> {
+    vec![
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{headers}Connection: close\r\n\r\n")
+            .into_bytes(),
+    ]
+}
+
+fn post(path: &str, ctype: &str, body: &str) -> Vec<Vec<u8>> {
+    vec![format!(
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()]
+}
+
+/// Every crafted form of a call by `a` (whose session cookie is `sid` and bearer token `jwt`),
+/// named.
+fn crafted(a: &Value, sid: &str, jwt: &str) -> Vec<(&'static str, Vec<Vec<u8>>)> {
+    let me = "/api/me";
+    let user = a["username"].as_str().unwrap_or_default();
+    let pw = a["password"].as_str().unwrap_or_default();
+    let enc: String = user.bytes().map(|b| format!("%{b:02X}")).collect();
+    let split = {
+        let head = format!("GET {me} HTTP/1.1\r\nHost: localhost\r\nCookie: skolsid=");
+        let (x, y) = sid.split_at(sid.len() / 2);
+        vec![
+            format!("{head}{x}").into_bytes(),
+            format!("{y}\r\nConnection: close\r\n\r\n").into_bytes(),
+        ]
+    };
+    let mut ctl =
+        format!("GET {me} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer ").into_bytes();
+    ctl.extend(jwt.as_bytes());
+    ctl.push(0x1f);
+    ctl.extend(b"\r\nConnection: close\r\n\r\n");
+    vec![
+        (
+            "padded 6 KB",
+            get(
+                me,
+                &format!("{}Cookie: skolsid={sid}\r\n", padding(6 * 1024)),
+            ),
+        ),
+        (
+            "padded 30 KB",
+            get(
+                me,
+                &format!("{}Cookie: skolsid={sid}\r\n", padding(30 * 1024)),
+            ),
+        ),
+        ("cOOKIE", get(me, &format!("cOOKIE: skolsid={sid}\r\n"))),
+        (
+            "bearer",
+            get(me, &format!("Authorization: bearer {jwt}\r\n")),
+        ),
+        (
+            "Bearer two spaces",
+            get(me, &format!("Authorization: Bearer  {jwt}\r\n")),
+        ),
+        ("token ended by 0x1f", vec![ctl]),
+        (
+            "percent-encoded login",
+            post(
+                "/login",
+                "application/x-www-form-urlencoded",
+                &format!("username={enc}&password={pw}"),
+            ),
+        ),
+        (
+            "JSON-escaped login",
+            post(
+                "/login",
+                "application/json",
+                &format!(r#"{{"\u0075sername":"{user}","password":"{pw}"}}"#),
+            ),
+        ),
+        ("cookie split across writes", split),
+    ]
+}
+
+fn login(url: &str, cert: &str, a: &Value, jar: &Path) -> Result<(String, String)> {
+    let user = a["username"].as_str().unwrap_or_default();
+    let pw = a["password"].as_str().unwrap_or_default();
+    output(std::process::Command::new("curl").args([
+        "-sf",
+        "--cacert",
+        cert,
+        "-c",
+        &jar.display().to_string(),
+        "--data-urlencode",
+        &format!("username={user}"),
+        "--data-urlencode",
+        &format!("password={pw}"),
+        &format!("{url}/login"),
+    ]))?;
+    let jar_text = std::fs::read_to_string(jar)?;
+    let sid = jar_text
+        .lines()
+        .find_map(|l| l.split('\t').nth(6).filter(|_| l.contains("skolsid")))
+        .context("no skolsid in the cookie jar")?
+        .to_string();
+    let tok: Value = serde_json::from_str(&output(std::process::Command::new("curl").args([
+        "-sf",
+        "--cacert",
+        cert,
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        &json!({"username": user, "password": pw}).to_string(),
+        &format!("{url}/api/token"),
+    ]))?)?;
+    let jwt = tok["access_token"]
+        .as_str()
+        .context("no access_token")?
+        .to_string();
+    Ok((sid, jwt))
+}
+
+#[test]
+fn a_blocked_pupil_gets_no_answer_to_any_crafted_request() -> Result<()> {
+    require_root()?;
+    let dir = scratch("crafted");
+    let (tls_port, app_port) = (free_port(), free_port());
+    let platform = Platform::up(&dir.join("platform"), tls_port, app_port, false)?;
+    let ds: Value = serde_json::from_str(&std::fs::read_to_string(
+        platform.info["dataset"].as_str().unwrap_or_default(),
+    )?)?;
+    let pupils: Vec<&Value> = ds["accounts"]
+        .as_array()
+        .context("accounts")?
+        .iter()
+        .filter(|a| a["role"] == "pupil")
+        .take(2)
+        .collect();
+    let (x, y) = (pupils[0], pupils[1]);
+    let agent = Agent::start(&dir.join("agent"), &demo_config(&platform)?)?;
+    let cert = platform.cert();
+    let url = format!("https://127.0.0.1:{tls_port}");
+    let (sx, jx) = login(&url, &cert, x, &dir.join("x.jar"))?;
+    let (sy, jy) = login(&url, &cert, y, &dir.join("y.jar"))?;
+    // Before the block: the plain forms are answered for both.
+    let plain = |sid: &str| get("/api/me", &format!("Cookie: skolsid={sid}\r\n"));
+    let before = send(tls_port, &cert, &[plain(&sx), plain(&sy)])?;
+    ensure!(
+        before
+            .iter()
+            .all(|s| s.as_deref().is_some_and(|l| l.contains(" 200 "))),
+        "before the block: {before:?}"
+    );
+
+    let cfg = dir.join("agent/sparbar.toml").display().to_string();
+    let uid = x["userId"].to_string();
+    let b = output(std::process::Command::new(agent_bin()?).args([
+        "block",
+        "--config",
+        &cfg,
+        "--user",
+        &uid,
+        "--duration",
+        "10m",
+        "--reason",
+        "test",
+    ]))?;
+    ensure!(b.contains("\"ok\":true"), "sparbar block: {b}");
+
+    let forms = crafted(x, &sx, &jx);
+    let got = send(
+        tls_port,
+        &cert,
+        &forms.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(),
+    )?;
+    let answered: Vec<(&str, &String)> = forms
+        .iter()
+        .zip(&got)
+        .filter_map(|((n, _), g)| g.as_ref().map(|l| (*n, l)))
+        .collect();
+    // The honest pupil's same forms (the login forms log it in; the padded ones stay within
+    // nginx's header buffers).
+    let honest = crafted(y, &sy, &jy);
+    let honest_got = send(
+        tls_port,
+        &cert,
+        &honest.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(),
+    )?;
+    let stats = agent.stop()?;
+
+    ensure!(
+        answered.is_empty(),
+        "{} of {} crafted requests of a blocked pupil were answered: {answered:?}",
+        answered.len(),
+        forms.len()
+    );
+    let honest_ok: Vec<(&str, Option<&String>)> = honest
+        .iter()
+        .zip(&honest_got)
+        .map(|((n, _), g)| (*n, g.as_ref()))
+        .filter(|(_, g)| !g.is_some_and(|l| l.contains(" 200 ")))
+        .collect();
+    ensure!(
+        honest_ok.is_empty(),
+        "an honest pupil's requests were not answered 200: {honest_ok:?}"
+    );
+    ensure!(
+        stats.kernel("kernel_token_scans_truncated_total{reason=\"loop_budget\"}") == 0
+            && stats.kernel("kernel_token_scans_failed_total{reason=\"read_user_failed\"}") == 0,
+        "kernel scan problems: {:?}",
+        stats.0
+    );
+    Ok(())
+}
