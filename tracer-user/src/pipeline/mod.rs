@@ -83,6 +83,9 @@ struct ConnFacts {
     tuple: Option<Addrs>,
     tls: bool,
     holes: Vec<&'static str>,
+    /// The parser's anomalies on the connection since the last exchanges were taken (the
+    /// detectors' anomaly rules see them on these exchanges).
+    anomalies: Vec<&'static str>,
 }
 
 impl Pipeline {
@@ -110,7 +113,9 @@ impl Pipeline {
     }
 
     /// Attributes calls from now on (without one, records carry no user).
+    /// The detectors' sketches are keyed with the attributor's secret from then on.
     pub fn set_attributor(&mut self, a: Attributor) {
+        self.detector.set_key(a.keyer().subkey("detector-sketches"));
         self.attributor = Some(a);
     }
 
@@ -127,7 +132,10 @@ impl Pipeline {
     }
 
     /// Detector windows saved by an earlier run; returns how many keys came back.
-    pub fn restore_detector(&mut self, bytes: &[u8]) -> Result<usize, serde_json::Error> {
+    pub fn restore_detector(
+        &mut self,
+        bytes: &[u8],
+    ) -> Result<crate::detect::Restored, crate::detect::DetectorStateError> {
         self.detector.restore(bytes)
     }
 
@@ -442,8 +450,12 @@ impl Pipeline {
             return;
         };
         let exchanges = c.parser.take_exchanges();
+        let mut anomalies: Vec<&'static str> = Vec::new();
         for a in c.parser.take_anomalies() {
             self.stats.add_reason(Metric::HttpAnomalies, a.reason(), 1);
+            if !anomalies.contains(&a.reason()) {
+                anomalies.push(a.reason());
+            }
         }
         if exchanges.is_empty() {
             return;
@@ -453,6 +465,7 @@ impl Pipeline {
             tuple: c.tuple,
             tls: c.tls,
             holes: std::mem::take(&mut c.hole_reasons).into_iter().collect(),
+            anomalies,
         };
         for ex in exchanges {
             self.exchange(&ex, &facts);
@@ -513,6 +526,7 @@ impl Pipeline {
                 service,
                 status: ex.response.as_ref().map(|r| r.status),
                 cross_tenant: cross,
+                anomalies: at.anomalies.iter().map(|a| a.to_string()).collect(),
                 ..Access::from_parts(who, whose, route)
             };
             for alert in self.detector.observe(&access, &self.stats) {
