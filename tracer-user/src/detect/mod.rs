@@ -1767,9 +1767,16 @@ mod tests {
     fn corrupt_detector_state_is_refused_not_a_panic() {
         let st = Stats::default();
         let (rules, saved) = full_state();
+        // Inside a sketch's 512 hex digits every 61st position is enough: they are all alike.
+        let mut in_sketch = vec![false; saved.len()];
+        let mut run = 0;
+        for (i, b) in saved.iter().enumerate() {
+            run = if b.is_ascii_hexdigit() { run + 1 } else { 0 };
+            in_sketch[i] = run > 8 && saved.get(i + 8).is_some_and(u8::is_ascii_hexdigit);
+        }
         let mut d = det(rules.clone());
         assert_eq!(d.restore(&saved).unwrap().keys, 2);
-        for n in 0..saved.len() {
+        for n in (0..saved.len()).filter(|&i| !in_sketch[i] || i % 61 == 0) {
             let e = d.restore(&saved[..n]).unwrap_err();
             assert!(
                 e.to_string()
@@ -1793,11 +1800,14 @@ mod tests {
                 b"{\"version\":3,\"key_check\":\"\",\"keys\":{}}".to_vec(),
                 "unknown format version",
             ),
-            // A sketch of the right length in bytes but not hex (slicing it used to panic).
+            // A sketch of the right length in bytes but not hex, with a two-byte character across
+            // a digit pair (slicing it used to panic).
             (
-                text.replacen(&sketch, &"é".repeat(HLL_M), 1).into_bytes(),
+                text.replacen(&sketch, &format!("0{}0", "é".repeat(HLL_M - 1)), 1)
+                    .into_bytes(),
                 "hex digits",
             ),
+            // A sketch too short (adding to it used to index past its end).
             (
                 text.replacen(&sketch, &sketch[..20], 1).into_bytes(),
                 "hex digits",
@@ -1816,7 +1826,7 @@ mod tests {
         }
         // Any byte replaced anywhere: an error or a state the detectors can run on.
         let mut accepted = 0;
-        for i in 0..saved.len() {
+        for i in (0..saved.len()).filter(|&i| !in_sketch[i] || i % 61 == 0) {
             for b in [b'0', b'9', b'f', b'"', b'[', b'{', b'-', b'e', 0xc3] {
                 let mut m = saved.clone();
                 m[i] = b;
