@@ -341,3 +341,118 @@ fn incident_replay_alerts_decides_and_blocks_without_root() {
     assert_eq!(stats.get("enforcement_connections_gone_total"), 1);
     assert_eq!(stats.get("enforcement_tokens_blocked_total"), 2);
 }
+
+/// The incident again, but the agent never learns the pupil's school (no identity endpoint
+/// names it: a scraper that never calls `/api/me`). No answer can be called cross-tenant, yet
+/// the cross-tenant rule still fires, on the same call, because the pupil's answers span two
+/// schools; and the pupil is blocked the same way.
+#[test]
+fn incident_replay_without_the_callers_school_still_fires() {
+    let raw = std::fs::read(fixture("incident.events")).unwrap();
+    let text = std::fs::read_to_string(fixture("incident.toml")).unwrap();
+    let endpoint =
+        "route = \"identity.me\"\nuser_id = \"$.id\"\nrole = \"$.role\"\ntenant = \"$.schoolId\"\n";
+    assert!(text.contains(endpoint), "the fixture's identity endpoint");
+    let text = text.replace(
+        endpoint,
+        "route = \"identity.me\"\nuser_id = \"$.id\"\nrole = \"$.role\"\n",
+    );
+    let cfg = config::parse(&text, "incident.toml").unwrap();
+    let plan = Plan::from_config(&cfg).unwrap();
+    let live: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("incident.live.json")).unwrap())
+            .unwrap();
+    let evs = events_of(&raw);
+    let tls_port = live["tls_port"].as_u64().unwrap() as u16;
+    let services: std::collections::HashMap<u32, String> = evs
+        .iter()
+        .filter_map(|e| match e {
+            decode::Event::ConnOpen { conn, tuple, .. } if tuple.local_port == tls_port => {
+                Some((conn.tgid, "nginx".to_string()))
+            }
+            _ => None,
+        })
+        .collect();
+    let stats = Arc::new(Stats::default());
+    let mut p = Pipeline::new(
+        plan.pipeline,
+        Arc::new(RwLock::new(services)),
+        stats.clone(),
+    );
+    let mut attributor = Attributor::new(plan.identity, Keyer::new([7; 32]));
+    attributor.set_token_seed(0x5eed);
+    p.set_attributor(attributor);
+    let (mut kernel, mut trail) = (FakeKernel::default(), FakeTrail::default());
+    for batch in evs.chunks(64) {
+        let fx = p.handle(batch.iter().cloned());
+        commit(&mut p, fx, &mut kernel, &mut trail, &stats);
+    }
+    let fx = p.finish();
+    commit(&mut p, fx, &mut kernel, &mut trail, &stats);
+
+    let edge_abook: Vec<&Value> = trail
+        .access
+        .iter()
+        .filter(|r| {
+            r["server"]["port"].as_u64() == Some(tls_port as u64)
+                && r["sparbar"]["route"]["name"] == json!("abook.persons.query")
+        })
+        .collect();
+    assert_eq!(edge_abook.len(), 2);
+    // The school is unknown: no record says cross-tenant, none has an organization.
+    assert!(edge_abook
+        .iter()
+        .all(|r| r["abook"]["cross_tenant"].is_null() && r["organization"].is_null()));
+    let schools: Vec<Value> = edge_abook
+        .iter()
+        .map(|r| r["abook"]["target"]["tenants"].clone())
+        .collect();
+    assert_eq!(schools, [json!(["sch-01"]), json!(["sch-02"])]);
+
+    let pupil = live["pupil"].to_string();
+    let alerts: Vec<&Value> = trail
+        .security
+        .iter()
+        .filter(|r| r["event"]["dataset"] == json!("sparbar.alert"))
+        .collect();
+    assert_eq!(alerts.len(), 1);
+    let a = &alerts[0];
+    assert_eq!(
+        (
+            a["rule"]["id"].as_str(),
+            a["user"]["id"].as_str(),
+            a["abook"]["alert"]["metric"].as_str(),
+            a["abook"]["alert"]["value"].as_f64(),
+            a["abook"]["alert"]["foreign_tenants"].clone()
+        ),
+        (
+            Some("cross-tenant"),
+            Some(pupil.as_str()),
+            Some("tenants_spanned"),
+            Some(2.0),
+            json!(["sch-01", "sch-02"])
+        )
+    );
+    let second = edge_abook[1]["event"]["id"].clone();
+    assert_eq!(
+        a["abook"]["evidence"]["event_ids"]
+            .as_array()
+            .unwrap()
+            .last(),
+        Some(&second)
+    );
+    let starts: Vec<&Value> = trail
+        .security
+        .iter()
+        .filter(|r| r["event"]["action"] == json!("block_start"))
+        .collect();
+    assert_eq!(starts.len(), 1);
+    assert_eq!(
+        (
+            starts[0]["abook"]["decision"]["scope"].as_str(),
+            starts[0]["abook"]["decision"]["value"].as_str(),
+            starts[0]["abook"]["decision"]["alert_event_id"].clone()
+        ),
+        (Some("user"), Some(pupil.as_str()), second)
+    );
+}

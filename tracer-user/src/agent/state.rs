@@ -101,7 +101,17 @@ pub fn restore_detection(p: &mut Pipeline, dir: &Path, stats: &Stats) {
     }
     match std::fs::read(dir.join(DETECTOR_FILE)) {
         Ok(b) => match p.restore_detector(&b) {
-            Ok(n) => info!("restored detector state of {n} keys"),
+            Ok(r) => {
+                info!("restored detector state of {} keys", r.keys);
+                if r.sketches_reset > 0 {
+                    warn!(
+                        "{}: {} distinct-count sketches were made with another key (or none) and start over",
+                        dir.join(DETECTOR_FILE).display(),
+                        r.sketches_reset
+                    );
+                    stats.add_reason(Metric::StateFilesRejected, "detector_sketches", 1);
+                }
+            }
             Err(e) => {
                 warn!(
                     "{}: cannot be read ({e}); detectors start empty",

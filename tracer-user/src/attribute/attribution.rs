@@ -119,6 +119,19 @@ impl Keyer {
     pub fn user_hash(&self, name: &str) -> String {
         self.mac("user:", name.as_bytes())
     }
+
+    /// A key of its own for another keyed hash of the agent's (the detectors' sketches):
+    /// the first 16 bytes of HMAC-SHA256(key, "subkey:" + purpose). Nobody without the key
+    /// file can predict where a value lands in a sketch keyed with it.
+    pub fn subkey(&self, purpose: &str) -> [u8; 16] {
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.key).expect("any key length");
+        m.update(b"subkey:");
+        m.update(purpose.as_bytes());
+        let out = m.finalize().into_bytes();
+        let mut k = [0u8; 16];
+        k.copy_from_slice(&out[..16]);
+        k
+    }
 }
 
 pub fn hex(b: &[u8]) -> String {

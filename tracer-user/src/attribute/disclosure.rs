@@ -24,15 +24,17 @@ use crate::{
 pub enum Status {
     /// Every person in the body was read.
     Complete,
-    /// The body was not (fully) captured, or is not valid JSON: the subjects are unknown.
-    Unparsed,
+    /// The body was not (fully) captured, is compressed in a way the agent does not decode,
+    /// or is not valid JSON: the subjects are unknown (never "none"). The detectors count such
+    /// answers on their own (`unreadable_answers`).
+    Unreadable,
 }
 
 impl Status {
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Complete => "complete",
-            Status::Unparsed => "unparsed",
+            Status::Unreadable => "unreadable",
         }
     }
 }
@@ -52,7 +54,7 @@ pub struct Disclosure {
     pub total: Option<u64>,
     pub status: Status,
     /// Why the status is not complete (`body_not_captured`, `body_truncated`,
-    /// `body_undecodable`, `malformed_json`).
+    /// `body_undecodable`, `body_encoding_unknown`, `malformed_json`).
     pub error: Option<&'static str>,
     /// Subjects whose tenant is not known.
     pub unknown_tenant: usize,
@@ -157,6 +159,20 @@ fn categories_of(person: &Value, cats: &BTreeMap<String, Vec<String>>, out: &mut
     }
 }
 
+/// Is the body still compressed (a `Content-Encoding` other than `identity` that the parser did
+/// not decode: `br`, `zstd`, stacked codings)? Then its persons are unknown, whatever the bytes
+/// look like.
+fn encoded_unknown(resp: &Response, body: &crate::exchange::Body) -> bool {
+    body.decoded_from.is_none()
+        && resp.headers.iter().any(|h| {
+            h.name.eq_ignore_ascii_case("content-encoding")
+                && h.value
+                    .split(|b| *b == b',')
+                    .map(|t| t.trim_ascii())
+                    .any(|t| !t.is_empty() && !t.eq_ignore_ascii_case(b"identity"))
+        })
+}
+
 /// The disclosure step: whose data an exchange's answer disclosed. `None` when it matched no
 /// route with a disclosure rule, has no response, or the response is not a success.
 pub fn disclose(
@@ -204,11 +220,12 @@ pub fn extract(
             Some(BodyLoss::NotCaptured) | Some(BodyLoss::Incomplete) => Err("body_not_captured"),
             Some(BodyLoss::KeptLimit) => Err("body_truncated"),
             Some(BodyLoss::DecodeError) => Err("body_undecodable"),
+            None if encoded_unknown(resp, body) => Err("body_encoding_unknown"),
             None => serde_json::from_slice::<Value>(&body.data).map_err(|_| "malformed_json"),
         };
         match parsed {
             Err(e) => {
-                status = Status::Unparsed;
+                status = Status::Unreadable;
                 error = Some(e);
                 stats.add_reason(Metric::DisclosuresUnparsed, e, 1);
             }
@@ -476,10 +493,44 @@ mod tests {
                 &st,
             )
             .unwrap();
-            assert_eq!((d.status, d.error), (Status::Unparsed, Some(why)));
+            assert_eq!((d.status, d.error), (Status::Unreadable, Some(why)));
+            assert_eq!(d.status.as_str(), "unreadable");
             assert!(d.ids.is_empty());
             assert!(st.get_reason(Metric::DisclosuresUnparsed, why) > 0);
         }
+        // Compressed in a way the agent does not decode: unreadable, even when the bytes happen
+        // to parse (a brotli stream can be valid JSON text by chance), never zero persons.
+        for enc in [&b"br"[..], b"zstd", b"gzip, br", b"x-custom"] {
+            let mut r = resp(200, b"{\"persons\":[]}", None);
+            r.headers.push(crate::exchange::Header {
+                name: "Content-Encoding".into(),
+                value: enc.to_vec(),
+            });
+            let d = extract(&cfg(), &list_rule(), &route(&[]), &r, &mut dir, &st).unwrap();
+            assert_eq!(
+                (d.status, d.error, d.ids.len()),
+                (Status::Unreadable, Some("body_encoding_unknown"), 0)
+            );
+        }
+        assert_eq!(
+            st.get_reason(Metric::DisclosuresUnparsed, "body_encoding_unknown"),
+            4
+        );
+        // `identity` is no coding, and a body the parser decoded is plain JSON.
+        let mut r = resp(200, b"{\"persons\":[{\"id\":5}]}", None);
+        r.headers.push(crate::exchange::Header {
+            name: "content-encoding".into(),
+            value: b"identity".to_vec(),
+        });
+        let d = extract(&cfg(), &list_rule(), &route(&[]), &r, &mut dir, &st).unwrap();
+        assert_eq!(
+            (d.status, d.ids.clone()),
+            (Status::Complete, vec!["5".to_string()])
+        );
+        r.headers[0].value = b"gzip".to_vec();
+        r.body.decoded_from = Some("gzip".into());
+        let d = extract(&cfg(), &list_rule(), &route(&[]), &r, &mut dir, &st).unwrap();
+        assert_eq!(d.status, Status::Complete);
         // Bodies of other shapes than configured disclose nobody, without errors.
         for body in [
             &b"[]"[..],

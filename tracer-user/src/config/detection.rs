@@ -12,6 +12,42 @@ use super::{
 };
 
 pub const DEFAULT_MAX_TRACKED: usize = 100_000;
+pub const DEFAULT_MAX_TRACKED_UNAUTHENTICATED: usize = 20_000;
+/// How far apart two ids may be for the second to count as a step of an id walk.
+pub const DEFAULT_MAX_GAP: u64 = 16;
+/// The anomaly names the agent reports on an access (the record's anomaly list and the HTTP
+/// parser's anomalies), for `kind = "anomaly"` rules. A name added to a record's anomalies must
+/// be added here too, or check-config refuses rules that name it.
+pub const KNOWN_ANOMALIES: &[&str] = &[
+    // Attribution and parsing of the request (issue 12).
+    "unreadable_credential",
+    "two_credentials",
+    "conflicting_framing",
+    // The HTTP parser's anomalies on the connection (`http_anomalies_total{reason}`).
+    "malformed_request_line",
+    "malformed_status_line",
+    "malformed_headers",
+    "header_too_large",
+    "bad_content_length",
+    "bad_transfer_encoding",
+    "content_length_with_chunked",
+    "bad_chunk_size",
+    "bad_chunk_terminator",
+    "gap_resync",
+    "gap_in_body",
+    "truncated_at_close",
+    "response_lost",
+    "pairing_uncertain",
+    "unpaired_response",
+    "response_without_request",
+    "pipeline_overflow",
+    "framing_guess_wrong",
+    "http2_preface",
+    "tls_record_on_plaintext",
+    "gzip_error",
+    "deflate_error",
+    "data_after_close",
+];
 pub const DEFAULT_IDLE_EXPIRY: Duration = Duration::from_secs(48 * 3600);
 const MAX_MAX_TRACKED: i64 = 10_000_000;
 
@@ -26,6 +62,8 @@ pub enum Metric {
     DistinctPersons,
     /// Calls answered 4xx.
     Errors,
+    /// Successful answers of disclosure routes the agent could not read (persons unknown).
+    UnreadableAnswers,
 }
 
 impl Metric {
@@ -35,6 +73,7 @@ impl Metric {
             Metric::Persons => "persons",
             Metric::DistinctPersons => "distinct_persons",
             Metric::Errors => "errors",
+            Metric::UnreadableAnswers => "unreadable_answers",
         }
     }
 }
@@ -69,11 +108,22 @@ pub enum RuleKind {
         limit: u64,
         role_limits: BTreeMap<String, u64>,
     },
-    /// A successful answer carrying persons outside the caller's tenant.
+    /// A successful answer carrying persons outside the caller's tenant; when the caller's
+    /// tenant is not known, answers of one key that span two tenants or more.
     CrossTenant,
-    /// `limit` calls in `window` whose id parameter is the previous call's plus one.
+    /// An id walk in any order: more than `limit` calls in `window` asking for a new id within
+    /// `max_gap` of an id asked for before in the window; or, with `distinct_limit`, more
+    /// distinct ids than that in the window.
     SequentialIds {
         param: String,
+        window: Duration,
+        limit: u64,
+        max_gap: u64,
+        distinct_limit: Option<u64>,
+    },
+    /// More than `limit` calls in `window` carrying one of the named anomalies (`*`: any).
+    Anomaly {
+        names: Vec<String>,
         window: Duration,
         limit: u64,
     },
@@ -114,7 +164,8 @@ pub struct Rule {
 impl Rule {
     pub fn matches_route(&self, route: &str, has_disclosure: bool) -> bool {
         if self.routes.is_empty() {
-            return has_disclosure;
+            // A crafted call is a signal on any route, not only those that disclose.
+            return has_disclosure || matches!(self.kind, RuleKind::Anomaly { .. });
         }
         self.routes.iter().any(|r| match r.strip_suffix('*') {
             Some(p) => route.starts_with(p),
@@ -126,7 +177,8 @@ impl Rule {
         match &self.kind {
             RuleKind::Rate { window, .. }
             | RuleKind::SequentialIds { window, .. }
-            | RuleKind::ErrorRatio { window, .. } => Some(*window),
+            | RuleKind::ErrorRatio { window, .. }
+            | RuleKind::Anomaly { window, .. } => Some(*window),
             _ => None,
         }
     }
@@ -143,6 +195,10 @@ pub struct DetectionConfig {
     /// Keys (users, sessions, addresses) tracked at once; past it the least recently active are
     /// evicted, counted.
     pub max_tracked: usize,
+    /// Unauthenticated callers (no user, and no session the platform ever accepted: 401/403
+    /// floods with random cookies) are tracked by client address in a table of their own, this
+    /// large, so they can never evict an authenticated key.
+    pub max_tracked_unauthenticated: usize,
     /// A key with no call for this long is forgotten.
     pub idle_expiry: Duration,
     /// Enforce decisions in the kernel (drop responses, reset connections).
@@ -159,6 +215,7 @@ impl Default for DetectionConfig {
             allow_roles: Vec::new(),
             allow_clients: Vec::new(),
             max_tracked: DEFAULT_MAX_TRACKED,
+            max_tracked_unauthenticated: DEFAULT_MAX_TRACKED_UNAUTHENTICATED,
             idle_expiry: DEFAULT_IDLE_EXPIRY,
             enforce: true,
             feed_listen: None,
@@ -174,6 +231,7 @@ pub(super) struct RawDetection {
     allow_roles: Option<Vec<String>>,
     allow_clients: Option<Vec<String>>,
     max_tracked: Option<i64>,
+    max_tracked_unauthenticated: Option<i64>,
     idle_expiry: Option<String>,
     enforce: Option<bool>,
     feed_listen: Option<String>,
@@ -192,6 +250,9 @@ pub(super) struct RawRule {
     param: Option<String>,
     ratio: Option<f64>,
     min_requests: Option<i64>,
+    max_gap: Option<i64>,
+    distinct_limit: Option<i64>,
+    anomalies: Option<Vec<String>>,
     by: Option<String>,
     routes: Option<Vec<String>>,
     shadow: Option<bool>,
@@ -258,6 +319,13 @@ pub(super) fn check_detection(
         "detection.max_tracked",
         raw.max_tracked,
         DEFAULT_MAX_TRACKED as i64,
+        MAX_MAX_TRACKED,
+    ) as usize;
+    c.max_tracked_unauthenticated = super::values::check_count(
+        p,
+        "detection.max_tracked_unauthenticated",
+        raw.max_tracked_unauthenticated,
+        DEFAULT_MAX_TRACKED_UNAUTHENTICATED as i64,
         MAX_MAX_TRACKED,
     ) as usize;
     if let Some(d) = duration(p, "detection.idle_expiry", raw.idle_expiry.as_deref()) {
@@ -333,10 +401,11 @@ pub(super) fn check_rules(raw: Vec<RawRule>, route_names: &[&str], p: &mut Probl
                     Some("persons") => Metric::Persons,
                     Some("distinct_persons") => Metric::DistinctPersons,
                     Some("errors") => Metric::Errors,
+                    Some("unreadable_answers") => Metric::UnreadableAnswers,
                     other => {
                         p.push(
                             format!("{k}.metric"),
-                            format!("{} is not a metric; expected \"requests\", \"persons\", \"distinct_persons\" or \"errors\"", other.map(|o| format!("{o:?}")).unwrap_or_else(|| "(missing)".into())),
+                            format!("{} is not a metric; expected \"requests\", \"persons\", \"distinct_persons\", \"errors\" or \"unreadable_answers\"", other.map(|o| format!("{o:?}")).unwrap_or_else(|| "(missing)".into())),
                         );
                         Metric::Requests
                     }
@@ -360,11 +429,60 @@ pub(super) fn check_rules(raw: Vec<RawRule>, route_names: &[&str], p: &mut Probl
                 }
             }
             Some("cross_tenant") => RuleKind::CrossTenant,
-            Some("sequential_ids") => RuleKind::SequentialIds {
-                param: r.param.clone().unwrap_or_else(|| "id".into()),
-                window: need_window(p, window),
-                limit: need_limit(p, r.limit),
-            },
+            Some("sequential_ids") => {
+                RuleKind::SequentialIds {
+                    param: r.param.clone().unwrap_or_else(|| "id".into()),
+                    window: need_window(p, window),
+                    limit: need_limit(p, r.limit),
+                    max_gap: match r.max_gap {
+                        None => DEFAULT_MAX_GAP,
+                        Some(n) if n >= 1 => n as u64,
+                        Some(n) => {
+                            p.push(
+                            format!("{k}.max_gap"),
+                            format!("{n} is too small; expected a whole number of 1 or more (1: only neighbouring ids make a walk)"),
+                        );
+                            DEFAULT_MAX_GAP
+                        }
+                    },
+                    distinct_limit: match r.distinct_limit {
+                        None => None,
+                        Some(n) if n >= 1 => Some(n as u64),
+                        Some(n) => {
+                            p.push(
+                            format!("{k}.distinct_limit"),
+                            format!("{n} is too small; expected a whole number of 1 or more, like 200"),
+                        );
+                            None
+                        }
+                    },
+                }
+            }
+            Some("anomaly") => {
+                let names = r.anomalies.clone().unwrap_or_default();
+                if names.is_empty() {
+                    p.push(
+                        format!("{k}.anomalies"),
+                        "is missing or empty; expected anomaly names like [\"unreadable_credential\", \"two_credentials\"], or [\"*\"] for any",
+                    );
+                }
+                for (j, n) in names.iter().enumerate() {
+                    if n != "*" && !KNOWN_ANOMALIES.contains(&n.as_str()) {
+                        p.push(
+                            format!("{k}.anomalies[{j}]"),
+                            format!(
+                                "{n:?} is not an anomaly the agent reports; expected \"*\" or one of {}",
+                                KNOWN_ANOMALIES.join(", ")
+                            ),
+                        );
+                    }
+                }
+                RuleKind::Anomaly {
+                    names,
+                    window: need_window(p, window),
+                    limit: need_limit(p, r.limit),
+                }
+            }
             Some("query_above") => RuleKind::QueryAbove {
                 param: match r.param.clone() {
                     Some(x) => x,
@@ -392,7 +510,7 @@ pub(super) fn check_rules(raw: Vec<RawRule>, route_names: &[&str], p: &mut Probl
             other => {
                 p.push(
                     format!("{k}.kind"),
-                    format!("{} is not a rule kind; expected \"rate\", \"cross_tenant\", \"sequential_ids\", \"query_above\" or \"error_ratio\"", other.map(|o| format!("{o:?}")).unwrap_or_else(|| "(missing)".into())),
+                    format!("{} is not a rule kind; expected \"rate\", \"cross_tenant\", \"sequential_ids\", \"query_above\", \"error_ratio\" or \"anomaly\"", other.map(|o| format!("{o:?}")).unwrap_or_else(|| "(missing)".into())),
                 );
                 RuleKind::CrossTenant
             }
@@ -542,6 +660,139 @@ ratio = 2.0
             "rules[2].ratio: 2 is not a ratio",
         ] {
             assert!(p.iter().any(|l| l.starts_with(w)), "missing {w:?} in {p:#?}");
+        }
+    }
+
+    #[test]
+    fn new_rule_kinds_and_keys_parse() {
+        let c = parse(
+            &format!(
+                "{BASE}{}",
+                r#"
+[detection]
+max_tracked_unauthenticated = 5000
+[[rules]]
+id = "walk"
+kind = "sequential_ids"
+window = "10m"
+limit = 20
+max_gap = 50
+distinct_limit = 300
+[[rules]]
+id = "walk-old"
+kind = "sequential_ids"
+window = "1m"
+limit = 5
+[[rules]]
+id = "crafted"
+kind = "anomaly"
+anomalies = ["unreadable_credential", "two_credentials", "conflicting_framing"]
+window = "1h"
+limit = 0
+block = ["15m"]
+[[rules]]
+id = "unread"
+kind = "rate"
+metric = "unreadable_answers"
+window = "1h"
+limit = 20
+"#
+            ),
+            "s.toml",
+        )
+        .unwrap();
+        assert_eq!(c.detection.max_tracked_unauthenticated, 5000);
+        assert_eq!(
+            c.rules[0].kind,
+            RuleKind::SequentialIds {
+                param: "id".into(),
+                window: std::time::Duration::from_secs(600),
+                limit: 20,
+                max_gap: 50,
+                distinct_limit: Some(300),
+            }
+        );
+        // An existing rule keeps working: walks in any order within 16 ids, no distinct limit.
+        assert_eq!(
+            c.rules[1].kind,
+            RuleKind::SequentialIds {
+                param: "id".into(),
+                window: std::time::Duration::from_secs(60),
+                limit: 5,
+                max_gap: super::DEFAULT_MAX_GAP,
+                distinct_limit: None,
+            }
+        );
+        assert_eq!(
+            c.rules[2].kind,
+            RuleKind::Anomaly {
+                names: vec![
+                    "unreadable_credential".into(),
+                    "two_credentials".into(),
+                    "conflicting_framing".into()
+                ],
+                window: std::time::Duration::from_secs(3600),
+                limit: 0,
+            }
+        );
+        // Anomaly rules watch every route when none is named.
+        assert!(c.rules[2].matches_route("anything", false));
+        assert!(!c.rules[0].matches_route("anything", false));
+        assert_eq!(
+            c.rules[2].window(),
+            Some(std::time::Duration::from_secs(3600))
+        );
+        match &c.rules[3].kind {
+            RuleKind::Rate { metric, .. } => assert_eq!(*metric, Metric::UnreadableAnswers),
+            k => panic!("{k:?}"),
+        }
+        assert_eq!(c.detection.max_tracked, super::DEFAULT_MAX_TRACKED);
+    }
+
+    #[test]
+    fn new_rule_mistakes_are_explained() {
+        let p = problems(
+            r#"
+[detection]
+max_tracked_unauthenticated = -1
+[[rules]]
+id = "a"
+kind = "anomaly"
+anomalies = ["two_credentials", "two_credential"]
+window = "1h"
+limit = 1
+[[rules]]
+id = "b"
+kind = "anomaly"
+window = "1h"
+limit = 1
+[[rules]]
+id = "c"
+kind = "sequential_ids"
+window = "1m"
+limit = 5
+max_gap = 0
+distinct_limit = 0
+"#,
+        );
+        for w in [
+            "detection.max_tracked_unauthenticated:",
+            "rules[0].anomalies[1]: \"two_credential\" is not an anomaly the agent reports; expected \"*\" or one of unreadable_credential, two_credentials,",
+            "rules[1].anomalies: is missing or empty",
+            "rules[2].max_gap: 0 is too small",
+            "rules[2].distinct_limit: 0 is too small",
+        ] {
+            assert!(p.iter().any(|l| l.starts_with(w)), "missing {w:?} in {p:#?}");
+        }
+        assert_eq!(p.len(), 5, "{p:#?}");
+        // Every anomaly the HTTP parser reports can be named in a rule.
+        for a in [
+            "malformed_request_line",
+            "content_length_with_chunked",
+            "bad_transfer_encoding",
+            "header_too_large",
+        ] {
+            assert!(super::KNOWN_ANOMALIES.contains(&a), "{a}");
         }
     }
 }

@@ -247,7 +247,9 @@ mod tests {
             evidence: vec!["e1".into()],
             persons_disclosed: 3,
             distinct_persons: 3,
+            unreadable_answers: 0,
             foreign_tenants: vec![],
+            anomalies: vec![],
             shadow: false,
         }
     }

@@ -87,6 +87,9 @@ struct ConnFacts {
     tuple: Option<Addrs>,
     tls: bool,
     holes: Vec<&'static str>,
+    /// The parser's anomalies on the connection since the last exchanges were taken (the
+    /// detectors' anomaly rules see them on these exchanges).
+    anomalies: Vec<&'static str>,
 }
 
 impl Pipeline {
@@ -115,7 +118,9 @@ impl Pipeline {
     }
 
     /// Attributes calls from now on (without one, records carry no user).
+    /// The detectors' sketches are keyed with the attributor's secret from then on.
     pub fn set_attributor(&mut self, a: Attributor) {
+        self.detector.set_key(a.keyer().subkey("detector-sketches"));
         self.attributor = Some(a);
     }
 
@@ -132,7 +137,10 @@ impl Pipeline {
     }
 
     /// Detector windows saved by an earlier run; returns how many keys came back.
-    pub fn restore_detector(&mut self, bytes: &[u8]) -> Result<usize, serde_json::Error> {
+    pub fn restore_detector(
+        &mut self,
+        bytes: &[u8],
+    ) -> Result<crate::detect::Restored, crate::detect::DetectorStateError> {
         self.detector.restore(bytes)
     }
 
@@ -454,8 +462,12 @@ impl Pipeline {
         };
         let read = c.parser.take_requests_read();
         let exchanges = c.parser.take_exchanges();
+        let mut anomalies: Vec<&'static str> = Vec::new();
         for a in c.parser.take_anomalies() {
             self.stats.add_reason(Metric::HttpAnomalies, a.reason(), 1);
+            if !anomalies.contains(&a.reason()) {
+                anomalies.push(a.reason());
+            }
         }
         for ex in &exchanges {
             count_truncated(&self.stats, ex);
@@ -476,6 +488,7 @@ impl Pipeline {
             } else {
                 std::mem::take(&mut c.hole_reasons).into_iter().collect()
             },
+            anomalies,
         };
         // Requests first, as soon as they are read: a block must reach the kernel before the
         // answer is written.
@@ -541,6 +554,7 @@ impl Pipeline {
                 service,
                 status: ex.response.as_ref().map(|r| r.status),
                 cross_tenant: cross,
+                anomalies: anomaly_names(ex, at),
                 ..Access::from_parts(who, whose, route)
             };
             for alert in self.detector.observe(&access, &self.stats) {
@@ -762,6 +776,22 @@ fn count_truncated(stats: &Stats, ex: &Exchange) {
         };
         stats.add_reason(Metric::HttpBodiesTruncated, reason, 1);
     }
+}
+
+/// The anomaly names a call is judged by: the exchange's own (those in its record) and the
+/// connection's since the last exchanges were taken, each once.
+fn anomaly_names(ex: &Exchange, at: &ConnFacts) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for a in ex
+        .anomalies()
+        .into_iter()
+        .chain(at.anomalies.iter().copied())
+    {
+        if !out.iter().any(|o| o == a) {
+            out.push(a.to_string());
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -108,6 +108,9 @@ pub fn alert_line(a: &Alert, id: &str, host: &str) -> Vec<u8> {
     if !a.foreign_tenants.is_empty() {
         alert["foreign_tenants"] = json!(a.foreign_tenants);
     }
+    if !a.anomalies.is_empty() {
+        alert["anomalies"] = json!(a.anomalies);
+    }
     m.insert(
         "abook".into(),
         json!({
@@ -116,6 +119,7 @@ pub fn alert_line(a: &Alert, id: &str, host: &str) -> Vec<u8> {
                 "event_ids": ev,
                 "persons_disclosed": a.persons_disclosed,
                 "distinct_persons": a.distinct_persons,
+                "unreadable_answers": a.unreadable_answers,
             }
         }),
     );
