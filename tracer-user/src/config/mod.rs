@@ -36,8 +36,8 @@ pub use self::{
     detection::{BlockScope, By, DetectionConfig, Metric, Rule, RuleKind},
     errors::{ConfigError, Problem, SyntaxError},
     identity::{
-        Cidr, DisclosureConfig, EndpointRule, IdentityConfig, JwtClaims, LoginRule, ProxyHeaders,
-        RouteDisclosure,
+        Cidr, ClientIpHeader, CredentialOrder, DisclosureConfig, EndpointRule, IdentityConfig,
+        JwtClaims, LoginRule, ProxyHeaders, RouteDisclosure,
     },
     sinks::{
         BatchLimits, FileSinkConfig, HttpSinkConfig, OnFull, SinkConfig, SinkKind, SpoolConfig,
@@ -118,6 +118,8 @@ pub struct OutputConfig {
     pub file: PathBuf,
     pub stdout: bool,
     pub unmatched: Unmatched,
+    /// Length caps of request strings in records.
+    pub caps: crate::record::FieldCaps,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -187,6 +189,9 @@ struct RawOutput {
     file: Option<String>,
     stdout: Option<bool>,
     unmatched: Option<String>,
+    max_path_bytes: Option<i64>,
+    max_param_bytes: Option<i64>,
+    max_query_value_bytes: Option<i64>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -384,10 +389,35 @@ fn check_output(raw: RawOutput, state_dir: &Path, p: &mut Problems) -> OutputCon
             Unmatched::Count
         }
     };
+    let d = crate::record::FieldCaps::default();
+    let caps = crate::record::FieldCaps {
+        path: values::check_count(
+            p,
+            "output.max_path_bytes",
+            raw.max_path_bytes,
+            d.path as i64,
+            65_536,
+        ) as usize,
+        param: values::check_count(
+            p,
+            "output.max_param_bytes",
+            raw.max_param_bytes,
+            d.param as i64,
+            65_536,
+        ) as usize,
+        query_value: values::check_count(
+            p,
+            "output.max_query_value_bytes",
+            raw.max_query_value_bytes,
+            d.query_value as i64,
+            65_536,
+        ) as usize,
+    };
     OutputConfig {
         file,
         stdout: raw.stdout.unwrap_or(false),
         unmatched,
+        caps,
     }
 }
 

@@ -62,6 +62,7 @@ fn defaults() {
             route: "GET /api/addressbook/persons/{id}".into(),
             name: "GET /api/addressbook/persons/{id}".into(),
             query_params: vec![],
+            ..Default::default()
         }]
     );
     assert_eq!(
@@ -70,6 +71,7 @@ fn defaults() {
             file: "/var/lib/sparbar/access.jsonl".into(),
             stdout: false,
             unmatched: Unmatched::Count,
+            caps: crate::record::FieldCaps::default(),
         }
     );
     assert!(crate::attribute::routes::RouteTable::new(&c.routes).is_ok());

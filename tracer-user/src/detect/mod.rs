@@ -43,6 +43,8 @@ pub struct Access {
     /// Every data subject disclosed.
     pub subjects: Vec<String>,
     pub cross_tenant: bool,
+    /// The request named another tenant than the caller's in its route's tenant parameter.
+    pub cross_tenant_attempt: bool,
     pub target_tenants: Vec<String>,
     pub params: std::collections::BTreeMap<String, String>,
     pub query: std::collections::BTreeMap<String, Vec<String>>,
@@ -448,14 +450,18 @@ impl Detector {
                     };
                     (value > limit).then_some((metric.as_str(), value as f64, limit as f64))
                 }
-                (RuleKind::CrossTenant, _) => (ok && a.cross_tenant).then_some((
-                    "foreign_tenants",
-                    a.target_tenants
-                        .iter()
-                        .filter(|t| Some(*t) != a.tenant.as_ref())
-                        .count() as f64,
-                    0.0,
-                )),
+                // An attempt counts whatever the answer (it may be refused, or never leave).
+                (RuleKind::CrossTenant, _) => ((ok && a.cross_tenant) || a.cross_tenant_attempt)
+                    .then_some((
+                        "foreign_tenants",
+                        a.target_tenants
+                            .iter()
+                            .filter(|t| Some(*t) != a.tenant.as_ref())
+                            .count()
+                            .max(usize::from(a.cross_tenant_attempt))
+                            as f64,
+                        0.0,
+                    )),
                 (RuleKind::QueryAbove { param, limit }, _) => a
                     .query
                     .get(param)

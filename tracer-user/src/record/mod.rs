@@ -24,7 +24,7 @@ use thiserror::Error;
 
 use crate::attribute::attribution::Attribution;
 use crate::attribute::disclosure::Disclosure;
-use crate::attribute::routes::{self, RouteMatch};
+use crate::attribute::routes::{self, CrossTenantAttempt, RouteMatch};
 use crate::exchange::{header, BodyLoss, Completeness, Exchange, Header, Tuple};
 
 /// The traced process.
@@ -78,6 +78,46 @@ impl CaptureInfo {
     }
 }
 
+/// Default cap of `url.path` in records, in bytes.
+pub const DEFAULT_MAX_PATH_BYTES: usize = 1024;
+/// Default cap of each path parameter value (`sparbar.route.params`), in bytes.
+pub const DEFAULT_MAX_PARAM_BYTES: usize = 128;
+/// Default cap of each allow-listed query value (`url.query`), in bytes.
+pub const DEFAULT_MAX_QUERY_VALUE_BYTES: usize = 128;
+
+/// Length caps on the request-controlled strings a record copies (`[output]` keys
+/// `max_path_bytes`, `max_param_bytes`, `max_query_value_bytes`): a crafted 8 KiB path must not
+/// make every record 8 KiB. A cut value is cut at a UTF-8 boundary, and the record lists the
+/// cut fields in `sparbar.truncated`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FieldCaps {
+    pub path: usize,
+    pub param: usize,
+    pub query_value: usize,
+}
+
+impl Default for FieldCaps {
+    fn default() -> Self {
+        FieldCaps {
+            path: DEFAULT_MAX_PATH_BYTES,
+            param: DEFAULT_MAX_PARAM_BYTES,
+            query_value: DEFAULT_MAX_QUERY_VALUE_BYTES,
+        }
+    }
+}
+
+/// `s` cut to at most `max` bytes at a character boundary; `true` when it was cut.
+fn cap(s: &str, max: usize) -> (&str, bool) {
+    if s.len() <= max {
+        return (s, false);
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    (&s[..end], true)
+}
+
 /// Everything a record is built from.
 #[derive(Debug, Clone)]
 pub struct RecordContext<'a> {
@@ -106,6 +146,9 @@ pub struct RecordContext<'a> {
     pub disclosure: Option<&'a Disclosure>,
     /// The decision that blocks this call's user or session, if any.
     pub blocked_by: Option<&'a str>,
+    /// The request named another tenant than its caller's (known before the answer).
+    pub attempt: Option<&'a CrossTenantAttempt>,
+    pub caps: FieldCaps,
 }
 
 /// A record that holds something it should not.
@@ -160,6 +203,10 @@ pub const FIELDS: &[&str] = &[
     "sparbar.capture.response_bytes_missing",
     "sparbar.capture.reasons",
     "sparbar.query.dropped",
+    "sparbar.truncated",
+    "sparbar.anomalies",
+    "sparbar.cross_tenant_attempt.named",
+    "sparbar.cross_tenant_attempt.caller",
     "user.id",
     "user.hash",
     "user.roles",
@@ -168,6 +215,7 @@ pub const FIELDS: &[&str] = &[
     "related.user",
     "session.id",
     "abook.session.kind",
+    "abook.session.ids",
     "abook.identity.source",
     "abook.target.ids",
     "abook.target.count",
@@ -253,7 +301,7 @@ struct Related<'a> {
 #[derive(Serialize)]
 struct Abook<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
-    session: Option<Kind>,
+    session: Option<Kind<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     identity: Option<Source>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -277,8 +325,12 @@ struct Enforced<'a> {
 }
 
 #[derive(Serialize)]
-struct Kind {
-    kind: &'static str,
+struct Kind<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kind: Option<&'static str>,
+    /// Every session hash of a request that carried several.
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    ids: &'a [String],
 }
 
 #[derive(Serialize)]
@@ -416,12 +468,24 @@ struct SparbarFields<'a> {
     connection: ConnectionId<'a>,
     capture: &'a CaptureInfo,
     query: Dropped,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    truncated: Vec<&'static str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    anomalies: Vec<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cross_tenant_attempt: Option<Attempt<'a>>,
+}
+
+#[derive(Serialize)]
+struct Attempt<'a> {
+    named: &'a str,
+    caller: &'a str,
 }
 
 #[derive(Serialize)]
 struct SparbarRoute<'a> {
     name: &'a str,
-    params: &'a std::collections::BTreeMap<String, String>,
+    params: std::collections::BTreeMap<&'a str, &'a str>,
 }
 
 #[derive(Serialize)]
@@ -446,13 +510,64 @@ pub fn record<'a>(ctx: &'a RecordContext<'a>) -> Record<'a> {
     };
     let start = rfc3339_micros(ctx.start_unix_ns);
     let target = routes::normalize_target(&req.target);
-    let query = ctx.route.map(allowed_query).filter(|q| !q.is_empty());
+    let mut truncated: Vec<&'static str> = Vec::new();
+    let query = ctx
+        .route
+        .map(|r| {
+            let (q, cut) = allowed_query(r, ctx.caps.query_value);
+            if cut {
+                truncated.push("url.query");
+            }
+            q
+        })
+        .filter(|q| !q.is_empty());
     let query_dropped = match (ctx.route, &target) {
         (Some(r), _) => r.query_dropped,
         (None, Some(t)) => t.query_pairs,
         (None, None) => 0,
     };
-    let path = target.map(|t| t.path);
+    let path = target.map(|t| {
+        let (p, cut) = cap(&t.path, ctx.caps.path);
+        if cut {
+            truncated.push("url.path");
+            p.to_string()
+        } else {
+            t.path
+        }
+    });
+    let params = ctx.route.map(|r| {
+        let mut cut_any = false;
+        let m: std::collections::BTreeMap<&str, &str> = r
+            .params
+            .iter()
+            .map(|(k, v)| {
+                let (v, cut) = cap(v, ctx.caps.param);
+                cut_any |= cut;
+                (k.as_str(), v)
+            })
+            .collect();
+        if cut_any {
+            truncated.push("sparbar.route.params");
+        }
+        m
+    });
+    let attempt = ctx.attempt.map(|x| {
+        let (named, cut) = cap(&x.named, ctx.caps.param);
+        if cut {
+            truncated.push("sparbar.cross_tenant_attempt.named");
+        }
+        Attempt {
+            named,
+            caller: &x.caller,
+        }
+    });
+    let mut anomalies: Vec<&'static str> = ctx
+        .attribution
+        .map(|a| a.anomalies.iter().map(|x| x.as_str()).collect())
+        .unwrap_or_default();
+    if ctx.attempt.is_some_and(|x| x.duplicate) {
+        anomalies.push(crate::attribute::attribution::Anomaly::DuplicateTenantParam.as_str());
+    }
     let url = (path.is_some() || query.is_some()).then_some(UrlFields { path, query });
     let endpoint = |a: SocketAddr| Endpoint {
         ip: a.ip().to_canonical().to_string(),
@@ -509,15 +624,18 @@ pub fn record<'a>(ctx: &'a RecordContext<'a>) -> Record<'a> {
             name: ctx.host_name,
         },
         sparbar: SparbarFields {
-            route: ctx.route.map(|r| SparbarRoute {
+            route: ctx.route.zip(params).map(|(r, params)| SparbarRoute {
                 name: &r.name,
-                params: &r.params,
+                params,
             }),
             connection: ConnectionId { id: &ctx.conn_id },
             capture: &ctx.capture,
             query: Dropped {
                 dropped: query_dropped,
             },
+            truncated,
+            anomalies,
+            cross_tenant_attempt: attempt,
         },
         user: ctx.attribution.and_then(|a| {
             (a.user_id.is_some() || a.user_hash.is_some()).then(|| User {
@@ -563,8 +681,11 @@ fn abook<'a>(ctx: &'a RecordContext<'a>) -> Option<Abook<'a>> {
     }
     Some(Abook {
         session: a
-            .and_then(|a| a.session_kind)
-            .map(|k| Kind { kind: k.as_str() }),
+            .filter(|a| a.session_kind.is_some() || !a.session_ids.is_empty())
+            .map(|a| Kind {
+                kind: a.session_kind.map(|k| k.as_str()),
+                ids: &a.session_ids,
+            }),
         identity: a.map(|a| Source {
             source: a.source.as_str(),
         }),
@@ -594,10 +715,13 @@ fn abook<'a>(ctx: &'a RecordContext<'a>) -> Option<Abook<'a>> {
     })
 }
 
-/// The record as one compact JSON line (no trailing newline), appended to `out`.
-pub fn write_line(ctx: &RecordContext, out: &mut Vec<u8>) {
+/// The record as one compact JSON line (no trailing newline), appended to `out`. Returns the
+/// fields cut to their caps (`record_fields_truncated_total`).
+pub fn write_line(ctx: &RecordContext, out: &mut Vec<u8>) -> Vec<&'static str> {
+    let r = record(ctx);
     // Serializing plain structs of strings and integers into a Vec cannot fail.
-    let _ = serde_json::to_writer(out, &record(ctx));
+    let _ = serde_json::to_writer(out, &r);
+    r.sparbar.truncated
 }
 
 /// The record as a JSON tree (tests and tools; the agent writes lines with [`write_line`]).
@@ -635,11 +759,15 @@ pub fn check_fields(record: &Value) -> Result<(), RecordError> {
 }
 
 /// `url.query` rebuilt from the allow-listed parameters only (names sorted, values in request
-/// order, `application/x-www-form-urlencoded`).
-fn allowed_query(r: &RouteMatch) -> String {
+/// order, each cut to `max` bytes, `application/x-www-form-urlencoded`); `true` when a value
+/// was cut.
+fn allowed_query(r: &RouteMatch, max: usize) -> (String, bool) {
     let mut parts = Vec::new();
+    let mut cut_any = false;
     for (name, values) in &r.query {
         for v in values {
+            let (v, cut) = cap(v, max);
+            cut_any |= cut;
             parts.push(format!(
                 "{}={}",
                 routes::form_encode(name),
@@ -647,7 +775,7 @@ fn allowed_query(r: &RouteMatch) -> String {
             ));
         }
     }
-    parts.join("&")
+    (parts.join("&"), cut_any)
 }
 
 /// The media type of the first `Content-Type` header, lower-cased, without parameters; `None`
@@ -767,6 +895,7 @@ mod tests {
             route: "GET /api/addressbook/persons/{id}".into(),
             name: "abook.person".into(),
             query_params: vec!["page".into(), "pageSize".into()],
+            ..Default::default()
         }])
         .unwrap()
     }
@@ -801,6 +930,8 @@ mod tests {
             attribution: None,
             disclosure: None,
             blocked_by: None,
+            attempt: None,
+            caps: FieldCaps::default(),
         }
     }
 
@@ -977,6 +1108,7 @@ mod tests {
             route: "GET /s".into(),
             name: "s".into(),
             query_params: vec!["q".into(), "page".into()],
+            ..Default::default()
         }])
         .unwrap();
         let target = "/s?q=a+b&page=1&q=%26%3D%C3%A4&other=1";
