@@ -28,7 +28,7 @@ pub use super::credentials::{
 use super::jwt::JwtCheck;
 use crate::{
     attribute::jsonpath::{scalar_id, JsonPath},
-    config::{IdentityConfig, LoginRule},
+    config::{CredentialKind, IdentityConfig, LoginRule},
     exchange::{header, Exchange, Header},
     stats::{Metric, Stats},
 };
@@ -511,7 +511,12 @@ impl Attributor {
     /// headers are read: trailers never name a caller.
     pub fn presented(&self, headers: &[Header]) -> Presented {
         let mut all: Vec<(SessionKind, Read)> = Vec::new();
-        for kind in &self.cfg.credentials.precedence {
+        for ck in &self.cfg.credentials.precedence {
+            let kind = &match ck {
+                CredentialKind::Bearer => SessionKind::Bearer,
+                CredentialKind::Cookie => SessionKind::Cookie,
+                CredentialKind::Header => SessionKind::Header,
+            };
             match kind {
                 SessionKind::Bearer if self.cfg.bearer => {
                     for h in headers

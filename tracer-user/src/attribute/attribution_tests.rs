@@ -3,7 +3,7 @@
 use super::*;
 use crate::attribute::jwt::JwtKeys;
 use crate::config::Cidr;
-use crate::config::{ClientIpHeader, EndpointRule, JwtClaims, ProxyHeaders};
+use crate::config::{ClientIpHeader, CredentialKind, EndpointRule, JwtClaims, ProxyHeaders};
 use crate::exchange::{Body, Completeness, Request, Response};
 use base64::Engine as _;
 use bytes::Bytes;
@@ -682,9 +682,9 @@ fn two_credentials_are_recorded_with_both_hashes() {
     // Configured for a platform that prefers its cookie.
     let mut c = a.cfg.clone();
     c.credentials.precedence = vec![
-        SessionKind::Cookie,
-        SessionKind::Bearer,
-        SessionKind::Header,
+        CredentialKind::Cookie,
+        CredentialKind::Bearer,
+        CredentialKind::Header,
     ];
     a.reconfigure(c);
     let r = a.attribute(

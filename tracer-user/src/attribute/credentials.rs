@@ -338,7 +338,7 @@ pub fn forwarded_client(
         }
         ClientIpHeader::XRealIp => {
             return named("x-real-ip")
-                .last()
+                .next_back()
                 .and_then(|v| parse_node(v.trim()))
                 .map(|ip| ip.to_canonical());
         }

@@ -895,6 +895,74 @@ mod tests {
         t.match_request(m, target).map(|m| m.index)
     }
 
+    /// The incident's manipulated call, and every crafted spelling of it.
+    #[test]
+    fn tenant_attempts_from_the_request_alone() {
+        let t = RouteTable::new(&[
+            RouteConfig {
+                tenant_param: Some(TenantParam::Query("schoolId".into())),
+                ..rc("GET /api/addressbook/persons", &["schoolId"])
+            },
+            RouteConfig {
+                tenant_param: Some(TenantParam::Path("org".into())),
+                ..rc("GET /api/orgs/{org}/persons", &[])
+            },
+            rc("GET /api/other", &[]),
+        ])
+        .unwrap();
+        let at = |target: &str, caller: Option<&str>| {
+            let m = t.match_request("GET", target).expect(target);
+            t.tenant_attempt(&m, target, caller)
+                .map(|a| (a.named, a.caller, a.duplicate))
+        };
+        let att = |named: &str, dup: bool| Some((named.to_string(), "1".to_string(), dup));
+        let q = "/api/addressbook/persons";
+        assert_eq!(at(&format!("{q}?schoolId=2"), Some("1")), att("2", false));
+        assert_eq!(at(&format!("{q}?schoolId=1"), Some("1")), None);
+        assert_eq!(at(&format!("{q}?schoolId=01"), Some("1")), None);
+        assert_eq!(at(q, Some("1")), None);
+        assert_eq!(at(&format!("{q}?schoolId=2"), None), None);
+        // Duplicates: Python takes the first, PHP the last; any foreign value is an attempt.
+        assert_eq!(
+            at(&format!("{q}?schoolId=2&schoolId=1"), Some("1")),
+            att("2", true)
+        );
+        assert_eq!(
+            at(&format!("{q}?schoolId=1&schoolId=2"), Some("1")),
+            att("2", true)
+        );
+        assert_eq!(at(&format!("{q}?schoolId=1&schoolId=1"), Some("1")), None);
+        // Percent-encoded, `+`, other case, PHP brackets, padding.
+        assert_eq!(
+            at(&format!("{q}?school%49d=%32"), Some("1")),
+            att("2", false)
+        );
+        assert_eq!(at(&format!("{q}?SCHOOLID=2"), Some("1")), att("2", false));
+        assert_eq!(at(&format!("{q}?schoolId[]=2"), Some("1")), att("2", false));
+        assert_eq!(at(&format!("{q}?schoolId=+2"), Some("1")), att(" 2", false));
+        assert_eq!(
+            at(&format!("{q}?schoolId=1;schoolId=2"), Some("1")),
+            att("1;schoolId=2", false)
+        );
+        assert_eq!(at(&format!("{q}?x=1&schoolId"), Some("1")), att("", false));
+        // Path segments: %2F stays in its segment, `;params` are cut.
+        let p = "/api/orgs";
+        assert_eq!(at(&format!("{p}/2/persons"), Some("1")), att("2", false));
+        assert_eq!(at(&format!("{p}/1/persons"), Some("1")), None);
+        assert_eq!(at(&format!("{p}/1;x=2/persons"), Some("1")), None);
+        assert_eq!(
+            at(&format!("{p}/2;x=1/persons"), Some("1")),
+            att("2", false)
+        );
+        assert_eq!(
+            at(&format!("{p}/1%2F..%2F2/persons"), Some("1")),
+            att("1/../2", false)
+        );
+        assert_eq!(at(&format!("{p}/%32/persons"), Some("1")), att("2", false));
+        // A route without a tenant parameter.
+        assert_eq!(at("/api/other?schoolId=2", Some("1")), None);
+    }
+
     #[test]
     fn basic_match_and_params() {
         let t = table(&["GET /api/addressbook/persons/{id}"]);

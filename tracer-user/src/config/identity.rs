@@ -15,7 +15,6 @@ use super::{
     values::{format_duration, has_control, parse_duration},
 };
 use crate::attribute::{
-    attribution::SessionKind,
     jsonpath::JsonPath,
     jwt::{JwtKeys, DEFAULT_LEEWAY_SECS},
 };
@@ -84,7 +83,7 @@ pub struct JwtClaims {
 pub struct CredentialOrder {
     /// Most trusted first; default `bearer`, `cookie`, `header` (a bearer header decides alone
     /// on the demo platform and most API frameworks).
-    pub precedence: Vec<SessionKind>,
+    pub precedence: Vec<CredentialKind>,
     /// Several crumbs of the same session cookie: the platform reads the last (Django,
     /// Python's `http.cookies`) instead of the first (PHP, Go, Express, werkzeug's `get`, the
     /// demo platform).
@@ -95,13 +94,21 @@ impl Default for CredentialOrder {
     fn default() -> Self {
         CredentialOrder {
             precedence: vec![
-                SessionKind::Bearer,
-                SessionKind::Cookie,
-                SessionKind::Header,
+                CredentialKind::Bearer,
+                CredentialKind::Cookie,
+                CredentialKind::Header,
             ],
             last_cookie_wins: false,
         }
     }
+}
+
+/// A kind of session credential, as `identity.credential_precedence` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialKind {
+    Bearer,
+    Cookie,
+    Header,
 }
 
 /// The header trusted proxies put the real client's address in.
@@ -430,9 +437,9 @@ pub(super) fn check_identity(
         let mut out = Vec::new();
         for (i, k) in list.iter().enumerate() {
             let kind = match k.as_str() {
-                "bearer" => SessionKind::Bearer,
-                "cookie" => SessionKind::Cookie,
-                "header" => SessionKind::Header,
+                "bearer" => CredentialKind::Bearer,
+                "cookie" => CredentialKind::Cookie,
+                "header" => CredentialKind::Header,
                 _ => {
                     p.push(
                         format!("identity.credential_precedence[{i}]"),
@@ -774,7 +781,25 @@ name = "photo"
         .replace("@DIR@", "/tmp/d")
         .replace("@APP_PID@", "1")
         .replace("@APP_PORT@", "8081");
-        let c = parse(&text, "demo").unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let secret = d.path().join("jwt.secret");
+        std::fs::write(&secret, "s3cret").unwrap();
+        let c = parse(
+            &text.replace("@JWT_SECRET_FILE@", &secret.display().to_string()),
+            "demo",
+        )
+        .unwrap();
+        assert!(!c.identity.jwt.as_ref().unwrap().keys.is_empty());
+        // check-config names a missing key file.
+        let p = crate::config::problem_lines(
+            &text.replace("@JWT_SECRET_FILE@", "/nonexistent/jwt.secret"),
+        );
+        assert!(
+            p.iter().any(|l| l.starts_with(
+                "identity.jwt.hs256_secret_file: /nonexistent/jwt.secret: cannot be read"
+            )),
+            "{p:#?}"
+        );
         assert_eq!(c.identity.session_cookies, vec!["skolsid"]);
         assert_eq!(c.identity.login.len(), 2);
         assert_eq!(c.identity.endpoints.len(), 1);
@@ -838,6 +863,32 @@ email = []
             "disclosure.categories.email: must list the person fields",
         ] {
             assert!(p.iter().any(|l| l.starts_with(w)), "missing {w:?} in {p:#?}");
+        }
+        let p = problems(
+            r#"
+[[routes]]
+route = "GET /api/orgs/{org}/persons"
+name = "org"
+tenant_param = "{school}"
+[identity]
+client_ip_header = "Forwarded"
+credential_precedence = ["cookie", "jwt"]
+duplicate_cookies = "middle"
+[identity.jwt]
+public_key_file = "relative.pem"
+"#,
+        );
+        for w in [
+            "routes[3].tenant_param: \"{school}\" is not a parameter of this route's template",
+            "identity.client_ip_header: is set but identity.trusted_proxies is empty",
+            "identity.credential_precedence[1]: \"jwt\" is not a credential kind",
+            "identity.duplicate_cookies: \"middle\" is not a choice",
+            "identity.jwt.public_key_file: \"relative.pem\" is not an absolute path",
+        ] {
+            assert!(
+                p.iter().any(|l| l.starts_with(w)),
+                "missing {w:?} in {p:#?}"
+            );
         }
         // Unknown keys stop at the syntax stage, with the table named.
         let p = problems("[identity]\nsession_cookie = [\"sid\"]\n");

@@ -71,7 +71,7 @@ fn defaults() {
             file: "/var/lib/sparbar/access.jsonl".into(),
             stdout: false,
             unmatched: Unmatched::Count,
-            caps: crate::record::FieldCaps::default(),
+            caps: crate::config::FieldCaps::default(),
         }
     );
     assert!(crate::attribute::routes::RouteTable::new(&c.routes).is_ok());

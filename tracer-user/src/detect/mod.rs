@@ -831,6 +831,19 @@ mod tests {
         r.status = Some(403);
         r.ts_ms = 200_000;
         assert!(d.observe(&r, &st).iter().all(|x| x.rule_id != "xt"));
+        // A request that names another school counts whatever the answer (refused, or
+        // stopped before it left).
+        let mut at = access(250_000, "u", &[]);
+        at.status = Some(403);
+        at.tenant = Some("s1".into());
+        at.cross_tenant_attempt = true;
+        let al = d.observe(&at, &st);
+        assert_eq!(
+            al.iter()
+                .map(|x| (x.rule_id.as_str(), x.value))
+                .collect::<Vec<_>>(),
+            vec![("xt", 1.0)]
+        );
         // Walking ids 100, 101, 102 ...: the 6th step fires.
         let mut fired = None;
         for i in 0..10u64 {

@@ -78,33 +78,9 @@ impl CaptureInfo {
     }
 }
 
-/// Default cap of `url.path` in records, in bytes.
-pub const DEFAULT_MAX_PATH_BYTES: usize = 1024;
-/// Default cap of each path parameter value (`sparbar.route.params`), in bytes.
-pub const DEFAULT_MAX_PARAM_BYTES: usize = 128;
-/// Default cap of each allow-listed query value (`url.query`), in bytes.
-pub const DEFAULT_MAX_QUERY_VALUE_BYTES: usize = 128;
-
-/// Length caps on the request-controlled strings a record copies (`[output]` keys
-/// `max_path_bytes`, `max_param_bytes`, `max_query_value_bytes`): a crafted 8 KiB path must not
-/// make every record 8 KiB. A cut value is cut at a UTF-8 boundary, and the record lists the
-/// cut fields in `sparbar.truncated`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FieldCaps {
-    pub path: usize,
-    pub param: usize,
-    pub query_value: usize,
-}
-
-impl Default for FieldCaps {
-    fn default() -> Self {
-        FieldCaps {
-            path: DEFAULT_MAX_PATH_BYTES,
-            param: DEFAULT_MAX_PARAM_BYTES,
-            query_value: DEFAULT_MAX_QUERY_VALUE_BYTES,
-        }
-    }
-}
+pub use crate::config::{
+    FieldCaps, DEFAULT_MAX_PARAM_BYTES, DEFAULT_MAX_PATH_BYTES, DEFAULT_MAX_QUERY_VALUE_BYTES,
+};
 
 /// `s` cut to at most `max` bytes at a character boundary; `true` when it was cut.
 fn cap(s: &str, max: usize) -> (&str, bool) {
@@ -1118,6 +1094,106 @@ mod tests {
         let rec = build(&ctx(&ex, Some(&m), &p, false));
         assert_eq!(rec["url"]["query"], "page=1&q=a+b&q=%26%3D%C3%A4");
         assert_eq!(rec["sparbar"]["query"]["dropped"], 1);
+    }
+
+    /// Crafted long paths, parameters and query values are cut to their caps and marked.
+    #[test]
+    fn long_request_strings_are_capped_and_marked() {
+        let t = RouteTable::new(&[RouteConfig {
+            route: "GET /api/addressbook/persons/{id}".into(),
+            name: "abook.person".into(),
+            query_params: vec!["page".into()],
+            ..Default::default()
+        }])
+        .unwrap();
+        let long = "é".repeat(40); // 80 bytes
+        let target = format!("/api/addressbook/persons/{long}?page={}", "9".repeat(50));
+        let ex = exchange(&target, Some(200));
+        let m = t.match_request("GET", &target).unwrap();
+        let p = proc_info();
+        let mut c = ctx(&ex, Some(&m), &p, true);
+        c.caps = FieldCaps {
+            path: 40,
+            param: 17,
+            query_value: 20,
+        };
+        let mut line = Vec::new();
+        let cut = write_line(&c, &mut line);
+        assert_eq!(cut, vec!["url.query", "url.path", "sparbar.route.params"]);
+        let rec: Value = serde_json::from_slice(&line).unwrap();
+        check_fields(&rec).unwrap();
+        // 40 bytes end inside an `é` (the prefix is 25 bytes): cut back to 39.
+        assert_eq!(
+            rec["url"]["path"],
+            json!(format!("/api/addressbook/persons/{}", "é".repeat(7)))
+        );
+        // 17 bytes end inside an `é`: cut back to a character boundary.
+        assert_eq!(
+            rec["sparbar"]["route"]["params"]["id"],
+            json!("é".repeat(8))
+        );
+        assert_eq!(
+            rec["url"]["query"],
+            json!(format!("page={}", "9".repeat(20)))
+        );
+        assert_eq!(
+            rec["sparbar"]["truncated"],
+            json!(["url.query", "url.path", "sparbar.route.params"])
+        );
+        // Within the defaults nothing is cut or marked.
+        let ex = exchange("/api/addressbook/persons/42?page=2", Some(200));
+        let m = t
+            .match_request("GET", "/api/addressbook/persons/42?page=2")
+            .unwrap();
+        let rec = build(&ctx(&ex, Some(&m), &p, true));
+        assert!(rec["sparbar"].get("truncated").is_none());
+    }
+
+    /// The cross-tenant attempt, the anomalies and every session hash reach the record.
+    #[test]
+    fn attempt_anomalies_and_session_ids() {
+        use crate::attribute::attribution::{Anomaly, IdentitySource};
+        let ex = exchange("/api/addressbook/persons/42", Some(200));
+        let p = proc_info();
+        let who = Attribution {
+            session_id: None,
+            session_kind: None,
+            user_id: None,
+            user_hash: None,
+            role: None,
+            tenant: None,
+            source: IdentitySource::Unreadable,
+            client_ip: None,
+            token: None,
+            login_token: None,
+            session_ids: vec!["aa".into(), "bb".into()],
+            anomalies: vec![Anomaly::TwoCredentials, Anomaly::UnreadableCredential],
+        };
+        let attempt = CrossTenantAttempt {
+            named: "2".into(),
+            caller: "1".into(),
+            duplicate: true,
+        };
+        let mut c = ctx(&ex, None, &p, true);
+        c.attribution = Some(&who);
+        c.attempt = Some(&attempt);
+        let rec = build(&c);
+        check_fields(&rec).unwrap();
+        assert_eq!(rec["abook"]["identity"]["source"], json!("unreadable"));
+        assert_eq!(rec["abook"]["session"], json!({"ids": ["aa", "bb"]}));
+        assert!(rec.get("user").is_none() && rec.get("session").is_none());
+        assert_eq!(
+            rec["sparbar"]["anomalies"],
+            json!([
+                "two_credentials",
+                "unreadable_credential",
+                "duplicate_tenant_param"
+            ])
+        );
+        assert_eq!(
+            rec["sparbar"]["cross_tenant_attempt"],
+            json!({"named": "2", "caller": "1"})
+        );
     }
 
     #[test]
