@@ -546,8 +546,31 @@ pub fn demo_config(platform: &Platform) -> Result<String> {
     Ok(
         std::fs::read_to_string(repo_root().join("tests/demo/sparbar.demo.toml"))?
             .replace("@APP_PID@", &platform.pid("app_pid").to_string())
-            .replace("@APP_PORT@", &app_port.to_string()),
+            .replace("@APP_PORT@", &app_port.to_string())
+            .replace(
+                "@JWT_SECRET_FILE@",
+                &jwt_secret_file(platform)?.display().to_string(),
+            ),
     )
+}
+
+/// The platform's HS256 secret (`secrets.jwtSecret` of its dataset) in a file beside the
+/// dataset, for `identity.jwt.hs256_secret_file`.
+pub fn jwt_secret_file(platform: &Platform) -> Result<PathBuf> {
+    let dataset = PathBuf::from(
+        platform.info["dataset"]
+            .as_str()
+            .context("platform.py printed no dataset")?,
+    );
+    let data: Value = serde_json::from_slice(
+        &std::fs::read(&dataset).with_context(|| format!("reading {}", dataset.display()))?,
+    )?;
+    let secret = data["secrets"]["jwtSecret"]
+        .as_str()
+        .context("the dataset has no secrets.jwtSecret")?;
+    let path = dataset.with_extension("jwt-secret");
+    std::fs::write(&path, secret)?;
+    Ok(path)
 }
 
 /// Runs tests/demo/traffic.py against the platform's TLS front with the extra `args` (users,

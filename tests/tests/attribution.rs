@@ -880,6 +880,8 @@ session_cookies = ["skolsid"]
 bearer = true
 session_ttl = "12h"
 trusted_proxies = ["127.0.0.1/32", "::1/128"]
+# nginx appends the real client to X-Forwarded-For; a client's own Forwarded is never believed.
+client_ip_header = "X-Forwarded-For"
 logout_routes = ["auth.logout"]
 "#;
 const LOGIN: &str = r#"
@@ -900,6 +902,7 @@ const JWT: &str = r#"
 user = "sub"
 tenant = "school"
 role = "role"
+hs256_secret_file = "@JWT_SECRET_FILE@"
 "#;
 
 /// The demo configuration with its identity tables replaced by `identity`.
@@ -925,7 +928,10 @@ fn reduced_config(platform: &Platform, identity: &[&str]) -> Result<String> {
     for t in identity {
         out.push_str(t);
     }
-    Ok(out)
+    Ok(out.replace(
+        "@JWT_SECRET_FILE@",
+        &jwt_secret_file(platform)?.display().to_string(),
+    ))
 }
 
 /// The platform for one curl test, and a person with an account to act as.

@@ -179,6 +179,7 @@ fn main() {
         limits: Default::default(),
         routes: RouteTable::new(&cfg.routes).expect("routes"),
         record_unmatched: false,
+        record_caps: Default::default(),
         host_name: "bench".into(),
         mono_to_unix_ns: 1_800_000_000_000_000_000,
         disclosure: cfg.disclosure.clone(),

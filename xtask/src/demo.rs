@@ -22,7 +22,13 @@ pub fn run(bin: &Path, duration: u64) -> Result<()> {
     step("starting the agent (sparbar run)");
     let cfg = std::fs::read_to_string(repo_root().join("tests/demo/sparbar.demo.toml"))?
         .replace("@APP_PID@", &platform.pid("app_pid").to_string())
-        .replace("@APP_PORT@", &app_port.to_string());
+        .replace("@APP_PORT@", &app_port.to_string())
+        .replace(
+            "@JWT_SECRET_FILE@",
+            &sparbar_tests::jwt_secret_file(&platform)?
+                .display()
+                .to_string(),
+        );
     let agent = Agent::start(&dir.join("agent"), &cfg)?;
 
     step(&format!("running {duration} s of traffic: ordinary teachers, pupils, guardians, and one abusive pupil"));

@@ -110,6 +110,7 @@ impl Plan {
                 limits,
                 routes,
                 record_unmatched: cfg.output.unmatched == Unmatched::Record,
+                record_caps: cfg.output.caps,
                 host_name: cfg.agent.host_name.clone(),
                 mono_to_unix_ns: pipeline::mono_to_unix_ns(),
                 disclosure: cfg.disclosure.clone(),

@@ -19,13 +19,16 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::Sha256;
 
-use super::credentials::{bearer_token, jwt_claims, login_username, now_unix};
+use super::credentials::{
+    bearer_token, cookie_crumbs, jwt_claims, login_username, now_unix, session_header_values, Read,
+};
 pub use super::credentials::{
     forwarded_client, request_cookie, set_cookies, token_patterns_for_field, SetCookie,
 };
+use super::jwt::JwtCheck;
 use crate::{
     attribute::jsonpath::{scalar_id, JsonPath},
-    config::{IdentityConfig, LoginRule},
+    config::{CredentialKind, IdentityConfig, LoginRule},
     exchange::{header, Exchange, Header},
     stats::{Metric, Stats},
 };
@@ -180,6 +183,9 @@ pub enum IdentitySource {
     None,
     /// The platform refused the credentials (401).
     Rejected,
+    /// The request carries a credential the agent cannot read as the server would (see
+    /// [`crate::attribute::credentials`]): the caller is not known, and that is a signal.
+    Unreadable,
 }
 
 impl IdentitySource {
@@ -192,6 +198,7 @@ impl IdentitySource {
             IdentitySource::Unknown => "unknown",
             IdentitySource::None => "none",
             IdentitySource::Rejected => "rejected",
+            IdentitySource::Unreadable => "unreadable",
         }
     }
 }
@@ -203,6 +210,43 @@ pub struct Credential {
     value: String,
 }
 
+/// Something about a request's credentials (or its tenant parameter) that an honest client
+/// does not do; listed in the record (`sparbar.anomalies`) and counted
+/// (`attribution_anomalies_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Anomaly {
+    /// Two different credentials (kinds, or crumbs of one cookie) in one request.
+    TwoCredentials,
+    /// A credential the agent cannot read as the server would.
+    UnreadableCredential,
+    /// A JWT whose signature should verify with the configured keys and does not (or `alg:
+    /// none`, an unknown `kid`, an algorithm the keys are not for).
+    JwtSignatureInvalid,
+    /// The route's tenant parameter given several times with different values.
+    DuplicateTenantParam,
+}
+
+impl Anomaly {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Anomaly::TwoCredentials => "two_credentials",
+            Anomaly::UnreadableCredential => "unreadable_credential",
+            Anomaly::JwtSignatureInvalid => "jwt_signature_invalid",
+            Anomaly::DuplicateTenantParam => "duplicate_tenant_param",
+        }
+    }
+}
+
+/// Every credential a request presents, in the order the platform believes them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Presented {
+    /// The one the platform acts on: `Err(kind)` when it cannot be read.
+    pub winner: Option<Result<Credential, SessionKind>>,
+    /// Other readable credentials with a value different from the winner's (distinct).
+    pub others: Vec<Credential>,
+    /// How many of the others cannot be read.
+    pub unreadable_others: usize,
+}
 /// Who made one call, as far as the agent knows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attribution {
@@ -221,6 +265,19 @@ pub struct Attribution {
     pub token: Option<u64>,
     /// The kernel's hash of the user name of a login request.
     pub login_token: Option<u64>,
+    /// Every session hash the request carried when it carried several (the believed one first);
+    /// empty otherwise.
+    pub session_ids: Vec<String>,
+    /// What was odd about the request's credentials, sorted, each once.
+    pub anomalies: Vec<Anomaly>,
+}
+
+impl Attribution {
+    fn flag(&mut self, x: Anomaly) {
+        if let Err(i) = self.anomalies.binary_search(&x) {
+            self.anomalies.insert(i, x);
+        }
+    }
 }
 
 /// What the agent remembers of one session.
@@ -460,42 +517,79 @@ impl Attributor {
         self.cfg.trusted_proxies.iter().any(|c| c.contains(ip))
     }
 
-    /// The session credential a request carries: a bearer token first, then a session cookie,
-    /// then a session header.
+    /// The session credential the platform believes, if it can be read (see [`Self::presented`]).
     pub fn credential(&self, headers: &[Header]) -> Option<Credential> {
-        if self.cfg.bearer {
-            for h in headers
-                .iter()
-                .filter(|h| h.name.eq_ignore_ascii_case("authorization"))
-            {
-                if let Some(t) = h.value_str().and_then(bearer_token) {
-                    return Some(Credential {
-                        kind: SessionKind::Bearer,
-                        value: t.to_string(),
-                    });
+        self.presented(headers).winner.and_then(Result::ok)
+    }
+
+    /// Every credential a request carries, ordered as the platform believes them: by kind in
+    /// `identity.credential_precedence` (default bearer, cookie, header), then the first
+    /// `Authorization`/session header, and the first (or, with `duplicate_cookies = "last"`, the
+    /// last) crumb of a session cookie, configured cookie names in their order. Only request
+    /// headers are read: trailers never name a caller.
+    pub fn presented(&self, headers: &[Header]) -> Presented {
+        let mut all: Vec<(SessionKind, Read)> = Vec::new();
+        for ck in &self.cfg.credentials.precedence {
+            let kind = &match ck {
+                CredentialKind::Bearer => SessionKind::Bearer,
+                CredentialKind::Cookie => SessionKind::Cookie,
+                CredentialKind::Header => SessionKind::Header,
+            };
+            match kind {
+                SessionKind::Bearer if self.cfg.bearer => {
+                    for h in headers
+                        .iter()
+                        .filter(|h| h.name.eq_ignore_ascii_case("authorization"))
+                    {
+                        all.extend(bearer_token(&h.value).map(|r| (*kind, r)));
+                    }
+                }
+                SessionKind::Bearer => {}
+                SessionKind::Cookie => {
+                    for name in &self.cfg.session_cookies {
+                        let mut crumbs = cookie_crumbs(headers, name);
+                        if self.cfg.credentials.last_cookie_wins {
+                            crumbs.reverse();
+                        }
+                        all.extend(crumbs.into_iter().map(|r| (*kind, r)));
+                    }
+                }
+                SessionKind::Header => {
+                    for name in &self.cfg.session_headers {
+                        all.extend(
+                            session_header_values(headers, name)
+                                .into_iter()
+                                .map(|r| (*kind, r)),
+                        );
+                    }
                 }
             }
         }
-        for name in &self.cfg.session_cookies {
-            if let Some(v) = request_cookie(headers, name) {
-                return Some(Credential {
-                    kind: SessionKind::Cookie,
-                    value: v,
-                });
-            }
-        }
-        for name in &self.cfg.session_headers {
-            if let Some(v) = header(headers, name).and_then(|h| h.value_str()) {
-                let v = v.trim();
-                if !v.is_empty() {
-                    return Some(Credential {
-                        kind: SessionKind::Header,
-                        value: v.to_string(),
-                    });
+        let mut it = all.into_iter();
+        let Some((kind, first)) = it.next() else {
+            return Presented::default();
+        };
+        let winner = match first {
+            Ok(value) => Ok(Credential { kind, value }),
+            Err(()) => Err(kind),
+        };
+        let mut p = Presented {
+            winner: Some(winner),
+            ..Presented::default()
+        };
+        for (kind, r) in it {
+            match r {
+                Ok(value) => {
+                    let seen = matches!(&p.winner, Some(Ok(w)) if w.value == value)
+                        || p.others.iter().any(|o| o.value == value);
+                    if !seen {
+                        p.others.push(Credential { kind, value });
+                    }
                 }
+                Err(()) => p.unreadable_others += 1,
             }
         }
-        None
+        p
     }
 
     /// Attributes one exchange and learns what it teaches. `route_name` is the matched route's
@@ -512,11 +606,11 @@ impl Attributor {
         let status = ex.response.as_ref().map(|r| r.status);
         let ok = status.is_some_and(|s| (200..300).contains(&s));
         let peer_trusted = peer.is_some_and(|p| self.trusted(p));
-        let client_ip = match peer {
-            Some(p) if peer_trusted => {
-                forwarded_client(&req.headers, &self.cfg.trusted_proxies).or(Some(p))
+        let client_ip = match (peer, self.cfg.client_ip_header) {
+            (Some(p), Some(which)) if peer_trusted => {
+                forwarded_client(&req.headers, which, &self.cfg.trusted_proxies).or(Some(p))
             }
-            p => p,
+            (p, _) => p,
         };
         let mut a = Attribution {
             session_id: None,
@@ -529,8 +623,33 @@ impl Attributor {
             client_ip,
             token: None,
             login_token: None,
+            session_ids: Vec::new(),
+            anomalies: Vec::new(),
         };
-        let cred = self.credential(&req.headers);
+        let presented = self.presented(&req.headers);
+        let cred = match &presented.winner {
+            Some(Ok(c)) => Some(c.clone()),
+            Some(Err(_)) => {
+                a.source = IdentitySource::Unreadable;
+                a.flag(Anomaly::UnreadableCredential);
+                None
+            }
+            None => None,
+        };
+        if presented.unreadable_others > 0 {
+            a.flag(Anomaly::UnreadableCredential);
+        }
+        if !presented.others.is_empty() {
+            a.flag(Anomaly::TwoCredentials);
+            a.session_ids = cred
+                .iter()
+                .chain(&presented.others)
+                .map(|c| self.keyer.session_id(&c.value))
+                .collect();
+        }
+        for x in &a.anomalies {
+            stats.add_reason(Metric::AttributionAnomalies, x.as_str(), 1);
+        }
         if let Some(c) = &cred {
             a.session_id = Some(self.keyer.session_id(&c.value));
             a.session_kind = Some(c.kind);
@@ -574,16 +693,37 @@ impl Attributor {
         }
         if a.source != IdentitySource::ProxyHeader {
             if let Some(c) = &cred {
-                let jwt = match (c.kind, &self.cfg.jwt) {
-                    (SessionKind::Bearer, Some(j)) => jwt_claims(&c.value).and_then(|claims| {
+                // Claims count only when a configured key verifies the token.
+                let claims = match (c.kind, &self.cfg.jwt) {
+                    (SessionKind::Bearer, Some(j)) => match j.keys.check(&c.value) {
+                        JwtCheck::Verified(claims) => Some(claims),
+                        JwtCheck::NotJwt => None,
+                        JwtCheck::Unverified(why) => {
+                            stats.add_reason(Metric::JwtUnverified, why.reason(), 1);
+                            if why.is_forgery() {
+                                a.flag(Anomaly::JwtSignatureInvalid);
+                                stats.add_reason(
+                                    Metric::AttributionAnomalies,
+                                    Anomaly::JwtSignatureInvalid.as_str(),
+                                    1,
+                                );
+                            }
+                            None
+                        }
+                    },
+                    _ => None,
+                };
+                let jwt = match (&claims, &self.cfg.jwt) {
+                    (Some(claims), Some(j)) => {
                         let get = |n: &str| claims.get(n).and_then(scalar_id);
-                        let user = get(&j.user)?;
-                        Some((
-                            user,
-                            j.role.as_deref().and_then(get),
-                            j.tenant.as_deref().and_then(get),
-                        ))
-                    }),
+                        get(&j.user).map(|user| {
+                            (
+                                user,
+                                j.role.as_deref().and_then(get),
+                                j.tenant.as_deref().and_then(get),
+                            )
+                        })
+                    }
                     _ => None,
                 };
                 let sid = a.session_id.clone().unwrap_or_default();
@@ -657,7 +797,7 @@ impl Attributor {
             a.user_id = None;
             a.role = None;
             a.tenant = None;
-            a.source = if cred.is_some() {
+            a.source = if cred.is_some() || presented.winner.is_some() {
                 IdentitySource::Rejected
             } else {
                 IdentitySource::None

@@ -1,8 +1,9 @@
 //! Tests of the attribution step: credentials, learned sessions, identity sources, proxies.
 
 use super::*;
+use crate::attribute::jwt::JwtKeys;
 use crate::config::Cidr;
-use crate::config::{EndpointRule, JwtClaims, ProxyHeaders};
+use crate::config::{ClientIpHeader, CredentialKind, EndpointRule, JwtClaims, ProxyHeaders};
 use crate::exchange::{Body, Completeness, Request, Response};
 use base64::Engine as _;
 use bytes::Bytes;
@@ -62,10 +63,12 @@ fn cfg() -> IdentityConfig {
         session_cookies: vec!["sid".into()],
         session_headers: vec!["X-Session".into()],
         trusted_proxies: vec![Cidr::parse("10.0.0.0/8").unwrap()],
+        client_ip_header: Some(ClientIpHeader::XForwardedFor),
         jwt: Some(JwtClaims {
             user: "sub".into(),
             tenant: Some("school".into()),
             role: Some("role".into()),
+            keys: JwtKeys::hs256(SECRET),
         }),
         login: vec![LoginRule {
             route: "login".into(),
@@ -90,6 +93,22 @@ fn attributor() -> Attributor {
     Attributor::new(cfg(), Keyer::new([7; 32]))
 }
 
+const SECRET: &[u8] = b"platform-secret";
+
+/// A JWT signed with HS256 and `secret`.
+fn signed(claims: &str, secret: &[u8]) -> String {
+    let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let msg = format!(
+        "{}.{}",
+        e.encode(br#"{"alg":"HS256","typ":"JWT"}"#),
+        e.encode(claims.as_bytes())
+    );
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(secret).unwrap();
+    m.update(msg.as_bytes());
+    format!("{msg}.{}", e.encode(m.finalize().into_bytes()))
+}
+
+/// A JWT with a made-up signature.
 fn jwt(claims: &str) -> String {
     let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     format!(
@@ -113,7 +132,9 @@ fn session_presentations() {
         cred(&a, vec![h("cookie", "theme=dark; sid=abc; lang=sv")]),
         c("abc")
     );
-    assert_eq!(cred(&a, vec![h("Cookie", "  sid = abc ;x=1")]), c("abc"));
+    assert_eq!(cred(&a, vec![h("Cookie", "  sid=abc ;x=1")]), c("abc"));
+    // Spaces around `=`: Django reads `sid`, the demo platform and Go do not; unreadable.
+    assert_eq!(cred(&a, vec![h("Cookie", "  sid = abc ;x=1")]), None);
     assert_eq!(cred(&a, vec![h("Cookie", "sid=\"q\"")]), c("q"));
     assert_eq!(
         cred(&a, vec![h("Cookie", "a=1"), h("Cookie", "sid=two")]),
@@ -254,7 +275,10 @@ fn unknown_sessions_and_rejections() {
 fn jwt_claims_identify() {
     let mut a = attributor();
     let st = Stats::default();
-    let t = jwt(r#"{"sub":"1334","school":"sch-02","role":"principal","exp":99999999999}"#);
+    let t = signed(
+        r#"{"sub":"1334","school":"sch-02","role":"principal","exp":99999999999}"#,
+        SECRET,
+    );
     let call = ex(
         vec![h("Authorization", &format!("Bearer {t}"))],
         "",
@@ -269,7 +293,7 @@ fn jwt_claims_identify() {
     assert_eq!(r.tenant.as_deref(), Some("sch-02"));
     assert_eq!(r.session_kind, Some(SessionKind::Bearer));
     // Numbers as claims, and a token that is not a JWT (opaque).
-    let t = jwt(r#"{"sub":42}"#);
+    let t = signed(r#"{"sub":42}"#, SECRET);
     let call = ex(
         vec![h("Authorization", &format!("Bearer {t}"))],
         "",
@@ -284,9 +308,8 @@ fn jwt_claims_identify() {
     for opaque in [
         "abc",
         "a.b.c",
-        "a.!!!.c",
-        &jwt("[1,2]"),
-        &jwt("{\"nosub\":1}"),
+        &signed("[1,2]", SECRET),
+        &signed("{\"nosub\":1}", SECRET),
     ] {
         let call = ex(
             vec![h("Authorization", &format!("Bearer {opaque}"))],
@@ -411,7 +434,7 @@ fn trusted_proxies_and_forwarded_clients() {
     );
     assert_eq!(r.client_ip, Some("198.51.100.3".parse().unwrap()));
     let trusted = [Cidr::parse("10.0.0.0/8").unwrap()];
-    let f = |v: &str| forwarded_client(&[h("Forwarded", v)], &trusted);
+    let f = |v: &str| forwarded_client(&[h("Forwarded", v)], ClientIpHeader::Forwarded, &trusted);
     assert_eq!(
         f("for=192.0.2.60;proto=http;by=10.0.0.1"),
         Some("192.0.2.60".parse().unwrap())
@@ -426,14 +449,25 @@ fn trusted_proxies_and_forwarded_clients() {
     );
     assert_eq!(f("for=unknown"), None);
     assert_eq!(
-        forwarded_client(&[h("X-Forwarded-For", "10.0.0.9")], &trusted),
+        forwarded_client(
+            &[h("X-Forwarded-For", "10.0.0.9")],
+            ClientIpHeader::XForwardedFor,
+            &trusted
+        ),
         Some("10.0.0.9".parse().unwrap())
     );
     assert_eq!(
-        forwarded_client(&[h("X-Forwarded-For", "junk, 192.0.2.1:5555")], &trusted),
+        forwarded_client(
+            &[h("X-Forwarded-For", "junk, 192.0.2.1:5555")],
+            ClientIpHeader::XForwardedFor,
+            &trusted
+        ),
         Some("192.0.2.1".parse().unwrap())
     );
-    assert_eq!(forwarded_client(&[], &trusted), None);
+    assert_eq!(
+        forwarded_client(&[], ClientIpHeader::XForwardedFor, &trusted),
+        None
+    );
 }
 
 /// The learned map survives a restart, holds no raw credential, and is private.
@@ -515,4 +549,335 @@ fn session_budget_evicts_oldest_counted() {
         a.attribute(&last, None, None, &st).user_id.as_deref(),
         Some("249")
     );
+}
+
+fn hb(name: &str, value: &[u8]) -> Header {
+    Header {
+        name: name.into(),
+        value: value.to_vec(),
+    }
+}
+
+fn call(headers: Vec<Header>, status: u16) -> Exchange {
+    ex(headers, "", status, vec![], "{}")
+}
+
+/// Learns session `sid=<cookie>` as user `uid` of school `school` through the login route.
+fn login(a: &mut Attributor, cookie: &str, uid: &str, school: &str, st: &Stats) {
+    let mut c = a.cfg.clone();
+    c.login[0].tenant = Some(JsonPath::parse("$.schoolId").unwrap());
+    a.reconfigure(c);
+    let l = ex(
+        vec![],
+        "username=x",
+        200,
+        vec![h("Set-Cookie", &format!("sid={cookie}; Path=/"))],
+        &format!(r#"{{"userId":"{uid}","schoolId":"{school}"}}"#),
+    );
+    let r = a.attribute(&l, Some("login"), None, st);
+    assert_eq!(r.source, IdentitySource::Login);
+}
+
+/// A JWT counts only when a configured key verifies it; otherwise it is an opaque session,
+/// learned like a cookie, and a failed signature is an anomaly.
+#[test]
+fn unverified_jwt_claims_are_not_believed() {
+    let mut a = attributor();
+    let st = Stats::default();
+    let bearer = |t: &str| vec![h("Authorization", &format!("Bearer {t}"))];
+    // The incident: a pupil's unsigned token naming a victim in another school.
+    let victim = r#"{"sub":"9001","school":"sch-09","role":"teacher","exp":99999999999}"#;
+    for (token, reason, forged) in [
+        (jwt(victim), "bad_signature", true),
+        (signed(victim, b"guessed-secret"), "bad_signature", true),
+        (
+            {
+                let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+                format!("{}.{}.", e.encode(br#"{"alg":"none"}"#), e.encode(victim))
+            },
+            "alg_none",
+            true,
+        ),
+        (
+            signed(r#"{"sub":"9001","exp":1000}"#, SECRET),
+            "expired",
+            false,
+        ),
+    ] {
+        let r = a.attribute(&call(bearer(&token), 200), Some("list"), None, &st);
+        assert_eq!(r.source, IdentitySource::Unknown, "{reason}");
+        assert_eq!(
+            (r.user_id, r.tenant, r.role),
+            (None, None, None),
+            "{reason}"
+        );
+        assert_eq!(r.session_id, Some(a.keyer().session_id(&token)), "{reason}");
+        assert_eq!(
+            r.anomalies,
+            if forged {
+                vec![Anomaly::JwtSignatureInvalid]
+            } else {
+                vec![]
+            },
+            "{reason}"
+        );
+    }
+    assert_eq!(st.get_reason(Metric::JwtUnverified, "bad_signature"), 2);
+    assert_eq!(st.get_reason(Metric::JwtUnverified, "alg_none"), 1);
+    assert_eq!(st.get_reason(Metric::JwtUnverified, "expired"), 1);
+    assert_eq!(
+        st.get_reason(Metric::AttributionAnomalies, "jwt_signature_invalid"),
+        3
+    );
+    // With no key configured, a token is learned like a cookie: the identity endpoint's answer
+    // names its holder, later calls are attributed from that, and the claims never count.
+    let mut c = cfg();
+    c.jwt.as_mut().unwrap().keys = JwtKeys::default();
+    let mut a = Attributor::new(c, Keyer::new([7; 32]));
+    let t = jwt(victim);
+    let me = ex(
+        bearer(&t),
+        "",
+        200,
+        vec![],
+        r#"{"id":"42","role":"pupil","schoolId":"sch-01"}"#,
+    );
+    assert_eq!(
+        a.attribute(&me, Some("me"), None, &st).source,
+        IdentitySource::IdentityEndpoint
+    );
+    let r = a.attribute(&call(bearer(&t), 200), Some("list"), None, &st);
+    assert_eq!(
+        (r.user_id.as_deref(), r.tenant.as_deref(), r.source),
+        (Some("42"), Some("sch-01"), IdentitySource::IdentityEndpoint)
+    );
+    assert!(r.anomalies.is_empty());
+    assert_eq!(st.get_reason(Metric::JwtUnverified, "no_key"), 2);
+}
+
+/// Two credentials: both session hashes, an anomaly, and the user of the one the platform
+/// believes (configured precedence; default bearer, then cookie, then header).
+#[test]
+fn two_credentials_are_recorded_with_both_hashes() {
+    let mut a = attributor();
+    let st = Stats::default();
+    login(&mut a, "victimsid", "77", "sch-01", &st);
+    let k = |v: &str| a.keyer().session_id(v);
+    let (kv, kt, kb) = (k("victimsid"), k("tok"), k("b"));
+    // A cookie and a bearer token: the bearer token decides (the demo platform reads it alone).
+    let r = a.attribute(
+        &call(
+            vec![
+                h("Cookie", "sid=victimsid"),
+                h("Authorization", "Bearer tok"),
+            ],
+            200,
+        ),
+        Some("list"),
+        None,
+        &st,
+    );
+    assert_eq!(r.session_ids, vec![kt.clone(), kv.clone()]);
+    assert_eq!(r.session_id, Some(kt.clone()));
+    assert_eq!(r.anomalies, vec![Anomaly::TwoCredentials]);
+    assert_eq!((r.user_id, r.source), (None, IdentitySource::Unknown));
+    // Configured for a platform that prefers its cookie.
+    let mut c = a.cfg.clone();
+    c.credentials.precedence = vec![
+        CredentialKind::Cookie,
+        CredentialKind::Bearer,
+        CredentialKind::Header,
+    ];
+    a.reconfigure(c);
+    let r = a.attribute(
+        &call(
+            vec![
+                h("Authorization", "Bearer tok"),
+                h("Cookie", "sid=victimsid"),
+            ],
+            200,
+        ),
+        Some("list"),
+        None,
+        &st,
+    );
+    assert_eq!(r.session_ids, vec![kv.clone(), kt.clone()]);
+    assert_eq!(r.user_id.as_deref(), Some("77"));
+    // Two crumbs of the session cookie: the first wins by default, the last when configured.
+    let two = || call(vec![h("Cookie", "sid=victimsid; theme=x; sid=b")], 200);
+    let r = a.attribute(&two(), Some("list"), None, &st);
+    assert_eq!(
+        (
+            r.user_id.as_deref(),
+            r.session_ids.clone(),
+            r.anomalies.clone()
+        ),
+        (
+            Some("77"),
+            vec![kv.clone(), kb.clone()],
+            vec![Anomaly::TwoCredentials]
+        )
+    );
+    let mut c = a.cfg.clone();
+    c.credentials.last_cookie_wins = true;
+    a.reconfigure(c);
+    let r = a.attribute(&two(), Some("list"), None, &st);
+    assert_eq!(r.session_id, Some(kb.clone()));
+    assert_eq!(r.session_ids, vec![kb, kv.clone()]);
+    assert_eq!(r.user_id, None);
+    // The same value twice (in two Cookie headers) is one credential.
+    let r = a.attribute(
+        &call(
+            vec![h("Cookie", "sid=victimsid"), h("Cookie", "sid=victimsid")],
+            200,
+        ),
+        Some("list"),
+        None,
+        &st,
+    );
+    assert_eq!((r.session_ids.len(), r.anomalies.len()), (0, 0));
+    assert_eq!(
+        st.get_reason(Metric::AttributionAnomalies, "two_credentials"),
+        4
+    );
+}
+
+/// A credential the agent cannot read as the server would: the record says `unreadable`, with
+/// an anomaly, never an anonymous call.
+#[test]
+fn unreadable_credentials_are_said_so() {
+    let mut a = attributor();
+    let st = Stats::default();
+    login(&mut a, "pupilsid", "5", "sch-01", &st);
+    for (what, headers) in [
+        // Python's strip() drops \x1f and finds the session; others keep it.
+        (
+            "unit separator after the cookie",
+            vec![hb("Cookie", b"sid=pupilsid\x1f")],
+        ),
+        (
+            "control byte in the cookie",
+            vec![hb("Cookie", b"sid=pupil\x01sid")],
+        ),
+        (
+            "non-ASCII in the cookie",
+            vec![hb("Cookie", b"sid=pupilsid\xff")],
+        ),
+        ("space before =", vec![h("Cookie", "sid =pupilsid")]),
+        (
+            "control byte before the name",
+            vec![hb("Cookie", b"\x0bsid=pupilsid")],
+        ),
+        ("tab after Bearer", vec![h("Authorization", "Bearer\ttok")]),
+        (
+            "token ended by \\x1f",
+            vec![hb("Authorization", b"Bearer tok\x1f")],
+        ),
+        (
+            "control byte before the scheme",
+            vec![hb("Authorization", b"\x0bBearer tok")],
+        ),
+        (
+            "space inside the token",
+            vec![h("Authorization", "Bearer to k")],
+        ),
+        (
+            "session header with a control byte",
+            vec![hb("X-Session", b"ab\x01c")],
+        ),
+    ] {
+        let r = a.attribute(&call(headers, 200), Some("list"), None, &st);
+        assert_eq!(r.source, IdentitySource::Unreadable, "{what}");
+        assert_eq!((r.session_id, r.user_id), (None, None), "{what}");
+        assert_eq!(r.anomalies, vec![Anomaly::UnreadableCredential], "{what}");
+    }
+    assert_eq!(
+        st.get_reason(Metric::AttributionAnomalies, "unreadable_credential"),
+        10
+    );
+    // The platform refused it: rejected (the anomaly stays).
+    let r = a.attribute(
+        &call(vec![hb("Cookie", b"sid=x\x1f")], 401),
+        Some("list"),
+        None,
+        &st,
+    );
+    assert_eq!(r.source, IdentitySource::Rejected);
+    assert_eq!(r.anomalies, vec![Anomaly::UnreadableCredential]);
+    // The incident's `Cookie: x=\x01; <session>`: the session crumb itself is clean, and the
+    // split-on-';' frameworks (the demo platform among them) find it, so the agent does too.
+    let r = a.attribute(
+        &call(vec![hb("Cookie", b"x=\x01; sid=pupilsid")], 200),
+        Some("list"),
+        None,
+        &st,
+    );
+    assert_eq!(
+        (r.user_id.as_deref(), r.tenant.as_deref(), r.source),
+        (Some("5"), Some("sch-01"), IdentitySource::Login)
+    );
+    // A readable winner and an unreadable other: attributed, with the anomaly.
+    let r = a.attribute(
+        &call(vec![hb("Cookie", b"sid=pupilsid; sid=x\x01")], 200),
+        Some("list"),
+        None,
+        &st,
+    );
+    assert_eq!(r.user_id.as_deref(), Some("5"));
+    assert_eq!(r.anomalies, vec![Anomaly::UnreadableCredential]);
+    // Other schemes and other cookies are no credential at all.
+    for headers in [
+        vec![h("Authorization", "Basic dXNlcjpwdw==")],
+        vec![h("Authorization", "Bearerx tok")],
+        vec![hb("Cookie", b"theme=\x01\xff; SID=upper")],
+    ] {
+        let r = a.attribute(&call(headers, 200), Some("list"), None, &st);
+        assert_eq!((r.source, r.anomalies.len()), (IdentitySource::None, 0));
+    }
+}
+
+/// The login answer names the school: later calls carry it without the identity endpoint.
+#[test]
+fn login_answer_names_the_school() {
+    let mut a = attributor();
+    let st = Stats::default();
+    login(&mut a, "s1", "12", "sch-03", &st);
+    let r = a.attribute(
+        &call(vec![h("Cookie", "sid=s1")], 200),
+        Some("list"),
+        None,
+        &st,
+    );
+    assert_eq!(
+        (r.user_id.as_deref(), r.tenant.as_deref(), r.source),
+        (Some("12"), Some("sch-03"), IdentitySource::Login)
+    );
+}
+
+/// The client address: the socket peer unless a header is configured, and then only that
+/// header, only from trusted proxies.
+#[test]
+fn forwarded_is_believed_only_when_configured() {
+    let st = Stats::default();
+    let proxy: IpAddr = "10.1.1.1".parse().unwrap();
+    let headers = || {
+        vec![
+            h("Forwarded", "for=198.51.100.66"),
+            h("X-Forwarded-For", "203.0.113.9"),
+            h("X-Real-IP", "192.0.2.44"),
+        ]
+    };
+    let ip = |which: Option<ClientIpHeader>| {
+        let mut c = cfg();
+        c.client_ip_header = which;
+        let mut a = Attributor::new(c, Keyer::new([7; 32]));
+        a.attribute(&call(headers(), 200), None, Some(proxy), &st)
+            .client_ip
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(ip(None), "10.1.1.1");
+    assert_eq!(ip(Some(ClientIpHeader::XForwardedFor)), "203.0.113.9");
+    assert_eq!(ip(Some(ClientIpHeader::Forwarded)), "198.51.100.66");
+    assert_eq!(ip(Some(ClientIpHeader::XRealIp)), "192.0.2.44");
 }

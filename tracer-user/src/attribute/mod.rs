@@ -6,4 +6,5 @@ pub mod attribution;
 pub mod credentials;
 pub mod disclosure;
 pub mod jsonpath;
+pub mod jwt;
 pub mod routes;

@@ -52,7 +52,7 @@ use thiserror::Error;
 pub const TEMPLATE_EXAMPLE: &str = "GET /api/addressbook/persons/{id}";
 
 /// One configured API route, as [`RouteTable::new`] takes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RouteConfig {
     /// `METHOD SP path-template`, e.g. `GET /api/addressbook/persons/{id}`.
     pub route: String,
@@ -60,6 +60,92 @@ pub struct RouteConfig {
     pub name: String,
     /// Query parameter names copied into records; all others are dropped.
     pub query_params: Vec<String>,
+    /// The request parameter that names the tenant the call is about (see [`tenant_attempt`]).
+    pub tenant_param: Option<TenantParam>,
+}
+
+/// Where a route's request names its tenant (`[[routes]] tenant_param`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TenantParam {
+    /// A query parameter (`tenant_param = "schoolId"`).
+    Query(String),
+    /// A path parameter of the template (`tenant_param = "{org}"`).
+    Path(String),
+}
+
+/// A request that names another tenant than its caller's, known from the request alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrossTenantAttempt {
+    /// The foreign tenant the request names (the first value that is not the caller's).
+    pub named: String,
+    /// The caller's own tenant.
+    pub caller: String,
+    /// The parameter was given several times with different values (`schoolId=2&schoolId=1`):
+    /// which one the platform uses depends on its framework (Python and most take the first,
+    /// PHP the last), so any foreign value counts.
+    pub duplicate: bool,
+}
+
+/// Whether two tenant ids name the same tenant as a platform would compare them: equal once
+/// trimmed, or equal as integers (`02` and `2`: `int()` in Python, `intval` in PHP).
+fn same_tenant(a: &str, b: &str) -> bool {
+    let (a, b) = (a.trim(), b.trim());
+    if a == b {
+        return true;
+    }
+    match (a.parse::<i128>(), b.parse::<i128>()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+/// Every value a request gives the route's tenant parameter: the path parameter (decoded, with
+/// `;params` cut, so `2;x=1` and `2%2F..%2F1` are what they are), or every value of the query
+/// parameter whose name, percent- and `+`-decoded, trimmed and with a PHP `[]` suffix cut,
+/// equals the configured name in any case (frameworks differ on case; a foreign value under any
+/// spelling is worth knowing).
+pub fn tenant_values(param: &TenantParam, m: &RouteMatch, target: &str) -> Vec<String> {
+    match param {
+        TenantParam::Path(name) => m.params.get(name).cloned().into_iter().collect(),
+        TenantParam::Query(name) => {
+            let Some((_, Some(query))) = split_target(target) else {
+                return Vec::new();
+            };
+            query
+                .split('&')
+                .filter(|p| !p.is_empty())
+                .filter_map(|pair| {
+                    let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                    let k = percent_decode(k, true);
+                    let k = k.trim();
+                    let k = k.strip_suffix("[]").unwrap_or(k);
+                    k.eq_ignore_ascii_case(name)
+                        .then(|| percent_decode(v, true))
+                })
+                .collect()
+        }
+    }
+}
+
+/// The cross-tenant attempt in a request, from the request alone (before any answer): the
+/// route's tenant parameter names a tenant other than `caller`'s. `None` when the route names
+/// no tenant parameter, the request does not give it, or the caller's tenant is unknown. Pure,
+/// so the request-time path can call it on a request whose answer has not been written.
+pub fn tenant_attempt(
+    param: Option<&TenantParam>,
+    m: &RouteMatch,
+    target: &str,
+    caller: Option<&str>,
+) -> Option<CrossTenantAttempt> {
+    let caller = caller?;
+    let values = tenant_values(param?, m, target);
+    let foreign = values.iter().find(|v| !same_tenant(v, caller))?;
+    let duplicate = values.iter().any(|v| !same_tenant(v, &values[0]));
+    Some(CrossTenantAttempt {
+        named: foreign.clone(),
+        caller: caller.to_string(),
+        duplicate,
+    })
 }
 
 /// A route that cannot be put into the table. `index` is the position in the route list
@@ -197,6 +283,21 @@ impl RouteTable {
         self.routes.is_empty()
     }
 
+    /// The tenant parameter of the matched route, if it names one.
+    pub fn tenant_param(&self, m: &RouteMatch) -> Option<&TenantParam> {
+        self.routes.get(m.index)?.tenant.as_ref()
+    }
+
+    /// [`tenant_attempt`] for a request this table matched as `m`.
+    pub fn tenant_attempt(
+        &self,
+        m: &RouteMatch,
+        target: &str,
+        caller: Option<&str>,
+    ) -> Option<CrossTenantAttempt> {
+        tenant_attempt(self.tenant_param(m), m, target, caller)
+    }
+
     /// Finds the most specific route for `method` and the raw request `target`.
     pub fn match_request(&self, method: &str, target: &str) -> Option<RouteMatch> {
         if self.routes.is_empty() {
@@ -319,6 +420,7 @@ struct Compiled {
     params: Vec<(usize, String)>,
     rest: Option<String>,
     query_params: Vec<String>,
+    tenant: Option<TenantParam>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -427,6 +529,7 @@ impl Builder {
                 params,
                 rest,
                 query_params: rc.query_params.clone(),
+                tenant: rc.tenant_param.clone(),
             });
         }
 
@@ -445,6 +548,7 @@ fn placeholder() -> Compiled {
         params: Vec::new(),
         rest: None,
         query_params: Vec::new(),
+        tenant: None,
     }
 }
 
@@ -803,6 +907,7 @@ mod tests {
             route: route.to_string(),
             name: route.to_string(),
             query_params: q.iter().map(|s| s.to_string()).collect(),
+            tenant_param: None,
         }
     }
 
@@ -813,6 +918,74 @@ mod tests {
 
     fn hit(t: &RouteTable, m: &str, target: &str) -> Option<usize> {
         t.match_request(m, target).map(|m| m.index)
+    }
+
+    /// The incident's manipulated call, and every crafted spelling of it.
+    #[test]
+    fn tenant_attempts_from_the_request_alone() {
+        let t = RouteTable::new(&[
+            RouteConfig {
+                tenant_param: Some(TenantParam::Query("schoolId".into())),
+                ..rc("GET /api/addressbook/persons", &["schoolId"])
+            },
+            RouteConfig {
+                tenant_param: Some(TenantParam::Path("org".into())),
+                ..rc("GET /api/orgs/{org}/persons", &[])
+            },
+            rc("GET /api/other", &[]),
+        ])
+        .unwrap();
+        let at = |target: &str, caller: Option<&str>| {
+            let m = t.match_request("GET", target).expect(target);
+            t.tenant_attempt(&m, target, caller)
+                .map(|a| (a.named, a.caller, a.duplicate))
+        };
+        let att = |named: &str, dup: bool| Some((named.to_string(), "1".to_string(), dup));
+        let q = "/api/addressbook/persons";
+        assert_eq!(at(&format!("{q}?schoolId=2"), Some("1")), att("2", false));
+        assert_eq!(at(&format!("{q}?schoolId=1"), Some("1")), None);
+        assert_eq!(at(&format!("{q}?schoolId=01"), Some("1")), None);
+        assert_eq!(at(q, Some("1")), None);
+        assert_eq!(at(&format!("{q}?schoolId=2"), None), None);
+        // Duplicates: Python takes the first, PHP the last; any foreign value is an attempt.
+        assert_eq!(
+            at(&format!("{q}?schoolId=2&schoolId=1"), Some("1")),
+            att("2", true)
+        );
+        assert_eq!(
+            at(&format!("{q}?schoolId=1&schoolId=2"), Some("1")),
+            att("2", true)
+        );
+        assert_eq!(at(&format!("{q}?schoolId=1&schoolId=1"), Some("1")), None);
+        // Percent-encoded, `+`, other case, PHP brackets, padding.
+        assert_eq!(
+            at(&format!("{q}?school%49d=%32"), Some("1")),
+            att("2", false)
+        );
+        assert_eq!(at(&format!("{q}?SCHOOLID=2"), Some("1")), att("2", false));
+        assert_eq!(at(&format!("{q}?schoolId[]=2"), Some("1")), att("2", false));
+        assert_eq!(at(&format!("{q}?schoolId=+2"), Some("1")), att(" 2", false));
+        assert_eq!(
+            at(&format!("{q}?schoolId=1;schoolId=2"), Some("1")),
+            att("1;schoolId=2", false)
+        );
+        assert_eq!(at(&format!("{q}?x=1&schoolId"), Some("1")), att("", false));
+        // Path segments: %2F stays in its segment, `;params` are cut.
+        let p = "/api/orgs";
+        assert_eq!(at(&format!("{p}/2/persons"), Some("1")), att("2", false));
+        assert_eq!(at(&format!("{p}/1/persons"), Some("1")), None);
+        assert_eq!(at(&format!("{p}/1;x=2/persons"), Some("1")), None);
+        assert_eq!(
+            at(&format!("{p}/2;x=1/persons"), Some("1")),
+            att("2", false)
+        );
+        assert_eq!(
+            at(&format!("{p}/1%2F..%2F2/persons"), Some("1")),
+            att("1/../2", false)
+        );
+        assert_eq!(at(&format!("{p}/%32/persons"), Some("1")), att("2", false));
+        // A route without a tenant parameter.
+        assert_eq!(at("/api/other?schoolId=2", Some("1")), None);
     }
 
     #[test]

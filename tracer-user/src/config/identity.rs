@@ -14,7 +14,10 @@ use super::{
     errors::Problems,
     values::{format_duration, has_control, parse_duration},
 };
-use crate::attribute::jsonpath::JsonPath;
+use crate::attribute::{
+    jsonpath::JsonPath,
+    jwt::{JwtKeys, DEFAULT_LEEWAY_SECS},
+};
 
 pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 pub const DEFAULT_MAX_SESSIONS: usize = 200_000;
@@ -62,13 +65,61 @@ impl Cidr {
     }
 }
 
-/// Claims read from a bearer token that is a JWT. The agent does not verify the signature (it
-/// has no key); it trusts the platform's answer instead: a 401 makes the identity `rejected`.
+/// Claims read from a bearer token that is a JWT. They are believed only when the token's
+/// signature verifies with one of `keys` (see [`crate::attribute::jwt`]); with no keys every
+/// presented token is an opaque session. A token the platform itself issues in a login answer is
+/// read without a key (it comes from the server, not the client).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JwtClaims {
     pub user: String,
     pub tenant: Option<String>,
     pub role: Option<String>,
+    pub keys: JwtKeys,
+}
+
+/// Which credential the platform believes when a request carries several (and, among several
+/// crumbs of one session cookie, which one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialOrder {
+    /// Most trusted first; default `bearer`, `cookie`, `header` (a bearer header decides alone
+    /// on the demo platform and most API frameworks).
+    pub precedence: Vec<CredentialKind>,
+    /// Several crumbs of the same session cookie: the platform reads the last (Django,
+    /// Python's `http.cookies`) instead of the first (PHP, Go, Express, werkzeug's `get`, the
+    /// demo platform).
+    pub last_cookie_wins: bool,
+}
+
+impl Default for CredentialOrder {
+    fn default() -> Self {
+        CredentialOrder {
+            precedence: vec![
+                CredentialKind::Bearer,
+                CredentialKind::Cookie,
+                CredentialKind::Header,
+            ],
+            last_cookie_wins: false,
+        }
+    }
+}
+
+/// A kind of session credential, as `identity.credential_precedence` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialKind {
+    Bearer,
+    Cookie,
+    Header,
+}
+
+/// The header trusted proxies put the real client's address in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientIpHeader {
+    /// `X-Forwarded-For` (nginx `$proxy_add_x_forwarded_for`, haproxy `option forwardfor`).
+    XForwardedFor,
+    /// RFC 7239 `Forwarded: for=`.
+    Forwarded,
+    /// `X-Real-IP` (one address).
+    XRealIp,
 }
 
 /// Identity headers a trusted proxy sets; believed only from `trusted_proxies`.
@@ -116,6 +167,10 @@ pub struct IdentityConfig {
     pub session_ttl: Duration,
     pub max_sessions: usize,
     pub trusted_proxies: Vec<Cidr>,
+    /// The header whose client address is believed when the peer is a trusted proxy; `None`:
+    /// the client is always the socket peer.
+    pub client_ip_header: Option<ClientIpHeader>,
+    pub credentials: CredentialOrder,
     pub jwt: Option<JwtClaims>,
     pub proxy: Option<ProxyHeaders>,
     pub login: Vec<LoginRule>,
@@ -133,6 +188,8 @@ impl Default for IdentityConfig {
             session_ttl: DEFAULT_SESSION_TTL,
             max_sessions: DEFAULT_MAX_SESSIONS,
             trusted_proxies: Vec::new(),
+            client_ip_header: None,
+            credentials: CredentialOrder::default(),
             jwt: None,
             proxy: None,
             login: Vec::new(),
@@ -197,6 +254,9 @@ pub(super) struct RawIdentity {
     session_ttl: Option<String>,
     max_sessions: Option<i64>,
     trusted_proxies: Option<Vec<String>>,
+    client_ip_header: Option<String>,
+    credential_precedence: Option<Vec<String>>,
+    duplicate_cookies: Option<String>,
     jwt: Option<RawJwt>,
     proxy: Option<RawProxy>,
     #[serde(default)]
@@ -212,6 +272,10 @@ struct RawJwt {
     user: Option<String>,
     tenant: Option<String>,
     role: Option<String>,
+    hs256_secret_file: Option<String>,
+    public_key_file: Option<String>,
+    jwks_file: Option<String>,
+    leeway: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -348,11 +412,122 @@ pub(super) fn check_identity(
             ),
         }
     }
+    if let Some(h) = raw.client_ip_header {
+        let v = match h.to_ascii_lowercase().as_str() {
+            "x-forwarded-for" => Some(ClientIpHeader::XForwardedFor),
+            "forwarded" => Some(ClientIpHeader::Forwarded),
+            "x-real-ip" => Some(ClientIpHeader::XRealIp),
+            _ => {
+                p.push(
+                    "identity.client_ip_header",
+                    format!("{h:?} is not a header the agent reads addresses from; expected \"X-Forwarded-For\", \"Forwarded\" or \"X-Real-IP\""),
+                );
+                None
+            }
+        };
+        if v.is_some() && c.trusted_proxies.is_empty() {
+            p.push(
+                "identity.client_ip_header",
+                "is set but identity.trusted_proxies is empty, so it would never be believed; expected the proxies' addresses in identity.trusted_proxies",
+            );
+        }
+        c.client_ip_header = v;
+    }
+    if let Some(list) = raw.credential_precedence {
+        let mut out = Vec::new();
+        for (i, k) in list.iter().enumerate() {
+            let kind = match k.as_str() {
+                "bearer" => CredentialKind::Bearer,
+                "cookie" => CredentialKind::Cookie,
+                "header" => CredentialKind::Header,
+                _ => {
+                    p.push(
+                        format!("identity.credential_precedence[{i}]"),
+                        format!("{k:?} is not a credential kind; expected \"bearer\", \"cookie\" or \"header\""),
+                    );
+                    continue;
+                }
+            };
+            if out.contains(&kind) {
+                p.push(
+                    format!("identity.credential_precedence[{i}]"),
+                    format!("{k:?} is listed twice; expected each kind once"),
+                );
+            } else {
+                out.push(kind);
+            }
+        }
+        // Kinds left out rank last, in the default order.
+        for k in CredentialOrder::default().precedence {
+            if !out.contains(&k) {
+                out.push(k);
+            }
+        }
+        c.credentials.precedence = out;
+    }
+    match raw.duplicate_cookies.as_deref() {
+        None | Some("first") => {}
+        Some("last") => c.credentials.last_cookie_wins = true,
+        Some(o) => p.push(
+            "identity.duplicate_cookies",
+            format!("{o:?} is not a choice; expected \"first\" (PHP, Go, Express, Flask) or \"last\" (Django, Python's http.cookies)"),
+        ),
+    }
     if let Some(j) = raw.jwt {
+        let leeway = match j.leeway.as_deref().map(parse_duration) {
+            None => DEFAULT_LEEWAY_SECS,
+            Some(Ok(d)) => d.as_secs(),
+            Some(Err(e)) => {
+                p.push("identity.jwt.leeway", e);
+                DEFAULT_LEEWAY_SECS
+            }
+        };
+        let file = |k: &str, v: &Option<String>, p: &mut Problems| -> Option<std::path::PathBuf> {
+            let v = v.as_ref()?;
+            let path = std::path::PathBuf::from(v);
+            if !path.is_absolute() {
+                p.push(
+                    format!("identity.jwt.{k}"),
+                    format!("{v:?} is not an absolute path; expected something like \"/etc/sparbar/jwt.key\""),
+                );
+                return None;
+            }
+            Some(path)
+        };
+        let secret = file("hs256_secret_file", &j.hs256_secret_file, p);
+        let pem = file("public_key_file", &j.public_key_file, p);
+        let jwks = file("jwks_file", &j.jwks_file, p);
+        let keys = match JwtKeys::load(secret.as_deref(), pem.as_deref(), jwks.as_deref(), leeway) {
+            Ok(k) => k,
+            Err(e) => {
+                let key = match &e {
+                    crate::attribute::jwt::JwtKeyError::Read { path, .. }
+                        if Some(path) == secret.as_ref() =>
+                    {
+                        "identity.jwt.hs256_secret_file"
+                    }
+                    crate::attribute::jwt::JwtKeyError::EmptySecret { .. } => {
+                        "identity.jwt.hs256_secret_file"
+                    }
+                    crate::attribute::jwt::JwtKeyError::Read { path, .. }
+                        if Some(path) == pem.as_ref() =>
+                    {
+                        "identity.jwt.public_key_file"
+                    }
+                    crate::attribute::jwt::JwtKeyError::BadPem { .. } => {
+                        "identity.jwt.public_key_file"
+                    }
+                    _ => "identity.jwt.jwks_file",
+                };
+                p.push(key, e.to_string());
+                JwtKeys::default()
+            }
+        };
         c.jwt = Some(JwtClaims {
             user: j.user.unwrap_or_else(|| "sub".into()),
             tenant: j.tenant,
             role: j.role,
+            keys,
         });
     }
     if let Some(x) = raw.proxy {
@@ -606,7 +781,25 @@ name = "photo"
         .replace("@DIR@", "/tmp/d")
         .replace("@APP_PID@", "1")
         .replace("@APP_PORT@", "8081");
-        let c = parse(&text, "demo").unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let secret = d.path().join("jwt.secret");
+        std::fs::write(&secret, "s3cret").unwrap();
+        let c = parse(
+            &text.replace("@JWT_SECRET_FILE@", &secret.display().to_string()),
+            "demo",
+        )
+        .unwrap();
+        assert!(!c.identity.jwt.as_ref().unwrap().keys.is_empty());
+        // check-config names a missing key file.
+        let p = crate::config::problem_lines(
+            &text.replace("@JWT_SECRET_FILE@", "/nonexistent/jwt.secret"),
+        );
+        assert!(
+            p.iter().any(|l| l.starts_with(
+                "identity.jwt.hs256_secret_file: /nonexistent/jwt.secret: cannot be read"
+            )),
+            "{p:#?}"
+        );
         assert_eq!(c.identity.session_cookies, vec!["skolsid"]);
         assert_eq!(c.identity.login.len(), 2);
         assert_eq!(c.identity.endpoints.len(), 1);
@@ -670,6 +863,32 @@ email = []
             "disclosure.categories.email: must list the person fields",
         ] {
             assert!(p.iter().any(|l| l.starts_with(w)), "missing {w:?} in {p:#?}");
+        }
+        let p = problems(
+            r#"
+[[routes]]
+route = "GET /api/orgs/{org}/persons"
+name = "org"
+tenant_param = "{school}"
+[identity]
+client_ip_header = "Forwarded"
+credential_precedence = ["cookie", "jwt"]
+duplicate_cookies = "middle"
+[identity.jwt]
+public_key_file = "relative.pem"
+"#,
+        );
+        for w in [
+            "routes[3].tenant_param: \"{school}\" is not a parameter of this route's template",
+            "identity.client_ip_header: is set but identity.trusted_proxies is empty",
+            "identity.credential_precedence[1]: \"jwt\" is not a credential kind",
+            "identity.duplicate_cookies: \"middle\" is not a choice",
+            "identity.jwt.public_key_file: \"relative.pem\" is not an absolute path",
+        ] {
+            assert!(
+                p.iter().any(|l| l.starts_with(w)),
+                "missing {w:?} in {p:#?}"
+            );
         }
         // Unknown keys stop at the syntax stage, with the table named.
         let p = problems("[identity]\nsession_cookie = [\"sid\"]\n");

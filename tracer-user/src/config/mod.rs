@@ -36,8 +36,8 @@ pub use self::{
     detection::{BlockScope, By, DetectionConfig, Metric, Rule, RuleKind},
     errors::{ConfigError, Problem, SyntaxError},
     identity::{
-        Cidr, DisclosureConfig, EndpointRule, IdentityConfig, JwtClaims, LoginRule, ProxyHeaders,
-        RouteDisclosure,
+        Cidr, ClientIpHeader, CredentialKind, CredentialOrder, DisclosureConfig, EndpointRule,
+        IdentityConfig, JwtClaims, LoginRule, ProxyHeaders, RouteDisclosure,
     },
     sinks::{
         BatchLimits, FileSinkConfig, HttpSinkConfig, OnFull, SinkConfig, SinkKind, SpoolConfig,
@@ -51,6 +51,34 @@ use self::{
     values::format_duration,
 };
 pub use crate::attribute::routes::RouteConfig;
+
+/// Default cap of `url.path` in records, in bytes.
+pub const DEFAULT_MAX_PATH_BYTES: usize = 1024;
+/// Default cap of each path parameter value (`sparbar.route.params`), in bytes.
+pub const DEFAULT_MAX_PARAM_BYTES: usize = 128;
+/// Default cap of each allow-listed query value (`url.query`), in bytes.
+pub const DEFAULT_MAX_QUERY_VALUE_BYTES: usize = 128;
+
+/// Length caps on the request-controlled strings a record copies (`[output]` keys
+/// `max_path_bytes`, `max_param_bytes`, `max_query_value_bytes`): a crafted 8 KiB path must not
+/// make every record 8 KiB. A cut value is cut at a UTF-8 boundary, and the record lists the
+/// cut fields in `sparbar.truncated`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FieldCaps {
+    pub path: usize,
+    pub param: usize,
+    pub query_value: usize,
+}
+
+impl Default for FieldCaps {
+    fn default() -> Self {
+        FieldCaps {
+            path: DEFAULT_MAX_PATH_BYTES,
+            param: DEFAULT_MAX_PARAM_BYTES,
+            query_value: DEFAULT_MAX_QUERY_VALUE_BYTES,
+        }
+    }
+}
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/sparbar";
 pub const DEFAULT_STATS_INTERVAL: Duration = Duration::from_secs(10);
@@ -118,6 +146,8 @@ pub struct OutputConfig {
     pub file: PathBuf,
     pub stdout: bool,
     pub unmatched: Unmatched,
+    /// Length caps of request strings in records.
+    pub caps: FieldCaps,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -187,6 +217,9 @@ struct RawOutput {
     file: Option<String>,
     stdout: Option<bool>,
     unmatched: Option<String>,
+    max_path_bytes: Option<i64>,
+    max_param_bytes: Option<i64>,
+    max_query_value_bytes: Option<i64>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -384,10 +417,35 @@ fn check_output(raw: RawOutput, state_dir: &Path, p: &mut Problems) -> OutputCon
             Unmatched::Count
         }
     };
+    let d = FieldCaps::default();
+    let caps = FieldCaps {
+        path: values::check_count(
+            p,
+            "output.max_path_bytes",
+            raw.max_path_bytes,
+            d.path as i64,
+            65_536,
+        ) as usize,
+        param: values::check_count(
+            p,
+            "output.max_param_bytes",
+            raw.max_param_bytes,
+            d.param as i64,
+            65_536,
+        ) as usize,
+        query_value: values::check_count(
+            p,
+            "output.max_query_value_bytes",
+            raw.max_query_value_bytes,
+            d.query_value as i64,
+            65_536,
+        ) as usize,
+    };
     OutputConfig {
         file,
         stdout: raw.stdout.unwrap_or(false),
         unmatched,
+        caps,
     }
 }
 

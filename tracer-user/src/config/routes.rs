@@ -16,6 +16,7 @@ pub(super) struct RawRoute {
     pub(super) route: Option<String>,
     pub(super) name: Option<String>,
     pub(super) query_params: Option<Vec<String>>,
+    pub(super) tenant_param: Option<String>,
     pub(super) disclosure: Option<identity::RawRouteDisclosure>,
 }
 
@@ -83,10 +84,34 @@ pub(super) fn check_routes(raw: Vec<RawRoute>, problems: &mut Problems) -> Vec<R
                 query_params.push(q);
             }
         }
+        let tenant_param = r.tenant_param.and_then(|t| {
+            let tkey = format!("{key}.tenant_param");
+            if let Some(inner) = t.strip_prefix('{').and_then(|x| x.strip_suffix('}')) {
+                let params = template_params(&route);
+                if params.iter().any(|p| p == inner) {
+                    Some(routes::TenantParam::Path(inner.to_string()))
+                } else {
+                    p.push(
+                        tkey,
+                        format!("{t:?} is not a parameter of this route's template; expected one of its {{name}} segments, or a query parameter name like \"schoolId\""),
+                    );
+                    None
+                }
+            } else if t.trim().is_empty() || has_control(&t) || t.contains(['{', '}', '&', '=']) {
+                p.push(
+                    tkey,
+                    format!("{t:?} is not a parameter name; expected a query parameter like \"schoolId\" or a path parameter like \"{{org}}\""),
+                );
+                None
+            } else {
+                Some(routes::TenantParam::Query(t))
+            }
+        });
         out.push(RouteConfig {
             route,
             name,
             query_params,
+            tenant_param,
         });
     }
     for e in routes::validate(&out) {

@@ -63,6 +63,7 @@ fn defaults() {
             route: "GET /api/addressbook/persons/{id}".into(),
             name: "GET /api/addressbook/persons/{id}".into(),
             query_params: vec![],
+            ..Default::default()
         }]
     );
     assert_eq!(
@@ -71,6 +72,7 @@ fn defaults() {
             file: "/var/lib/sparbar/access.jsonl".into(),
             stdout: false,
             unmatched: Unmatched::Count,
+            caps: crate::config::FieldCaps::default(),
         }
     );
     assert!(crate::attribute::routes::RouteTable::new(&c.routes).is_ok());

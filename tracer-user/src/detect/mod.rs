@@ -74,6 +74,8 @@ pub struct Access {
     /// Every data subject disclosed.
     pub subjects: Vec<String>,
     pub cross_tenant: bool,
+    /// The request named another tenant than the caller's in its route's tenant parameter.
+    pub cross_tenant_attempt: bool,
     pub target_tenants: Vec<String>,
     /// The answer was a disclosure the agent could not read (its persons are unknown).
     pub unreadable: bool,
@@ -696,13 +698,16 @@ impl Detector {
                     (value > limit).then(|| Fired::new(metric.as_str(), value as f64, limit as f64))
                 }
                 (RuleKind::CrossTenant, RuleState::Span { tenants }) => {
-                    if ok && a.cross_tenant {
+                    // An attempt counts whatever the answer (it may be refused, or never leave).
+                    if (ok && a.cross_tenant) || a.cross_tenant_attempt {
                         Some(Fired::new(
                             "foreign_tenants",
                             a.target_tenants
                                 .iter()
                                 .filter(|t| Some(*t) != a.tenant.as_ref())
-                                .count() as f64,
+                                .count()
+                                .max(usize::from(a.cross_tenant_attempt))
+                                as f64,
                             0.0,
                         ))
                     } else if ok && a.tenant.is_none() && !a.target_tenants.is_empty() {
@@ -1230,6 +1235,19 @@ mod tests {
         r.status = Some(403);
         r.ts_ms = 200_000;
         assert!(d.observe(&r, &st).iter().all(|x| x.rule_id != "xt"));
+        // A request that names another school counts whatever the answer (refused, or
+        // stopped before it left).
+        let mut at = access(250_000, "u", &[]);
+        at.status = Some(403);
+        at.tenant = Some("s1".into());
+        at.cross_tenant_attempt = true;
+        let al = d.observe(&at, &st);
+        assert_eq!(
+            al.iter()
+                .map(|x| (x.rule_id.as_str(), x.value))
+                .collect::<Vec<_>>(),
+            vec![("xt", 1.0)]
+        );
         // Walking ids 100, 101, 102 ...: the 6th step fires.
         let mut fired = None;
         for i in 0..10u64 {

@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use super::{ConnFacts, Pipeline};
 use crate::{
     attribute::attribution::Attribution,
-    attribute::routes::RouteMatch,
+    attribute::routes::{RouteMatch, RouteTable},
     config::RuleKind,
     exchange::{Completeness, Exchange, Request},
     http::RequestRead,
@@ -19,16 +19,16 @@ use crate::{
 };
 
 /// The school a request names (a route's tenant parameter), when it is another than the
-/// caller's. SEAM: the attribution module's pure function that finds it from the request alone
-/// (issue 12, deliverable 7) replaces this body; until it lands no request is found to be a
-/// cross-tenant attempt here, and cross-tenant calls are stopped from the decision the detector
-/// takes on the first one's exchange.
-pub(super) fn cross_tenant_attempt(
-    _req: &Request,
-    _who: &Attribution,
-    _route: Option<&RouteMatch>,
+/// caller's: found from the request alone, before any answer (`RouteTable::tenant_attempt`).
+fn cross_tenant_attempt(
+    routes: &RouteTable,
+    req: &Request,
+    who: &Attribution,
+    route: Option<&RouteMatch>,
 ) -> Option<String> {
-    None
+    routes
+        .tenant_attempt(route?, &req.target, who.tenant.as_deref())
+        .map(|a| a.named)
 }
 
 /// Why a request was stopped at read time (the counter's reason).
@@ -119,7 +119,7 @@ impl Pipeline {
         } else {
             match (
                 self.cross_tenant_blocks().map(str::to_string),
-                cross_tenant_attempt(&ex.request, &who, route.as_ref()),
+                cross_tenant_attempt(&self.s.routes, &ex.request, &who, route.as_ref()),
             ) {
                 (Some(rule), Some(_school)) => Some((Stop::CrossTenant, format!("rule:{rule}"))),
                 _ => None,
@@ -159,25 +159,37 @@ mod tests {
     use crate::{
         attribute::attribution::{Attributor, Keyer},
         attribute::jsonpath::JsonPath,
-        attribute::routes::RouteTable,
+        attribute::routes::{RouteTable, TenantParam},
         capture::decode::Event,
-        config::{IdentityConfig, LoginRule, RouteConfig},
+        config::{BlockScope, By, IdentityConfig, LoginRule, RouteConfig, Rule, RuleKind},
         detect::decide::Scope,
         http::ParserLimits,
         stats::{Metric, Stats},
     };
 
     fn pipeline() -> (Pipeline, Arc<Stats>) {
+        pipeline_with(vec![])
+    }
+
+    fn pipeline_with(rules: Vec<Rule>) -> (Pipeline, Arc<Stats>) {
         let routes = RouteTable::new(&[
             RouteConfig {
                 route: "POST /login".into(),
                 name: "login".into(),
                 query_params: vec![],
+                tenant_param: None,
             },
             RouteConfig {
                 route: "GET /p/{id}".into(),
                 name: "p".into(),
                 query_params: vec![],
+                tenant_param: None,
+            },
+            RouteConfig {
+                route: "GET /s/{org}/persons".into(),
+                name: "persons".into(),
+                query_params: vec![],
+                tenant_param: Some(TenantParam::Path("org".into())),
             },
         ])
         .unwrap();
@@ -189,7 +201,8 @@ mod tests {
             mono_to_unix_ns: 0,
             disclosure: Default::default(),
             detection: Default::default(),
-            rules: vec![],
+            rules,
+            record_caps: Default::default(),
         };
         assert!(s.detection.enforce);
         let stats = Arc::new(Stats::default());
@@ -202,7 +215,7 @@ mod tests {
                     username: Some("username".into()),
                     user_id: Some(JsonPath::parse("$.userId").unwrap()),
                     role: None,
-                    tenant: None,
+                    tenant: Some(JsonPath::parse("$.school").unwrap()),
                     token: None,
                 }],
                 ..IdentityConfig::default()
@@ -331,6 +344,58 @@ mod tests {
         );
         assert_eq!(
             stats.get_reason(Metric::EnforcementRequestsStopped, "blocked_token"),
+            1
+        );
+    }
+
+    /// The incident's call: a pupil of sch-01 (school learned at login) names sch-02 in the
+    /// path. Under a blocking cross-tenant rule its connection is stopped as soon as the request
+    /// is read, before any answer; a call to its own school is not.
+    #[test]
+    fn a_cross_tenant_attempt_is_stopped_before_its_answer() {
+        let (mut p, stats) = pipeline_with(vec![Rule {
+            id: "xt".into(),
+            name: "cross tenant".into(),
+            kind: RuleKind::CrossTenant,
+            by: By::User,
+            routes: vec![],
+            shadow: false,
+            block: vec![std::time::Duration::from_secs(600)],
+            scope: BlockScope::User,
+        }]);
+        let req = login("pupil");
+        let body = r#"{"userId":"u1","school":"sch-01"}"#;
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nSet-Cookie: sid=abc; Path=/\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let fx = p.handle([
+            open(1),
+            data(1, DIR_IN, 0, req.as_bytes()),
+            data(1, DIR_OUT, 0, resp.as_bytes()),
+        ]);
+        assert_eq!(fx.access.len(), 1);
+        assert!(blocked_conns(&fx).is_empty());
+        let fx = p.handle([
+            open(2),
+            data(
+                2,
+                DIR_IN,
+                0,
+                b"GET /s/sch-01/persons HTTP/1.1\r\nHost: x\r\nCookie: sid=abc\r\n\r\n",
+            ),
+            open(3),
+            data(
+                3,
+                DIR_IN,
+                0,
+                b"GET /s/sch-02/persons HTTP/1.1\r\nHost: x\r\nCookie: sid=abc\r\n\r\n",
+            ),
+        ]);
+        assert_eq!(blocked_conns(&fx), vec![40003]);
+        assert!(fx.access.is_empty(), "no exchange is complete yet");
+        assert_eq!(
+            stats.get_reason(Metric::EnforcementRequestsStopped, "cross_tenant"),
             1
         );
     }

@@ -22,7 +22,7 @@ pub use self::effects::{Action, Effects, ProcChange};
 use crate::{
     attribute::attribution::{Attribution, Attributor},
     attribute::disclosure::{self, Disclosure, SubjectDirectory},
-    attribute::routes::{RouteMatch, RouteTable},
+    attribute::routes::{CrossTenantAttempt, RouteMatch, RouteTable},
     capture::decode::Event,
     config::{DetectionConfig, DisclosureConfig, Rule},
     detect::decide::{Decision, Decisions, EndReason, Scope},
@@ -39,6 +39,8 @@ pub struct Settings {
     pub limits: ParserLimits,
     pub routes: RouteTable,
     pub record_unmatched: bool,
+    /// Length caps of request strings in records.
+    pub record_caps: record::FieldCaps,
     pub host_name: String,
     /// CLOCK_REALTIME − CLOCK_MONOTONIC at start, to date kernel timestamps.
     pub mono_to_unix_ns: i128,
@@ -523,6 +525,17 @@ impl Pipeline {
         if cross {
             self.stats.add(Metric::DisclosuresCrossTenant, 1);
         }
+        // The request itself names another school than its caller's (known before the answer).
+        let attempt = route.as_ref().and_then(|m| {
+            self.s.routes.tenant_attempt(
+                m,
+                &ex.request.target,
+                who.as_ref().and_then(|a| a.tenant.as_deref()),
+            )
+        });
+        if attempt.is_some() {
+            self.stats.add(Metric::CrossTenantAttempts, 1);
+        }
         let blocked_by = who
             .as_ref()
             .and_then(|a| self.blocked(at.id, a, now_ms, edge));
@@ -539,6 +552,7 @@ impl Pipeline {
                 who: who.as_ref(),
                 whose: whose.as_ref(),
                 blocked_by: blocked_by.as_deref(),
+                attempt: attempt.as_ref(),
             },
         );
         self.fx.access.push(line);
@@ -555,6 +569,7 @@ impl Pipeline {
                 status: ex.response.as_ref().map(|r| r.status),
                 cross_tenant: cross,
                 anomalies: anomaly_names(ex, at),
+                cross_tenant_attempt: attempt.is_some(),
                 ..Access::from_parts(who, whose, route)
             };
             for alert in self.detector.observe(&access, &self.stats) {
@@ -640,9 +655,14 @@ impl Pipeline {
             attribution: p.who,
             disclosure: p.whose,
             blocked_by: p.blocked_by,
+            attempt: p.attempt,
+            caps: self.s.record_caps,
         };
         let mut line = Vec::with_capacity(1024);
-        record::write_line(&ctx, &mut line);
+        for field in record::write_line(&ctx, &mut line) {
+            self.stats
+                .add_label(Metric::RecordFieldsTruncated, "field", field, 1);
+        }
         line
     }
 
@@ -716,6 +736,7 @@ struct RecordParts<'a> {
     who: Option<&'a Attribution>,
     whose: Option<&'a Disclosure>,
     blocked_by: Option<&'a str>,
+    attempt: Option<&'a CrossTenantAttempt>,
 }
 
 fn dir_of(dir: u8) -> Dir {
@@ -806,12 +827,14 @@ mod tests {
             route: "GET /p/{id}".into(),
             name: "p".into(),
             query_params: vec![],
+            ..Default::default()
         }])
         .unwrap();
         let s = Settings {
             limits: ParserLimits::default(),
             routes,
             record_unmatched: false,
+            record_caps: Default::default(),
             host_name: "h".into(),
             mono_to_unix_ns: 0,
             disclosure: Default::default(),

@@ -24,7 +24,7 @@ use thiserror::Error;
 
 use crate::attribute::attribution::Attribution;
 use crate::attribute::disclosure::Disclosure;
-use crate::attribute::routes::{self, RouteMatch};
+use crate::attribute::routes::{self, CrossTenantAttempt, RouteMatch};
 use crate::exchange::{header, BodyLoss, Completeness, Exchange, Header, Tuple};
 
 /// The traced process.
@@ -78,6 +78,22 @@ impl CaptureInfo {
     }
 }
 
+pub use crate::config::{
+    FieldCaps, DEFAULT_MAX_PARAM_BYTES, DEFAULT_MAX_PATH_BYTES, DEFAULT_MAX_QUERY_VALUE_BYTES,
+};
+
+/// `s` cut to at most `max` bytes at a character boundary; `true` when it was cut.
+fn cap(s: &str, max: usize) -> (&str, bool) {
+    if s.len() <= max {
+        return (s, false);
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    (&s[..end], true)
+}
+
 /// Everything a record is built from.
 #[derive(Debug, Clone)]
 pub struct RecordContext<'a> {
@@ -106,6 +122,9 @@ pub struct RecordContext<'a> {
     pub disclosure: Option<&'a Disclosure>,
     /// The decision that blocks this call's user or session, if any.
     pub blocked_by: Option<&'a str>,
+    /// The request named another tenant than its caller's (known before the answer).
+    pub attempt: Option<&'a CrossTenantAttempt>,
+    pub caps: FieldCaps,
 }
 
 /// A record that holds something it should not.
@@ -161,6 +180,9 @@ pub const FIELDS: &[&str] = &[
     "sparbar.capture.reasons",
     "sparbar.anomalies",
     "sparbar.query.dropped",
+    "sparbar.truncated",
+    "sparbar.cross_tenant_attempt.named",
+    "sparbar.cross_tenant_attempt.caller",
     "user.id",
     "user.hash",
     "user.roles",
@@ -169,6 +191,7 @@ pub const FIELDS: &[&str] = &[
     "related.user",
     "session.id",
     "abook.session.kind",
+    "abook.session.ids",
     "abook.identity.source",
     "abook.target.ids",
     "abook.target.count",
@@ -254,7 +277,7 @@ struct Related<'a> {
 #[derive(Serialize)]
 struct Abook<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
-    session: Option<Kind>,
+    session: Option<Kind<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     identity: Option<Source>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -278,8 +301,12 @@ struct Enforced<'a> {
 }
 
 #[derive(Serialize)]
-struct Kind {
-    kind: &'static str,
+struct Kind<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kind: Option<&'static str>,
+    /// Every session hash of a request that carried several.
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    ids: &'a [String],
 }
 
 #[derive(Serialize)]
@@ -417,16 +444,27 @@ struct SparbarFields<'a> {
     connection: ConnectionId<'a>,
     capture: &'a CaptureInfo,
     query: Dropped,
-    /// What was unusual about the exchange on the wire (reasons of `http::Anomaly`): crafted
-    /// forms the servers disagree on, conflicting framing, a body cut by the memory budget.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    truncated: Vec<&'static str>,
+    /// What was unusual about the exchange: on the wire (reasons of `http::Anomaly`: crafted
+    /// forms the servers disagree on, conflicting framing, a body cut by the memory budget) and
+    /// in its credentials (attribution's anomalies), each once.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     anomalies: Vec<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cross_tenant_attempt: Option<Attempt<'a>>,
+}
+
+#[derive(Serialize)]
+struct Attempt<'a> {
+    named: &'a str,
+    caller: &'a str,
 }
 
 #[derive(Serialize)]
 struct SparbarRoute<'a> {
     name: &'a str,
-    params: &'a std::collections::BTreeMap<String, String>,
+    params: std::collections::BTreeMap<&'a str, &'a str>,
 }
 
 #[derive(Serialize)]
@@ -451,13 +489,72 @@ pub fn record<'a>(ctx: &'a RecordContext<'a>) -> Record<'a> {
     };
     let start = rfc3339_micros(ctx.start_unix_ns);
     let target = routes::normalize_target(&req.target);
-    let query = ctx.route.map(allowed_query).filter(|q| !q.is_empty());
+    let mut truncated: Vec<&'static str> = Vec::new();
+    let query = ctx
+        .route
+        .map(|r| {
+            let (q, cut) = allowed_query(r, ctx.caps.query_value);
+            if cut {
+                truncated.push("url.query");
+            }
+            q
+        })
+        .filter(|q| !q.is_empty());
     let query_dropped = match (ctx.route, &target) {
         (Some(r), _) => r.query_dropped,
         (None, Some(t)) => t.query_pairs,
         (None, None) => 0,
     };
-    let path = target.map(|t| t.path);
+    let path = target.map(|t| {
+        let (p, cut) = cap(&t.path, ctx.caps.path);
+        if cut {
+            truncated.push("url.path");
+            p.to_string()
+        } else {
+            t.path
+        }
+    });
+    let params = ctx.route.map(|r| {
+        let mut cut_any = false;
+        let m: std::collections::BTreeMap<&str, &str> = r
+            .params
+            .iter()
+            .map(|(k, v)| {
+                let (v, cut) = cap(v, ctx.caps.param);
+                cut_any |= cut;
+                (k.as_str(), v)
+            })
+            .collect();
+        if cut_any {
+            truncated.push("sparbar.route.params");
+        }
+        m
+    });
+    let attempt = ctx.attempt.map(|x| {
+        let (named, cut) = cap(&x.named, ctx.caps.param);
+        if cut {
+            truncated.push("sparbar.cross_tenant_attempt.named");
+        }
+        Attempt {
+            named,
+            caller: &x.caller,
+        }
+    });
+    // The wire's first (request, then response), then the credentials', each once.
+    let mut anomalies: Vec<&'static str> = ex.anomalies();
+    let credential = ctx
+        .attribution
+        .into_iter()
+        .flat_map(|a| a.anomalies.iter().map(|x| x.as_str()));
+    let tenant = ctx
+        .attempt
+        .filter(|x| x.duplicate)
+        .map(|_| crate::attribute::attribution::Anomaly::DuplicateTenantParam.as_str());
+    for a in credential.chain(tenant) {
+        if !anomalies.contains(&a) {
+            anomalies.push(a);
+        }
+    }
     let url = (path.is_some() || query.is_some()).then_some(UrlFields { path, query });
     let endpoint = |a: SocketAddr| Endpoint {
         ip: a.ip().to_canonical().to_string(),
@@ -514,16 +611,18 @@ pub fn record<'a>(ctx: &'a RecordContext<'a>) -> Record<'a> {
             name: ctx.host_name,
         },
         sparbar: SparbarFields {
-            route: ctx.route.map(|r| SparbarRoute {
+            route: ctx.route.zip(params).map(|(r, params)| SparbarRoute {
                 name: &r.name,
-                params: &r.params,
+                params,
             }),
             connection: ConnectionId { id: &ctx.conn_id },
             capture: &ctx.capture,
             query: Dropped {
                 dropped: query_dropped,
             },
-            anomalies: ex.anomalies(),
+            truncated,
+            anomalies,
+            cross_tenant_attempt: attempt,
         },
         user: ctx.attribution.and_then(|a| {
             (a.user_id.is_some() || a.user_hash.is_some()).then(|| User {
@@ -569,8 +668,11 @@ fn abook<'a>(ctx: &'a RecordContext<'a>) -> Option<Abook<'a>> {
     }
     Some(Abook {
         session: a
-            .and_then(|a| a.session_kind)
-            .map(|k| Kind { kind: k.as_str() }),
+            .filter(|a| a.session_kind.is_some() || !a.session_ids.is_empty())
+            .map(|a| Kind {
+                kind: a.session_kind.map(|k| k.as_str()),
+                ids: &a.session_ids,
+            }),
         identity: a.map(|a| Source {
             source: a.source.as_str(),
         }),
@@ -600,10 +702,13 @@ fn abook<'a>(ctx: &'a RecordContext<'a>) -> Option<Abook<'a>> {
     })
 }
 
-/// The record as one compact JSON line (no trailing newline), appended to `out`.
-pub fn write_line(ctx: &RecordContext, out: &mut Vec<u8>) {
+/// The record as one compact JSON line (no trailing newline), appended to `out`. Returns the
+/// fields cut to their caps (`record_fields_truncated_total`).
+pub fn write_line(ctx: &RecordContext, out: &mut Vec<u8>) -> Vec<&'static str> {
+    let r = record(ctx);
     // Serializing plain structs of strings and integers into a Vec cannot fail.
-    let _ = serde_json::to_writer(out, &record(ctx));
+    let _ = serde_json::to_writer(out, &r);
+    r.sparbar.truncated
 }
 
 /// The record as a JSON tree (tests and tools; the agent writes lines with [`write_line`]).
@@ -641,11 +746,15 @@ pub fn check_fields(record: &Value) -> Result<(), RecordError> {
 }
 
 /// `url.query` rebuilt from the allow-listed parameters only (names sorted, values in request
-/// order, `application/x-www-form-urlencoded`).
-fn allowed_query(r: &RouteMatch) -> String {
+/// order, each cut to `max` bytes, `application/x-www-form-urlencoded`); `true` when a value
+/// was cut.
+fn allowed_query(r: &RouteMatch, max: usize) -> (String, bool) {
     let mut parts = Vec::new();
+    let mut cut_any = false;
     for (name, values) in &r.query {
         for v in values {
+            let (v, cut) = cap(v, max);
+            cut_any |= cut;
             parts.push(format!(
                 "{}={}",
                 routes::form_encode(name),
@@ -653,7 +762,7 @@ fn allowed_query(r: &RouteMatch) -> String {
             ));
         }
     }
-    parts.join("&")
+    (parts.join("&"), cut_any)
 }
 
 /// The media type of the first `Content-Type` header, lower-cased, without parameters; `None`
@@ -775,6 +884,7 @@ mod tests {
             route: "GET /api/addressbook/persons/{id}".into(),
             name: "abook.person".into(),
             query_params: vec!["page".into(), "pageSize".into()],
+            ..Default::default()
         }])
         .unwrap()
     }
@@ -809,6 +919,8 @@ mod tests {
             attribution: None,
             disclosure: None,
             blocked_by: None,
+            attempt: None,
+            caps: FieldCaps::default(),
         }
     }
 
@@ -1009,6 +1121,7 @@ mod tests {
             route: "GET /s".into(),
             name: "s".into(),
             query_params: vec!["q".into(), "page".into()],
+            ..Default::default()
         }])
         .unwrap();
         let target = "/s?q=a+b&page=1&q=%26%3D%C3%A4&other=1";
@@ -1018,6 +1131,106 @@ mod tests {
         let rec = build(&ctx(&ex, Some(&m), &p, false));
         assert_eq!(rec["url"]["query"], "page=1&q=a+b&q=%26%3D%C3%A4");
         assert_eq!(rec["sparbar"]["query"]["dropped"], 1);
+    }
+
+    /// Crafted long paths, parameters and query values are cut to their caps and marked.
+    #[test]
+    fn long_request_strings_are_capped_and_marked() {
+        let t = RouteTable::new(&[RouteConfig {
+            route: "GET /api/addressbook/persons/{id}".into(),
+            name: "abook.person".into(),
+            query_params: vec!["page".into()],
+            ..Default::default()
+        }])
+        .unwrap();
+        let long = "é".repeat(40); // 80 bytes
+        let target = format!("/api/addressbook/persons/{long}?page={}", "9".repeat(50));
+        let ex = exchange(&target, Some(200));
+        let m = t.match_request("GET", &target).unwrap();
+        let p = proc_info();
+        let mut c = ctx(&ex, Some(&m), &p, true);
+        c.caps = FieldCaps {
+            path: 40,
+            param: 17,
+            query_value: 20,
+        };
+        let mut line = Vec::new();
+        let cut = write_line(&c, &mut line);
+        assert_eq!(cut, vec!["url.query", "url.path", "sparbar.route.params"]);
+        let rec: Value = serde_json::from_slice(&line).unwrap();
+        check_fields(&rec).unwrap();
+        // 40 bytes end inside an `é` (the prefix is 25 bytes): cut back to 39.
+        assert_eq!(
+            rec["url"]["path"],
+            json!(format!("/api/addressbook/persons/{}", "é".repeat(7)))
+        );
+        // 17 bytes end inside an `é`: cut back to a character boundary.
+        assert_eq!(
+            rec["sparbar"]["route"]["params"]["id"],
+            json!("é".repeat(8))
+        );
+        assert_eq!(
+            rec["url"]["query"],
+            json!(format!("page={}", "9".repeat(20)))
+        );
+        assert_eq!(
+            rec["sparbar"]["truncated"],
+            json!(["url.query", "url.path", "sparbar.route.params"])
+        );
+        // Within the defaults nothing is cut or marked.
+        let ex = exchange("/api/addressbook/persons/42?page=2", Some(200));
+        let m = t
+            .match_request("GET", "/api/addressbook/persons/42?page=2")
+            .unwrap();
+        let rec = build(&ctx(&ex, Some(&m), &p, true));
+        assert!(rec["sparbar"].get("truncated").is_none());
+    }
+
+    /// The cross-tenant attempt, the anomalies and every session hash reach the record.
+    #[test]
+    fn attempt_anomalies_and_session_ids() {
+        use crate::attribute::attribution::{Anomaly, IdentitySource};
+        let ex = exchange("/api/addressbook/persons/42", Some(200));
+        let p = proc_info();
+        let who = Attribution {
+            session_id: None,
+            session_kind: None,
+            user_id: None,
+            user_hash: None,
+            role: None,
+            tenant: None,
+            source: IdentitySource::Unreadable,
+            client_ip: None,
+            token: None,
+            login_token: None,
+            session_ids: vec!["aa".into(), "bb".into()],
+            anomalies: vec![Anomaly::TwoCredentials, Anomaly::UnreadableCredential],
+        };
+        let attempt = CrossTenantAttempt {
+            named: "2".into(),
+            caller: "1".into(),
+            duplicate: true,
+        };
+        let mut c = ctx(&ex, None, &p, true);
+        c.attribution = Some(&who);
+        c.attempt = Some(&attempt);
+        let rec = build(&c);
+        check_fields(&rec).unwrap();
+        assert_eq!(rec["abook"]["identity"]["source"], json!("unreadable"));
+        assert_eq!(rec["abook"]["session"], json!({"ids": ["aa", "bb"]}));
+        assert!(rec.get("user").is_none() && rec.get("session").is_none());
+        assert_eq!(
+            rec["sparbar"]["anomalies"],
+            json!([
+                "two_credentials",
+                "unreadable_credential",
+                "duplicate_tenant_param"
+            ])
+        );
+        assert_eq!(
+            rec["sparbar"]["cross_tenant_attempt"],
+            json!({"named": "2", "caller": "1"})
+        );
     }
 
     #[test]

@@ -74,6 +74,8 @@ macro_rules! metrics {
 metrics! {
     Alerts = "alerts_total", Counter,
         "Alerts raised, by rule.";
+    AttributionAnomalies = "attribution_anomalies_total", Counter,
+        "Requests with odd credentials or tenant parameters (two credentials, unreadable, forged JWT), by reason.";
     CheckpointsWritten = "checkpoints_written_total", Counter,
         "Signed checkpoints written to the audit trail.";
     ConfigReloads = "config_reloads_total", Counter,
@@ -82,6 +84,8 @@ metrics! {
         "Traced connections that ended.";
     ConnectionsOpened = "connections_opened_total", Counter,
         "Traced connections seen opening (origin=\"midstream\": already open when first seen).";
+    CrossTenantAttempts = "cross_tenant_attempts_total", Counter,
+        "Requests that named a tenant other than the caller's in the route's tenant parameter.";
     DecisionsEnded = "decisions_ended_total", Counter,
         "Decisions that ended, by reason.";
     DecisionsStarted = "decisions_started_total", Counter,
@@ -152,6 +156,8 @@ metrics! {
         "Exchanges with a session credential whose identity is not known (attribution misses).";
     IdentitiesUnlearned = "identities_unlearned_total", Counter,
         "Identity exchanges from which nothing could be learned, by reason.";
+    JwtUnverified = "jwt_unverified_total", Counter,
+        "Bearer JWTs whose claims were not believed (treated as opaque sessions), by reason.";
     KernelConnectionsPruned = "kernel_connections_pruned_total", Counter,
         "Kernel connection entries of exited processes removed.";
     MetricsFailures = "metrics_failures_total", Counter,
@@ -160,6 +166,8 @@ metrics! {
         "Bytes skipped on connections picked up midstream until a message start.";
     PayloadBytesReceived = "payload_bytes_received_total", Counter,
         "Payload bytes received from the kernel.";
+    RecordFieldsTruncated = "record_fields_truncated_total", Counter,
+        "Record fields cut to their length cap, by field.";
     RecordsDeadLettered = "records_dead_lettered_total", Counter,
         "Records a sink refused for good, written to its dead-letter file, by sink and stream.";
     RecordsDelivered = "records_delivered_total", Counter,
