@@ -16,11 +16,15 @@ e-mails are unique).
 Usage
 -----
     python3 app.py --port 8081 [--host 127.0.0.1] [--tls-cert C --tls-key K]
-                   [--vulnerable] [--seed 7] [--dump-data FILE] [--verbose]
+                   [--vulnerable] [--seed 7] [--dump-data FILE] [--record FILE]
+                   [--verbose]
 
 Prints ``READY <port>`` (flushed) on stdout once listening.  SIGTERM/SIGINT
 exit cleanly (status 0).  With --tls-cert/--tls-key the app terminates TLS
 itself with the ``ssl`` module (the "CPython ssl server" of the tests).
+With --record FILE it appends one JSON line per request it answered: what it
+received and whom it authenticated (see Handler._record; the differential suite
+tests/tests/differential.rs compares the agent's records with these lines).
 With --dump-data it writes the whole dataset (persons, accounts with
 passwords, schools, classes, municipalities, the JWT secret) as JSON and exits.
 
@@ -39,6 +43,9 @@ Access rules ("scope school" = the school whose data is being listed/read)
 ---------------------------------------------------------------------------
 * /api/* needs a session cookie ``skolsid`` (POST /login) or
   ``Authorization: Bearer <jwt>`` (POST /api/token); otherwise 401.
+  As real frameworks do: the path is routed percent-decoded (a WSGI PATH_INFO),
+  several Cookie headers are read as one list (RFC 9113 8.2.3; Go, Node), the
+  first ``skolsid`` wins, and a bearer header, when present, decides alone.
   /api/test/* needs no authentication.
 * visible(caller, person, scope):
       person.schoolId == scope and (
@@ -102,7 +109,8 @@ import sys
 import time
 from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
+import threading
+from urllib.parse import parse_qs, unquote, urlsplit
 
 # ---------------------------------------------------------------------------
 # Deterministic test bytes (shared definition with tests/servers/node_https.js)
@@ -495,6 +503,17 @@ class Handler(BaseHTTPRequestHandler):
         if not self._tls_failed:
             super().handle()
 
+    def send_error(self, code, message=None, explain=None):
+        # http.server's own refusals (a request line or headers it cannot parse): recorded too.
+        self._status = code
+        self._record()
+        super().send_error(code, message, explain)
+
+    def parse_request(self):
+        # One handler serves every request of a connection: nothing of the last one carries over.
+        self._route, self._status, self._body = None, None, b""
+        return super().parse_request()
+
     def log_message(self, fmt, *args):
         if self.server.verbose:
             sys.stderr.write("%s - %s\n" % (self.address_string(), fmt % args))
@@ -532,6 +551,8 @@ class Handler(BaseHTTPRequestHandler):
         return self.rfile.read(n) if n else b""
 
     def _send(self, status, body, ctype, headers=()):
+        self._status = status
+        self._record()  # before the answer: once a client has it, its line is written
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -559,14 +580,16 @@ class Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self):
         self._body = b""
+        self._route = None
         try:
             self._body = self._read_body()
             url = urlsplit(self.path)
             self._query = parse_qs(url.query, keep_blank_values=True)
-            path = url.path
+            path = unquote(url.path)
             for method, rx, name in ROUTES:
                 m = rx.fullmatch(path)
                 if m and method == self.command:
+                    self._route = name
                     caller = None if name in NO_AUTH else self._auth()
                     return getattr(self, "r_" + name)(caller, *m.groups())
             raise HTTPError(404, "not_found")
@@ -579,6 +602,36 @@ class Handler(BaseHTTPRequestHandler):
             hdrs = (("WWW-Authenticate", 'Bearer realm="skolportalen"'),) if e.status == 401 else ()
             self._json(e.status, obj, hdrs)
 
+    def _record(self):
+        """One line of --record: what this request was as received, and whom it authenticated.
+
+        ``user`` is whom the request's credentials resolve to by the rules of _auth, whatever
+        the route (so a 404 with a valid cookie still names its caller); ``rid`` is the
+        client's ``X-Request-Id`` (the join key of the differential suite)."""
+        out = self.server.record
+        if out is None:
+            return
+        headers = getattr(self, "headers", None)
+        kind, cred, person = self._identify() if headers is not None else (None, None, None)
+        line = {
+            "rid": headers.get("X-Request-Id") if headers is not None else None,
+            "method": getattr(self, "command", None),
+            "target": getattr(self, "path", None),
+            "path": unquote(urlsplit(self.path).path) if getattr(self, "path", None) else None,
+            "version": getattr(self, "request_version", None),
+            "route": getattr(self, "_route", None),
+            "headers": [[k, v] for k, v in headers.items()] if headers is not None else None,
+            "auth": kind,
+            "cookie": cred if kind == "cookie" else None,
+            "user": person["id"] if person else None,
+            "status": getattr(self, "_status", None),
+            "body_bytes": len(getattr(self, "_body", b"")),
+        }
+        text = json.dumps(line, ensure_ascii=True, separators=(",", ":")) + "\n"
+        with self.server.record_lock:
+            out.write(text)
+            out.flush()
+
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _dispatch
 
     # -- helpers -------------------------------------------------------------
@@ -586,22 +639,29 @@ class Handler(BaseHTTPRequestHandler):
     def store(self):
         return self.server.store
 
-    def _auth(self):
+    def _identify(self):
+        """(kind, credential, person or None): the credential that decides who calls (a bearer
+        header when present, else the session cookie) and whom it names."""
         authz = self.headers.get("Authorization") or ""
         if authz.lower().startswith("bearer "):
-            p = self.store.check_jwt(authz[7:].strip())
-            if p:
-                return p
-            raise HTTPError(401, "unauthorized", "invalid or expired token")
+            token = authz[7:].strip()
+            return "bearer", token, self.store.check_jwt(token)
         sid = self._cookie("skolsid")
         if sid:
             uid = self.server.sessions.get(sid)
-            if uid is not None:
-                return self.store.persons[uid]
+            return "cookie", sid, (self.store.persons[uid] if uid is not None else None)
+        return None, None, None
+
+    def _auth(self):
+        kind, _cred, person = self._identify()
+        if person:
+            return person
+        if kind == "bearer":
+            raise HTTPError(401, "unauthorized", "invalid or expired token")
         raise HTTPError(401, "unauthorized")
 
     def _cookie(self, name):
-        for part in (self.headers.get("Cookie") or "").split(";"):
+        for part in "; ".join(self.headers.get_all("Cookie") or ()).split(";"):
             k, _, v = part.strip().partition("=")
             if k == name:
                 return v
@@ -769,6 +829,7 @@ class Handler(BaseHTTPRequestHandler):
 
 class Server(ThreadingHTTPServer):
     daemon_threads = True
+    record = None
     request_queue_size = 256
     ssl_context = None
     verbose = False
@@ -799,6 +860,9 @@ def main(argv=None):
                     help="do not check schoolId/classId/person against the caller")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--dump-data", metavar="FILE")
+    ap.add_argument("--record", metavar="FILE",
+                    help="append one JSON line per answered request (what it received, whom "
+                         "it authenticated)")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
 
@@ -823,6 +887,8 @@ def main(argv=None):
     srv.store = Store(data, args.vulnerable)
     srv.sessions = {}
     srv.verbose = args.verbose
+    srv.record = open(args.record, "a", encoding="ascii") if args.record else None
+    srv.record_lock = threading.Lock()
     if args.tls_cert:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2

@@ -431,11 +431,12 @@ def _children(pid):
 
 
 def up(d, tls_port=8443, app_port=8081, vulnerable=False, seed=7, timeout=30.0,
-       user="root"):
+       user="root", app_record=None):
     d = os.path.abspath(d)
     os.makedirs(d, exist_ok=True)
+    app_record = os.path.abspath(app_record) if app_record else None
     want = {"tls_port": tls_port, "app_port": app_port, "vulnerable": bool(vulnerable),
-            "seed": seed}
+            "seed": seed, "app_record": app_record}
     st = status(d)
     if st["running"] and all(st.get(k) == v for k, v in want.items()):
         try:
@@ -450,7 +451,8 @@ def up(d, tls_port=8443, app_port=8081, vulnerable=False, seed=7, timeout=30.0,
     cert, key = ensure_cert(d)
     dataset = ensure_dataset(d, seed)
     render_config(d, tls_port, app_port, cert, key, user=user)
-    app_pid = start_app(d, app_port, vulnerable=vulnerable, seed=seed, timeout=timeout)
+    app_pid = start_app(d, app_port, vulnerable=vulnerable, seed=seed, timeout=timeout,
+                        extra_args=(["--record", app_record] if app_record else []))
     try:
         ngx_pid = start_nginx(d, timeout=timeout)
         wait_https(tls_port, cert, timeout=timeout)
@@ -459,7 +461,8 @@ def up(d, tls_port=8443, app_port=8081, vulnerable=False, seed=7, timeout=30.0,
         raise
     info = {"nginx_master_pid": ngx_pid, "app_pid": app_pid, "tls_port": tls_port,
             "app_port": app_port, "cert": cert, "key": key, "dir": d,
-            "dataset": dataset, "vulnerable": bool(vulnerable), "seed": seed}
+            "dataset": dataset, "vulnerable": bool(vulnerable), "seed": seed,
+            "app_record": app_record}
     with open(_state_path(d) + ".tmp", "w", encoding="utf-8") as f:
         json.dump(info, f, indent=1)
     os.replace(_state_path(d) + ".tmp", _state_path(d))
@@ -468,7 +471,7 @@ def up(d, tls_port=8443, app_port=8081, vulnerable=False, seed=7, timeout=30.0,
 
 def _public(st):
     keys = ("nginx_master_pid", "app_pid", "tls_port", "app_port", "cert", "key",
-            "dir", "dataset", "vulnerable", "seed")
+            "dir", "dataset", "vulnerable", "seed", "app_record")
     return {k: st.get(k) for k in keys}
 
 
@@ -515,6 +518,8 @@ def main(argv=None):
     p_up.add_argument("--seed", type=int, default=7)
     p_up.add_argument("--timeout", type=float, default=30.0)
     p_up.add_argument("--user", default="root", help="nginx worker user")
+    p_up.add_argument("--app-record", metavar="FILE",
+                      help="app.py --record FILE: one JSON line per request the app answered")
     p_down = sub.add_parser("down", help="stop and clean up")
     p_down.add_argument("--dir", required=True)
     p_st = sub.add_parser("status", help="print state JSON")
@@ -523,7 +528,7 @@ def main(argv=None):
     try:
         if args.cmd == "up":
             out = up(args.dir, args.tls_port, args.app_port, args.vulnerable, args.seed,
-                     args.timeout, args.user)
+                     args.timeout, args.user, args.app_record)
         elif args.cmd == "down":
             out = down(args.dir)
         else:

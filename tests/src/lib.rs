@@ -18,6 +18,8 @@ use std::{
 use anyhow::{bail, ensure, Context as _, Result};
 use serde_json::Value;
 
+pub mod differential;
+
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -329,6 +331,18 @@ pub struct Platform {
 
 impl Platform {
     pub fn up(dir: &Path, tls_port: u16, app_port: u16, vulnerable: bool) -> Result<Platform> {
+        Platform::up_recording(dir, tls_port, app_port, vulnerable, None)
+    }
+
+    /// [`Platform::up`], the app writing one line per answered request to `record`
+    /// (`app.py --record`: what it received and whom it authenticated).
+    pub fn up_recording(
+        dir: &Path,
+        tls_port: u16,
+        app_port: u16,
+        vulnerable: bool,
+        record: Option<&Path>,
+    ) -> Result<Platform> {
         let mut c = Command::new("python3");
         c.arg(repo_root().join("tests/demo/platform.py"))
             .args(["up", "--dir"])
@@ -341,6 +355,9 @@ impl Platform {
             ]);
         if vulnerable {
             c.arg("--vulnerable");
+        }
+        if let Some(r) = record {
+            c.arg("--app-record").arg(r);
         }
         let text = output(&mut c)?;
         let info: Value = serde_json::from_str(text.lines().last().unwrap_or(""))

@@ -11,6 +11,9 @@ use crate::{run_cmd, step};
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "nginx",
+    // The second real edge of the differential suite (tests/tests/differential.rs): httpd with
+    // mod_ssl, mod_proxy and mod_proxy_http, started by the test with its own config.
+    "apache2",
     "wrk",
     "curl",
     "openssl",

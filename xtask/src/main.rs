@@ -274,7 +274,7 @@ fn test(unit_only: bool, filter: Option<String>) -> Result<()> {
         return Ok(());
     }
     let bin = build_release()?;
-    step("privileged end-to-end tests (real kernel, nginx, CPython ssl, node, plaintext hop)");
+    step("privileged end-to-end tests (real kernel, nginx, Apache httpd, CPython ssl, node, plaintext hop)");
     let mut c = cargo();
     c.args(["test", "--release", "--package", "sparbar-tests", "--"]);
     c.arg("--test-threads=1").arg("--nocapture");
