@@ -27,8 +27,7 @@ use serde_json::Value;
 use super::{
     chain,
     http::{config_problem, join, send_split, short, Answer, Client, Every, Part, Peek},
-    sinks::SinkSetupError,
-    BatchLimits, Destination, Line, Outcome, SendError,
+    BatchLimits, Destination, Line, Outcome, SendError, SinkSetupError,
 };
 use crate::config::HttpSinkConfig;
 

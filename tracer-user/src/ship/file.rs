@@ -12,7 +12,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use super::{sinks::SinkSetupError, Destination, Line, Outcome, SendError, Stream};
+use super::{Destination, Line, Outcome, SendError, SinkSetupError, Stream};
 use crate::config::FileSinkConfig;
 use crate::ship::BatchLimits;
 

@@ -23,8 +23,7 @@ use serde_json::{json, Value};
 
 use super::{
     http::{config_problem, join, now_ns, send_split, short, Answer, Client, Part, Peek},
-    sinks::SinkSetupError,
-    BatchLimits, Destination, Line, Outcome, SendError,
+    BatchLimits, Destination, Line, Outcome, SendError, SinkSetupError,
 };
 use crate::config::HttpSinkConfig;
 

@@ -59,6 +59,31 @@ impl Outcome {
     }
 }
 
+/// Why a destination could not be built from its sink's config (here, above the destinations
+/// that return it and the factory in [`sinks`], so neither imports the other) (at start or on a reload, which
+/// then keeps the old sinks); each text names what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkSetupError {
+    /// A file sink's file (or its directory) cannot be opened now.
+    #[error(transparent)]
+    File { source: file::OpenError },
+    /// The TLS material or server name of a syslog sink.
+    #[error(transparent)]
+    Syslog(#[from] syslog::SyslogError),
+    /// The url, headers or TLS material of a Loki, Elasticsearch or OTLP sink.
+    /// (Boxed: the rustls and ureq errors inside are large.) The sink's name is in
+    /// [`ShipError::Sink`](super::shipper::ShipError::Sink) around it.
+    #[error("{source}")]
+    Http {
+        name: String,
+        source: Box<http::ClientError>,
+    },
+    #[error("the label \"stream\" is set by the agent; expected another name")]
+    LokiStreamLabel { name: String },
+    #[error("the index is empty")]
+    EmptyIndex { name: String },
+}
+
 /// A batch that failed as a whole.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SendError {

@@ -33,8 +33,7 @@ use super::{
         config_problem, join, now_ns, rfc3339_unix_ns, send_split, short, Answer, Client, Every,
         Part, Peek,
     },
-    sinks::SinkSetupError,
-    BatchLimits, Destination, Line, Outcome, SendError,
+    BatchLimits, Destination, Line, Outcome, SendError, SinkSetupError,
 };
 use crate::config::HttpSinkConfig;
 

@@ -2,40 +2,16 @@
 //! sink. It is the one module that knows all of them; each destination knows only its own config
 //! and what it shares with its kind (the HTTP ones: [`super::http`]).
 
+pub use super::SinkSetupError;
 use super::{
     elastic::ElasticDest,
-    file::{FileDest, OpenError, StdoutDest},
-    http::ClientError,
+    file::{FileDest, StdoutDest},
     loki::LokiDest,
     otlp::OtlpDest,
-    syslog::{SyslogDest, SyslogError},
+    syslog::SyslogDest,
     Destination,
 };
 use crate::config::{SinkConfig, SinkKind};
-
-/// Why a destination could not be built from its sink's config (at start or on a reload, which
-/// then keeps the old sinks); each text names what to fix.
-#[derive(Debug, thiserror::Error)]
-pub enum SinkSetupError {
-    /// A file sink's file (or its directory) cannot be opened now.
-    #[error(transparent)]
-    File { source: OpenError },
-    /// The TLS material or server name of a syslog sink.
-    #[error(transparent)]
-    Syslog(#[from] SyslogError),
-    /// The url, headers or TLS material of a Loki, Elasticsearch or OTLP sink.
-    /// (Boxed: the rustls and ureq errors inside are large.) The sink's name is in
-    /// [`ShipError::Sink`](super::shipper::ShipError::Sink) around it.
-    #[error("{source}")]
-    Http {
-        name: String,
-        source: Box<ClientError>,
-    },
-    #[error("the label \"stream\" is set by the agent; expected another name")]
-    LokiStreamLabel { name: String },
-    #[error("the index is empty")]
-    EmptyIndex { name: String },
-}
 
 /// Builds the destination a sink's config describes.
 pub fn destination(cfg: &SinkConfig, host: &str) -> Result<Box<dyn Destination>, SinkSetupError> {
