@@ -47,6 +47,23 @@ pub const KNOWN_ANOMALIES: &[&str] = &[
     "gzip_error",
     "deflate_error",
     "data_after_close",
+    "request_trailers",
+    "body_over_budget",
+    // Leniencies: what the agent accepted as the servers do (`http::Oddity`).
+    "request_line_whitespace",
+    "method_not_uppercase",
+    "http09_request",
+    "bad_version",
+    "control_byte_in_target",
+    "non_utf8_target",
+    "bare_lf",
+    "control_byte_in_header",
+    "ignored_header",
+    "invalid_header_name",
+    "header_without_colon",
+    "obs_fold",
+    "duplicate_header",
+    "several_cookie_headers",
 ];
 pub const DEFAULT_IDLE_EXPIRY: Duration = Duration::from_secs(48 * 3600);
 const MAX_MAX_TRACKED: i64 = 10_000_000;
@@ -785,12 +802,53 @@ distinct_limit = 0
             assert!(p.iter().any(|l| l.starts_with(w)), "missing {w:?} in {p:#?}");
         }
         assert_eq!(p.len(), 5, "{p:#?}");
+        // Every leniency the parser records can be named in a rule (a new one fails to
+        // compile here until it is listed).
+        use crate::http::Oddity as O;
+        let all = [
+            O::RequestLineWhitespace,
+            O::MethodNotUppercase,
+            O::Http09Request,
+            O::BadVersion,
+            O::ControlByteInTarget,
+            O::NonUtf8Target,
+            O::BareLf,
+            O::ControlByteInHeader,
+            O::IgnoredHeader,
+            O::InvalidHeaderName,
+            O::HeaderWithoutColon,
+            O::ObsFold,
+            O::DuplicateHeader,
+            O::SeveralCookieHeaders,
+        ];
+        for o in all {
+            match o {
+                O::RequestLineWhitespace
+                | O::MethodNotUppercase
+                | O::Http09Request
+                | O::BadVersion
+                | O::ControlByteInTarget
+                | O::NonUtf8Target
+                | O::BareLf
+                | O::ControlByteInHeader
+                | O::IgnoredHeader
+                | O::InvalidHeaderName
+                | O::HeaderWithoutColon
+                | O::ObsFold
+                | O::DuplicateHeader
+                | O::SeveralCookieHeaders => {}
+            }
+            assert!(super::KNOWN_ANOMALIES.contains(&o.reason()), "{o:?}");
+        }
         // Every anomaly the HTTP parser reports can be named in a rule.
         for a in [
             "malformed_request_line",
             "content_length_with_chunked",
             "bad_transfer_encoding",
             "header_too_large",
+            "conflicting_framing",
+            "request_trailers",
+            "body_over_budget",
         ] {
             assert!(super::KNOWN_ANOMALIES.contains(&a), "{a}");
         }

@@ -23,6 +23,8 @@ pub(super) struct Conn {
     pub tls: bool,
     /// Reasons of holes seen since the last exchange was recorded.
     pub hole_reasons: BTreeSet<&'static str>,
+    /// The parser's anomalies since the last exchange was recorded (for anomaly rules).
+    pub anomalies: BTreeSet<&'static str>,
     /// Kernel timestamp of the last event seen on this connection.
     pub last_ns: u64,
     /// Set for a connection first seen in the middle of its life (see `MidstreamGate`).
@@ -59,6 +61,7 @@ impl Conn {
             tuple,
             tls,
             hole_reasons: BTreeSet::new(),
+            anomalies: BTreeSet::new(),
             last_ns: 0,
             gate: midstream.then(MidstreamGate::default),
             user: None,

@@ -89,7 +89,7 @@ struct ConnFacts {
     tuple: Option<Addrs>,
     tls: bool,
     holes: Vec<&'static str>,
-    /// The parser's anomalies on the connection since the last exchanges were taken (the
+    /// The parser's anomalies on the connection since the last exchanges were recorded (the
     /// detectors' anomaly rules see them on these exchanges).
     anomalies: Vec<&'static str>,
 }
@@ -464,12 +464,9 @@ impl Pipeline {
         };
         let read = c.parser.take_requests_read();
         let exchanges = c.parser.take_exchanges();
-        let mut anomalies: Vec<&'static str> = Vec::new();
         for a in c.parser.take_anomalies() {
             self.stats.add_reason(Metric::HttpAnomalies, a.reason(), 1);
-            if !anomalies.contains(&a.reason()) {
-                anomalies.push(a.reason());
-            }
+            c.anomalies.insert(a.reason());
         }
         for ex in &exchanges {
             count_truncated(&self.stats, ex);
@@ -490,7 +487,12 @@ impl Pipeline {
             } else {
                 std::mem::take(&mut c.hole_reasons).into_iter().collect()
             },
-            anomalies,
+            // Kept on the connection until an exchange is recorded to carry them.
+            anomalies: if exchanges.is_empty() {
+                Vec::new()
+            } else {
+                std::mem::take(&mut c.anomalies).into_iter().collect()
+            },
         };
         // Requests first, as soon as they are read: a block must reach the kernel before the
         // answer is written.
@@ -800,7 +802,7 @@ fn count_truncated(stats: &Stats, ex: &Exchange) {
 }
 
 /// The anomaly names a call is judged by: the exchange's own (those in its record) and the
-/// connection's since the last exchanges were taken, each once.
+/// connection's since the last exchange was recorded, each once.
 fn anomaly_names(ex: &Exchange, at: &ConnFacts) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for a in ex
@@ -939,6 +941,66 @@ mod tests {
             ]
         );
         assert_eq!(stats.get(Metric::MidstreamBytesSkipped), old.len() as u64);
+    }
+
+    /// A crafted call's anomalies reach the detectors with its exchange: a request framed with
+    /// both Content-Length and chunked fires an anomaly rule, on that call only (the request is
+    /// read, and its connection anomaly raised, before its answer is written: the connection
+    /// keeps the anomaly until the exchange is recorded).
+    #[test]
+    fn crafted_framing_fires_an_anomaly_rule() {
+        use crate::config::{BlockScope, By, Rule, RuleKind};
+        let (mut p, stats) = pipeline();
+        let rules = vec![Rule {
+            id: "framing".into(),
+            name: "framing".into(),
+            kind: RuleKind::Anomaly {
+                names: vec!["conflicting_framing".into()],
+                window: std::time::Duration::from_secs(60),
+                limit: 0,
+            },
+            by: By::ClientIp,
+            routes: vec![],
+            shadow: true,
+            block: vec![],
+            scope: BlockScope::User,
+        }];
+        p.s.rules = rules.clone();
+        p.detector.reconfigure(Default::default(), rules);
+        p.set_attributor(Attributor::new(
+            Default::default(),
+            crate::attribute::attribution::Keyer::new([1; 32]),
+        ));
+        let req = "GET /p/1 HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        let one = resp("one");
+        let mut fx = p.handle([open(ORIGIN_ACCEPT), data(DIR_IN, 0, 10, req)]);
+        fx.extend(p.handle([data(DIR_OUT, 0, 20, &one)]));
+        fx.extend(p.finish());
+        assert_eq!(
+            stats.get_reason(Metric::HttpAnomalies, "conflicting_framing"),
+            1
+        );
+        let alerts: Vec<serde_json::Value> = fx
+            .security
+            .iter()
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect();
+        assert_eq!(alerts.len(), 1, "{alerts:?}");
+        let first: serde_json::Value = serde_json::from_slice(&fx.access[0]).unwrap();
+        assert_eq!(
+            (
+                alerts[0]["rule"]["id"].as_str(),
+                alerts[0]["abook"]["alert"]["anomalies"].clone(),
+                alerts[0]["abook"]["alert"]["key"].as_str(),
+                alerts[0]["abook"]["evidence"]["event_ids"].clone(),
+            ),
+            (
+                Some("framing"),
+                serde_json::json!(["conflicting_framing"]),
+                Some("127.0.0.1"),
+                serde_json::json!([first["event"]["id"]]),
+            )
+        );
     }
 
     /// The same bytes on a connection seen from its accept are all paired in order.
