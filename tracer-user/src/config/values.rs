@@ -67,21 +67,34 @@ impl From<ValueError> for String {
     }
 }
 
-/// Parses a size: a whole number of bytes with an optional binary unit: `"4096"`, `"64KiB"`,
-/// `"16MiB"`, `"1GiB"` (also `B` and `TiB`; a space before the unit is allowed).
-pub fn parse_size(text: &str) -> Result<u64, ValueError> {
-    let of = Quantity::Size;
+/// Splits `"16 MiB"` into its whole number and its unit (a space between them is allowed).
+fn number_and_unit(text: &str, of: Quantity) -> Result<(&str, &str), ValueError> {
     let s = text.trim();
     let end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(end);
     let unit = unit.trim_start();
-    let text = text.to_string();
     if num.is_empty() {
-        return Err(ValueError::NoNumber { text, of });
+        return Err(ValueError::NoNumber {
+            text: text.to_string(),
+            of,
+        });
     }
     if unit.starts_with(['.', ',']) {
-        return Err(ValueError::NotWhole { text, of });
+        let text = text.to_string();
+        return Err(match of {
+            Quantity::Size => ValueError::NotWhole { text, of },
+            Quantity::Duration => ValueError::NotWholeDuration { text, of },
+        });
     }
+    Ok((num, unit))
+}
+
+/// Parses a size: a whole number of bytes with an optional binary unit: `"4096"`, `"64KiB"`,
+/// `"16MiB"`, `"1GiB"` (also `B` and `TiB`; a space before the unit is allowed).
+pub fn parse_size(text: &str) -> Result<u64, ValueError> {
+    let of = Quantity::Size;
+    let (num, unit) = number_and_unit(text, of)?;
+    let text = text.to_string();
     let mult: u64 = match unit {
         "" | "B" => 1,
         "KiB" => 1 << 10,
@@ -116,17 +129,8 @@ pub fn parse_size(text: &str) -> Result<u64, ValueError> {
 /// `"5m"`, `"1h"`.
 pub fn parse_duration(text: &str) -> Result<Duration, ValueError> {
     let of = Quantity::Duration;
-    let s = text.trim();
-    let end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(end);
-    let unit = unit.trim_start();
+    let (num, unit) = number_and_unit(text, of)?;
     let text = text.to_string();
-    if num.is_empty() {
-        return Err(ValueError::NoNumber { text, of });
-    }
-    if unit.starts_with(['.', ',']) {
-        return Err(ValueError::NotWholeDuration { text, of });
-    }
     let ms_per: u64 = match unit {
         "ms" => 1,
         "s" => 1000,
