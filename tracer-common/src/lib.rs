@@ -25,6 +25,7 @@ pub const MAP_TOKEN_TABLES: &str = "TOKEN_TABLES";
 pub const MAP_BLOCK_TOKENS: &str = "BLOCK_TOKENS";
 pub const MAP_ENFORCE_TGIDS: &str = "ENFORCE_TGIDS";
 pub const MAP_TOKEN_CTL: &str = "TOKEN_CTL";
+pub const MAP_SESSION_TENANTS: &str = "SESSION_TENANTS";
 pub const MAP_TOKEN_STATE: &str = "TOKEN_STATE";
 
 // ---------------------------------------------------------------------------------------------
@@ -416,6 +417,25 @@ pub const fn token_hash(seed: u64, bytes: &[u8]) -> u64 {
     h
 }
 
+/// The hash the kernel gives a tenant value in a request line (`scan::PK_TENANT_*`), and the
+/// agent the tenant of a session: [`token_hash`] of `bytes` with its leading `0`s, spaces and
+/// tabs skipped, so `02` and `2` (equal as the integers platforms compare them) and a value
+/// with escaped blanks before it hash alike.
+pub const fn tenant_hash(seed: u64, bytes: &[u8]) -> u64 {
+    let mut i = 0;
+    while i < bytes.len() && (bytes[i] == b'0' || bytes[i] == b' ' || bytes[i] == b'\t') {
+        i += 1;
+    }
+    let mut h: u64 = token_hash_start(seed);
+    let mut n = 0;
+    while i < bytes.len() && n < MAX_TOKEN_LEN {
+        h = token_hash_byte(h, bytes[i]);
+        i += 1;
+        n += 1;
+    }
+    h
+}
+
 /// [`token_hash`] one byte at a time, as the kernel computes it while it reads a token:
 /// `token_hash(s, b) == b.iter().fold(token_hash_start(s), |h, x| token_hash_byte(h, *x))` for
 /// `b` of at most [`MAX_TOKEN_LEN`] bytes.
@@ -459,11 +479,19 @@ pub const MAX_SCAN_CONNS: u32 = 16384;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TokenCtl {
     pub seed: u64,
-    /// Non-zero while `BLOCK_TOKENS` holds at least one entry.
+    /// Non-zero while `BLOCK_TOKENS` holds at least one entry, or sessions are checked for
+    /// cross-tenant attempts (`SESSION_TENANTS`).
     pub on: u32,
     pub _pad: u32,
 }
 const _: () = assert!(size_of::<TokenCtl>() == 16);
+
+/// Entries of the session-tenant table (`SESSION_TENANTS`, LRU): the sessions whose requests
+/// the kernel checks for cross-tenant attempts.
+pub const MAX_SESSION_TENANTS: u32 = 65536;
+/// Route and tenant-parameter patterns the agent may configure (`scan::PK_ROUTE`,
+/// `PK_TENANT_*`), besides [`MAX_TOKEN_PATS`].
+pub const MAX_TENANT_PATS: u32 = 8;
 
 /// Value of `BLOCK_TOKENS` (key: the token's hash): reserved for flags, written as 0.
 pub type BlockTokenValue = u64;
@@ -474,6 +502,9 @@ pub type BlockTokenValue = u64;
 pub const HIT_F_CONN_BLOCKED: u16 = 1 << 0;
 /// The request was read through OpenSSL (else a plaintext socket read).
 pub const HIT_F_TLS: u16 = 1 << 1;
+/// The request names another tenant than the one `SESSION_TENANTS` holds for its session token
+/// (a cross-tenant attempt stopped before its answer), not a blocked token.
+pub const HIT_F_CROSS_TENANT: u16 = 1 << 2;
 
 /// A request that an edge process read carried a token whose hash is in `BLOCK_TOKENS`.
 #[repr(C)]

@@ -33,8 +33,10 @@ use crate::{token_hash_byte, token_hash_start, MAX_TOKEN_LEN};
 pub const SCAN_HEAD_MAX: u32 = 1 << 20;
 /// Bytes of one request body scanned for login names (a login form or JSON is far smaller).
 pub const SCAN_BODY_MAX: u32 = 16 * 1024;
+/// 64-bit words of the matcher's state and masks.
+pub const W: usize = 3;
 /// Pattern bytes the tables hold, configured and built-in together.
-pub const PAT_BITS: usize = 128;
+pub const PAT_BITS: usize = 64 * W;
 /// Pattern bytes the built-in patterns take (`\ncontent-length:`, `\ntransfer-encoding:`).
 pub const BUILTIN_PAT_BYTES: usize = BUILTIN_CL.len() + BUILTIN_TE.len();
 pub const BUILTIN_CL: &[u8] = b"\ncontent-length:";
@@ -44,31 +46,48 @@ pub const BUILTIN_TE: &[u8] = b"\ntransfer-encoding:";
 pub const PK_TOKEN: u8 = 1;
 pub const PK_CONTENT_LENGTH: u8 = 2;
 pub const PK_TRANSFER_ENCODING: u8 = 3;
+/// A route's static path prefix (e.g. `/api/addressbook/persons`): in a request line, it makes
+/// the query tenant parameters that follow count.
+pub const PK_ROUTE: u8 = 4;
+/// A query parameter that names the tenant (`schoolId=`): in the query of a request line whose
+/// path matched a `PK_ROUTE` pattern, the value after it is a tenant value.
+pub const PK_TENANT_QUERY: u8 = 5;
+/// A route's static prefix up to a tenant path segment (`/api/addressbook/schools/`): in the
+/// path of a request line, the segment after it is a tenant value.
+pub const PK_TENANT_PATH: u8 = 6;
 
 /// The compiled patterns (`TOKEN_TABLES[0]`), written by the agent.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ScanTables {
     /// Bit `i` of `mask[c]`: pattern byte `i` accepts byte `c`.
-    pub mask: [[u64; 2]; 256],
+    pub mask: [[u64; W]; 256],
     /// The first byte of each pattern.
-    pub start: [u64; 2],
+    pub start: [u64; W],
     /// The last byte of each pattern.
-    pub end: [u64; 2],
-    /// The last byte of the built-in `Content-Length` and `Transfer-Encoding` patterns.
-    pub end_cl: [u64; 2],
-    pub end_te: [u64; 2],
+    pub end: [u64; W],
+    /// The last byte of the patterns of each kind (`PK_*`).
+    pub end_tok: [u64; W],
+    pub end_cl: [u64; W],
+    pub end_te: [u64; W],
+    pub end_route: [u64; W],
+    pub end_tq: [u64; W],
+    pub end_tp: [u64; W],
 }
-const _: () = assert!(size_of::<ScanTables>() == 4096 + 64);
+const _: () = assert!(size_of::<ScanTables>() == 256 * 8 * W + 8 * 8 * W);
 
 impl ScanTables {
     pub const fn empty() -> ScanTables {
         ScanTables {
-            mask: [[0; 2]; 256],
-            start: [0; 2],
-            end: [0; 2],
-            end_cl: [0; 2],
-            end_te: [0; 2],
+            mask: [[0; W]; 256],
+            start: [0; W],
+            end: [0; W],
+            end_tok: [0; W],
+            end_cl: [0; W],
+            end_te: [0; W],
+            end_route: [0; W],
+            end_tq: [0; W],
+            end_tp: [0; W],
         }
     }
 }
@@ -130,7 +149,10 @@ impl ScanTables {
                     match p.kind {
                         PK_CONTENT_LENGTH => t.end_cl[w] |= m,
                         PK_TRANSFER_ENCODING => t.end_te[w] |= m,
-                        _ => {}
+                        PK_ROUTE => t.end_route[w] |= m,
+                        PK_TENANT_QUERY => t.end_tq[w] |= m,
+                        PK_TENANT_PATH => t.end_tp[w] |= m,
+                        _ => t.end_tok[w] |= m,
                     }
                 }
                 if p.any_case && b.is_ascii_alphabetic() {
@@ -157,6 +179,22 @@ const TOK_NONE: u8 = 0;
 const TOK_SKIPWS: u8 = 1;
 const TOK_TOKEN: u8 = 2;
 const TOK_CL: u8 = 3;
+
+/// `ConnScan::tflags`: the request line has content (a blank line before it is skipped, as
+/// the servers skip it).
+pub const T_LINE0: u8 = 1;
+/// Past the request line: header lines.
+pub const T_LINE1: u8 = 2;
+/// In the request line's query (after its first raw `?`).
+pub const T_QUERY: u8 = 4;
+/// The request line's path matched a `PK_ROUTE` pattern.
+pub const T_ROUTE: u8 = 8;
+/// A tenant value was read (`ConnScan::tenant` holds the first).
+pub const T_SEEN: u8 = 16;
+/// Another tenant value differed from the first.
+pub const T_MIXED: u8 = 32;
+/// The token being read is a tenant value.
+pub const T_TOK: u8 = 64;
 
 const F_TE: u8 = 1;
 const F_CL_DIGIT: u8 = 2;
@@ -186,11 +224,14 @@ pub struct ConnScan {
     /// `ConnState::gen` of the connection: a reused fd does not inherit it.
     pub gen: u64,
     /// Shift-and state: bit `i` set when the bytes so far end with pattern bytes `..=i`.
-    pub d: [u64; 2],
+    pub d: [u64; W],
     /// Hash of the token being read.
     pub hash: u64,
     /// Hash of the last token that ended.
     pub done_hash: u64,
+    /// Hash of the first tenant value of this request's line (`T_SEEN`), in the canonical
+    /// form of [`crate::tenant_hash`].
+    pub tenant: u64,
     pub content_length: u64,
     /// Body bytes still to come.
     pub body_left: u64,
@@ -215,17 +256,19 @@ pub struct ConnScan {
     pub q_n: u8,
     /// The body ended: end its token once the queue is drained.
     pub body_end: u8,
-    pub _pad: u8,
+    /// Request-line and tenant state (`T_*`).
+    pub tflags: u8,
 }
-const _: () = assert!(size_of::<ConnScan>() == 88);
+const _: () = assert!(size_of::<ConnScan>() == 104);
 
 impl ConnScan {
     pub const fn new(gen: u64) -> ConnScan {
         ConnScan {
             gen,
-            d: [0; 2],
+            d: [0; W],
             hash: 0,
             done_hash: 0,
+            tenant: 0,
             content_length: 0,
             body_left: 0,
             head_len: 0,
@@ -243,7 +286,7 @@ impl ConnScan {
             q_lit: 0,
             q_n: 0,
             body_end: 0,
-            _pad: 0,
+            tflags: 0,
         }
     }
 
@@ -254,10 +297,14 @@ impl ConnScan {
         self.q_n != 0 || self.body_end != 0
     }
 
-    /// The head fast path can take the next byte without `step`: no token or decoding state.
+    /// The head fast path can take the next byte without `step`: a header line (the request
+    /// line is decoded, so it always takes the slow path), no token or decoding state.
     #[inline(always)]
     pub fn plain_head(&self) -> bool {
-        self.mode == MODE_HEAD && self.tok == TOK_NONE && self.q_n == 0
+        self.mode == MODE_HEAD
+            && self.tok == TOK_NONE
+            && self.q_n == 0
+            && self.tflags & T_LINE1 != 0
     }
 
     /// `step` for a head byte in `plain_head` state that neither completes a pattern nor ends
@@ -267,10 +314,8 @@ impl ConnScan {
         if self.head_len >= SCAN_HEAD_MAX {
             return false;
         }
-        let m = &t.mask[c as usize];
-        let d0 = ((self.d[0] << 1) | t.start[0]) & m[0];
-        let d1 = ((self.d[1] << 1) | (self.d[0] >> 63) | t.start[1]) & m[1];
-        if (d0 & t.end[0]) | (d1 & t.end[1]) != 0 {
+        let d = shift(&self.d, t, c);
+        if any(&d, &t.end) {
             return false;
         }
         if c == b'\n' {
@@ -281,7 +326,7 @@ impl ConnScan {
         } else if c != b'\r' {
             self.blank = 0;
         }
-        self.d = [d0, d1];
+        self.d = d;
         self.head_len += 1;
         true
     }
@@ -338,13 +383,85 @@ fn hex(c: u8) -> Option<u32> {
     }
 }
 
+/// The matcher's state after byte `c` (a shift-and step over [`W`] words).
+#[inline(always)]
+fn shift(d: &[u64; W], t: &ScanTables, c: u8) -> [u64; W] {
+    let m = &t.mask[c as usize];
+    [
+        ((d[0] << 1) | t.start[0]) & m[0],
+        ((d[1] << 1) | (d[0] >> 63) | t.start[1]) & m[1],
+        ((d[2] << 1) | (d[1] >> 63) | t.start[2]) & m[2],
+    ]
+}
+const _: () = assert!(W == 3);
+
+#[inline(always)]
+fn any(d: &[u64; W], e: &[u64; W]) -> bool {
+    (d[0] & e[0]) | (d[1] & e[1]) | (d[2] & e[2]) != 0
+}
+
+/// Where a tenant value ends in a request line: where a token ends, and at the path's and
+/// query's own separators.
+#[inline(always)]
+const fn is_tenant_end(c: u8) -> bool {
+    is_end(c, true) || c == b'/' || c == b'?' || c == b'#'
+}
+
+/// A tenant value ended with hash `h`: the first is kept, a different later one marks the
+/// request line as naming several.
+#[inline(always)]
+fn tenant_done(s: &mut ConnScan, h: u64) {
+    if s.tflags & T_SEEN == 0 {
+        s.tenant = h;
+        s.tflags |= T_SEEN;
+    } else if h != s.tenant {
+        s.tflags |= T_MIXED;
+    }
+    s.tflags &= !T_TOK;
+    s.tok = TOK_NONE;
+}
+
+/// One decoded byte of a tenant value (`T_TOK`): hashed in the canonical form of
+/// [`crate::tenant_hash`] (leading `0`s and decoded blanks skipped). `true` if it was taken;
+/// `false` if it ended the value (it then goes to the matcher).
+#[inline(always)]
+fn tenant_byte(s: &mut ConnScan, seed: u64, c: u8, literal: bool) -> bool {
+    if !literal && is_tenant_end(c) {
+        let h = if s.tok == TOK_SKIPWS {
+            token_hash_start(seed)
+        } else {
+            s.hash
+        };
+        tenant_done(s, h);
+        return false;
+    }
+    if s.tok == TOK_SKIPWS {
+        if c == b'0' || (literal && (c == b' ' || c == b'\t')) {
+            return true;
+        }
+        s.tok = TOK_TOKEN;
+        s.hash = token_hash_start(seed);
+        s.tok_len = 0;
+    }
+    s.hash = token_hash_byte(s.hash, c);
+    s.tok_len += 1;
+    if s.tok_len >= MAX_TOKEN_LEN as u32 {
+        tenant_done(s, s.hash);
+    }
+    true
+}
+
 /// One decoded byte into the token reader and the pattern matcher. `literal`: it came out of
 /// an escape (or a JSON string) and cannot end a token.
 #[inline(always)]
 fn feed(s: &mut ConnScan, t: &ScanTables, seed: u64, c: u8, literal: bool) -> u32 {
     let head = s.mode == MODE_HEAD;
     let mut ev = 0;
-    if s.tok == TOK_SKIPWS {
+    if s.tflags & T_TOK != 0 {
+        if tenant_byte(s, seed, c, literal) {
+            return 0;
+        }
+    } else if s.tok == TOK_SKIPWS {
         if !literal && (c == b' ' || c == b'\t') {
             return 0;
         }
@@ -382,25 +499,36 @@ fn feed(s: &mut ConnScan, t: &ScanTables, seed: u64, c: u8, literal: bool) -> u3
         s.tok = TOK_NONE;
     }
     // The byte that ended a token goes to the matcher too (a `\n` starts the next header).
-    let m = &t.mask[c as usize];
-    let d0 = ((s.d[0] << 1) | t.start[0]) & m[0];
-    let d1 = ((s.d[1] << 1) | (s.d[0] >> 63) | t.start[1]) & m[1];
-    s.d = [d0, d1];
-    if (d0 & t.end[0]) | (d1 & t.end[1]) != 0 {
-        if (d0 & t.end_cl[0]) | (d1 & t.end_cl[1]) != 0 {
-            if head {
-                s.tok = TOK_CL;
-                s.content_length = 0;
-                s.flags &= !F_CL_DIGIT;
-                s.d = [0; 2];
-            }
-        } else if (d0 & t.end_te[0]) | (d1 & t.end_te[1]) != 0 {
-            if head {
-                s.flags |= F_TE;
-            }
-        } else {
+    let d = shift(&s.d, t, c);
+    s.d = d;
+    if !any(&d, &t.end) {
+        return ev;
+    }
+    let line0 = head && s.tflags & T_LINE1 == 0;
+    // Framing is read from header lines only, never from a decoded byte.
+    let header = head && !line0 && !literal;
+    if any(&d, &t.end_cl) {
+        if header {
+            s.tok = TOK_CL;
+            s.content_length = 0;
+            s.flags &= !F_CL_DIGIT;
+            s.d = [0; W];
+        }
+    } else if any(&d, &t.end_te) {
+        if header {
+            s.flags |= F_TE;
+        }
+    } else if any(&d, &t.end_tok) {
+        s.tok = TOK_SKIPWS;
+        s.d = [0; W];
+    } else if line0 {
+        let q = s.tflags & T_QUERY != 0;
+        if (any(&d, &t.end_tq) && q && s.tflags & T_ROUTE != 0) || (any(&d, &t.end_tp) && !q) {
             s.tok = TOK_SKIPWS;
-            s.d = [0; 2];
+            s.tflags |= T_TOK;
+            s.d = [0; W];
+        } else if any(&d, &t.end_route) && !q {
+            s.tflags |= T_ROUTE;
         }
     }
     ev
@@ -515,7 +643,13 @@ fn body_byte(s: &mut ConnScan, c: u8) {
         }
         return;
     }
-    // A form: `%XX` and `+` decode to literal bytes; an invalid escape stays as it is.
+    pct_byte(s, c, true);
+}
+
+/// One raw byte of a form or of a request line, `%XX` (and `+` when `plus`) decoded to
+/// literal bytes into the queue; an invalid escape stays as it is (Python's `unquote`).
+#[inline(always)]
+fn pct_byte(s: &mut ConnScan, c: u8, plus: bool) {
     if s.dec == D_PCT1 {
         if let Some(v) = hex(c) {
             s.dec = D_PCT2;
@@ -536,15 +670,29 @@ fn body_byte(s: &mut ConnScan, c: u8) {
     }
     match c {
         b'%' => s.dec = D_PCT1,
-        b'+' => push(s, b' ', true),
+        b'+' if plus => push(s, b' ', true),
         _ => push(s, c, false),
     }
+}
+
+/// One raw byte of a request line: its path and query are decoded as the platform decodes
+/// them, so a route, a tenant parameter's name and its value are matched however they are
+/// escaped (`%70ersons`, `school%49d=`, `sch%2D02`); the query's `+` is a space. The first raw
+/// `?` starts the query.
+#[inline(always)]
+fn line0_byte(s: &mut ConnScan, c: u8) {
+    if c == b'?' && s.dec == 0 && s.tflags & T_QUERY == 0 {
+        s.tflags |= T_QUERY;
+        push(s, c, false);
+        return;
+    }
+    pct_byte(s, c, s.tflags & T_QUERY != 0);
 }
 
 /// The token in progress ends with the body.
 #[inline(always)]
 fn end_token(s: &mut ConnScan) -> u32 {
-    let ev = if s.tok == TOK_TOKEN && s.tok_len > 0 {
+    let ev = if s.tok == TOK_TOKEN && s.tok_len > 0 && s.tflags & T_TOK == 0 {
         s.done_hash = s.hash;
         EV_TOKEN
     } else {
@@ -564,7 +712,11 @@ pub fn take(s: &mut ConnScan, c: u8) -> u32 {
             return EV_HEAD_BOUND;
         }
         s.head_len += 1;
-        push(s, c, false);
+        if s.tflags & T_LINE1 == 0 {
+            line0_byte(s, c);
+        } else {
+            push(s, c, false);
+        }
         return 0;
     }
     if s.mode == MODE_BODY {
@@ -604,7 +756,14 @@ pub fn drain(s: &mut ConnScan, t: &ScanTables, seed: u64) -> u32 {
     s.q_n -= 1;
     let mut ev = feed(s, t, seed, c, lit);
     if s.mode == MODE_HEAD {
-        if c == b'\n' {
+        if c == b'\n' && !lit && s.tflags & T_LINE1 == 0 {
+            // The end of the request line; a blank line before it is skipped.
+            if s.tflags & T_LINE0 != 0 {
+                s.tflags |= T_LINE1;
+                s.dec = 0;
+                s.blank = 1;
+            }
+        } else if c == b'\n' && !lit {
             if s.blank != 0 {
                 // The end of the head.
                 ev |= end_token(s);
@@ -617,8 +776,9 @@ pub fn drain(s: &mut ConnScan, t: &ScanTables, seed: u64) -> u32 {
             } else {
                 s.blank = 1;
             }
-        } else if c != b'\r' {
+        } else if c != b'\r' || lit {
             s.blank = 0;
+            s.tflags |= T_LINE0;
         }
     }
     ev
@@ -633,14 +793,23 @@ pub fn step(s: &mut ConnScan, t: &ScanTables, seed: u64, c: u8) -> u32 {
     ev
 }
 
+/// Whether a request whose session token the kernel knows to belong to the tenant hashed
+/// `session_tenant` (`SESSION_TENANTS`) names another tenant in its request line: a tenant
+/// value was read and it differs, or several differing values were.
+#[inline(always)]
+pub fn names_other_tenant(s: &ConnScan, session_tenant: u64) -> bool {
+    s.tflags & T_SEEN != 0 && (s.tflags & T_MIXED != 0 || s.tenant != session_tenant)
+}
+
 /// The model of the kernel's scan over a whole stream (tests and fuzzing): every token hash
-/// that ended, in order, and the bound events.
+/// that ended, in order, with the state at that point (for [`names_other_tenant`]), and the
+/// bound events.
 pub fn scan_all(
     s: &mut ConnScan,
     t: &ScanTables,
     seed: u64,
     bytes: &[u8],
-    mut out: impl FnMut(u64),
+    mut out: impl FnMut(u64, &ConnScan),
 ) -> u32 {
     let mut evs = 0;
     let mut i = 0;
@@ -658,7 +827,7 @@ pub fn scan_all(
         while s.draining() {
             let ev = drain(s, t, seed);
             if ev & EV_TOKEN != 0 {
-                out(s.done_hash);
+                out(s.done_hash, s);
             }
             evs |= ev;
         }
@@ -712,7 +881,7 @@ mod tests {
         let mut evs = 0;
         let mut last = 0;
         for &c in cuts.iter().chain([stream.len()].iter()) {
-            evs |= scan_all(&mut s, &t, SEED, &stream[last..c], |h| out.push(h));
+            evs |= scan_all(&mut s, &t, SEED, &stream[last..c], |h, _| out.push(h));
             last = c;
         }
         (out, evs)
@@ -876,5 +1045,179 @@ mod tests {
         req.extend(&tok);
         req.extend(b"\r\n\r\n");
         assert!(hashes(&req, &[]).0.contains(&token_hash(SEED, &tok)));
+    }
+
+    /// The demo's tenant routes: the query route's prefix, its `schoolId` parameter, and the
+    /// path route's prefix up to its `{schoolId}` segment.
+    fn tenant_tables() -> ScanTables {
+        ScanTables::build(&[
+            Pattern {
+                bytes: b"skolsid=",
+                any_case: false,
+                kind: PK_TOKEN,
+            },
+            Pattern {
+                bytes: b"/api/addressbook/persons",
+                any_case: false,
+                kind: PK_ROUTE,
+            },
+            Pattern {
+                bytes: b"schoolId=",
+                any_case: false,
+                kind: PK_TENANT_QUERY,
+            },
+            Pattern {
+                bytes: b"/api/addressbook/schools/",
+                any_case: false,
+                kind: PK_TENANT_PATH,
+            },
+        ])
+        .unwrap()
+    }
+
+    /// Whether the kernel would stop `req` carrying session `tok123` of school `own`, fed whole
+    /// and cut at every byte into two reads (which must agree).
+    fn stops(req: &[u8], own: &str) -> bool {
+        let t = tenant_tables();
+        let tok = token_hash(SEED, b"tok123");
+        let own = crate::tenant_hash(SEED, own.as_bytes());
+        let run = |cut: usize| {
+            let mut s = ConnScan::new(1);
+            let mut stop = false;
+            let mut seen = false;
+            for part in [&req[..cut], &req[cut..]] {
+                scan_all(&mut s, &t, SEED, part, |h, cs| {
+                    if h == tok {
+                        seen = true;
+                        stop |= names_other_tenant(cs, own);
+                    }
+                });
+            }
+            assert!(
+                seen,
+                "the session token is found in {:?}",
+                String::from_utf8_lossy(req)
+            );
+            stop
+        };
+        let whole = run(req.len());
+        for cut in 1..req.len() {
+            assert_eq!(
+                run(cut),
+                whole,
+                "cut at {cut} of {:?}",
+                String::from_utf8_lossy(req)
+            );
+        }
+        whole
+    }
+
+    fn line(target: &str) -> Vec<u8> {
+        format!("GET {target} HTTP/1.1\r\nHost: x\r\nCookie: skolsid=tok123\r\n\r\n").into_bytes()
+    }
+
+    #[test]
+    fn a_request_naming_another_school_is_stopped() {
+        let q = "/api/addressbook/persons?schoolId=";
+        assert!(!stops(&line(&format!("{q}sch-01&page=1")), "sch-01"));
+        assert!(stops(&line(&format!("{q}sch-02&page=1")), "sch-01"));
+        assert!(stops(&line(&format!("{q}sch-02")), "sch-01"));
+        assert!(!stops(
+            &line("/api/addressbook/schools/sch-01/persons?page=2"),
+            "sch-01"
+        ));
+        assert!(stops(
+            &line("/api/addressbook/schools/sch-02/persons?page=2"),
+            "sch-01"
+        ));
+        assert!(stops(&line("/api/addressbook/schools/sch-02"), "sch-01"));
+        // Another route with the same parameter name is not the tenant route.
+        assert!(!stops(&line("/api/other?schoolId=sch-02"), "sch-01"));
+        // No tenant named: nothing to compare.
+        assert!(!stops(&line("/api/addressbook/persons?page=1"), "sch-01"));
+        assert!(!stops(&line("/api/me"), "sch-01"));
+    }
+
+    #[test]
+    fn crafted_tenant_values_are_read_as_the_platform_reads_them() {
+        let q = "/api/addressbook/persons?";
+        // Escaped: the name, the value, the path.
+        assert!(stops(&line(&format!("{q}school%49d=sch-02")), "sch-01"));
+        assert!(stops(&line(&format!("{q}schoolId=sch%2D02")), "sch-01"));
+        assert!(!stops(&line(&format!("{q}schoolId=sch%2D01")), "sch-01"));
+        assert!(stops(
+            &line("/api/addressbook/%70ersons?schoolId=sch-02"),
+            "sch-01"
+        ));
+        assert!(stops(
+            &line("/api/addressbook/schools/sch%2D02/persons"),
+            "sch-01"
+        ));
+        assert!(stops(
+            &line("/api/%61ddressbook/schools/sch-02/persons"),
+            "sch-01"
+        ));
+        // Repeated: any foreign value counts, first or last.
+        assert!(stops(
+            &line(&format!("{q}schoolId=sch-01&schoolId=sch-02")),
+            "sch-01"
+        ));
+        assert!(stops(
+            &line(&format!("{q}schoolId=sch-02&schoolId=sch-01")),
+            "sch-01"
+        ));
+        assert!(!stops(
+            &line(&format!("{q}schoolId=sch-01&schoolId=sch-01")),
+            "sch-01"
+        ));
+        // An escaped separator stays inside the value.
+        assert!(stops(
+            &line(&format!("{q}schoolId=sch-01%26schoolId=sch-02")),
+            "sch-01"
+        ));
+        assert!(stops(
+            &line("/api/addressbook/schools/sch-01%2F..%2Fsch-02/persons"),
+            "sch-01"
+        ));
+        // Integers as platforms compare them, and escaped blanks before the value.
+        assert!(!stops(&line(&format!("{q}schoolId=007")), "7"));
+        assert!(stops(&line(&format!("{q}schoolId=008")), "7"));
+        assert!(!stops(&line(&format!("{q}schoolId=%207")), "7"));
+        assert!(!stops(&line(&format!("{q}schoolId=+7")), "7"));
+        // A blank line before the request line (the servers skip it), two spaces, a fragment.
+        let mut r = b"\r\n".to_vec();
+        r.extend(line(&format!("{q}schoolId=sch-02")));
+        assert!(stops(&r, "sch-01"));
+        let two = format!("GET  {q}schoolId=sch-02 HTTP/1.1\r\nCookie: skolsid=tok123\r\n\r\n");
+        assert!(stops(two.as_bytes(), "sch-01"));
+        assert!(stops(&line(&format!("{q}schoolId=sch-02#x")), "sch-01"));
+        // An escaped line break in the request line is not a header line: no framing from it,
+        // and the next request is still scanned.
+        let mut two = line(&format!(
+            "{q}a=%0d%0acontent-length:%2099999&schoolId=sch-01"
+        ));
+        two.extend(line(&format!("{q}schoolId=sch-02")));
+        let t = tenant_tables();
+        let mut s = ConnScan::new(1);
+        let mut verdicts = Vec::new();
+        let own = crate::tenant_hash(SEED, b"sch-01");
+        scan_all(&mut s, &t, SEED, &two, |_, cs| {
+            verdicts.push(names_other_tenant(cs, own))
+        });
+        assert_eq!(verdicts, vec![false, true]);
+    }
+
+    #[test]
+    fn each_request_is_judged_alone() {
+        let mut two = line("/api/addressbook/persons?schoolId=sch-02");
+        two.extend(line("/api/addressbook/persons?schoolId=sch-01"));
+        let t = tenant_tables();
+        let own = crate::tenant_hash(SEED, b"sch-01");
+        let mut s = ConnScan::new(1);
+        let mut verdicts = Vec::new();
+        scan_all(&mut s, &t, SEED, &two, |_, cs| {
+            verdicts.push(names_other_tenant(cs, own))
+        });
+        assert_eq!(verdicts, vec![true, false]);
     }
 }

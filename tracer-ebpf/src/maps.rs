@@ -12,6 +12,7 @@ use aya_ebpf::{
 use tracer_common::{
     BlockKey, BlockTokenValue, BlockValue, ConnKey, ConnState, DataEvent, KernelConfig, SslKey,
     TokenCtl, COMM_LEN, COUNTER_MAX, MAX_BLOCKED_CONNS, MAX_BLOCKED_TOKENS, MAX_ENFORCE_TGIDS,
+    MAX_SESSION_TENANTS,
 };
 
 /// Overridden by the agent from `capture.ring_buffer_size`.
@@ -81,6 +82,13 @@ pub static ENFORCE_ON: Array<u32> = Array::with_max_entries(1, 0);
 #[map(name = "BLOCK_TOKENS")]
 pub static BLOCK_TOKENS: HashMap<u64, BlockTokenValue> =
     HashMap::with_max_entries(MAX_BLOCKED_TOKENS, 0);
+
+/// Session token hash → the hash of its tenant (`tracer_common::tenant_hash`), for the sessions
+/// whose requests are checked for cross-tenant attempts; written by the agent only. LRU: a
+/// session evicted is checked by the agent's request-time check instead.
+#[map(name = "SESSION_TENANTS")]
+pub static SESSION_TENANTS: LruHashMap<u64, u64> =
+    LruHashMap::with_max_entries(MAX_SESSION_TENANTS, 0);
 
 /// The edge processes (the platform's front servers) whose reads are scanned for blocked tokens;
 /// set by the agent, inherited by children at fork, removed at exit.

@@ -1,6 +1,7 @@
 //! Recognising blocked session tokens and login names in the requests an edge server reads,
 //! so that the kernel blocks the connection before the server has answered and before the
-//! agent has seen a byte.
+//! agent has seen a byte; and, likewise, requests of known sessions whose request line names
+//! another tenant than theirs (a cross-tenant attempt, the incident's manipulated call).
 //!
 //! Called with the plaintext a read returned (SSL_read/SSL_read_ex, or a plaintext socket read
 //! on a configured port) of a process in `ENFORCE_TGIDS`. Every byte of the read goes through
@@ -8,11 +9,13 @@
 //! state per connection (`TOKEN_STATE`) is carried between reads and between the chunks of one
 //! read: so a pattern or token cut anywhere is found, and every byte of a request head (up to
 //! `SCAN_HEAD_MAX`) and of a login body (up to `SCAN_BODY_MAX`) is looked at. A token that ends
-//! is looked up by its hash in `BLOCK_TOKENS`; on a hit the connection goes into `BLOCK_CONNS`,
-//! so `enforce_egress` drops its responses, and the agent is told with a `KIND_ENFORCE_HIT`
-//! event. Bounds passed are counted (`C_TOKEN_SCAN_HEAD_BOUND`, `C_TOKEN_SCAN_BODY_BOUND`).
+//! is looked up by its hash in `BLOCK_TOKENS`, and in `SESSION_TENANTS` against the tenant
+//! values the request line named (`scan::names_other_tenant`); on a hit the connection goes
+//! into `BLOCK_CONNS`, so `enforce_egress` drops its responses, and the agent is told with a
+//! `KIND_ENFORCE_HIT` event (`HIT_F_CROSS_TENANT` for an attempt). Bounds passed are counted (`C_TOKEN_SCAN_HEAD_BOUND`, `C_TOKEN_SCAN_BODY_BOUND`).
 //!
-//! While no token is blocked (`TOKEN_CTL[0].on == 0`) a read costs one array lookup.
+//! While no token is blocked and no session is checked (`TOKEN_CTL[0].on == 0`) a read costs
+//! one array lookup.
 
 use aya_ebpf::{
     helpers::{bpf_probe_read_user, bpf_probe_read_user_buf, generated::bpf_loop},
@@ -21,7 +24,10 @@ use aya_ebpf::{
 };
 
 use tracer_common::{
-    scan::{drain, take, ConnScan, ScanTables, EV_BODY_BOUND, EV_HEAD_BOUND, EV_TOKEN, MODE_OFF},
+    scan::{
+        drain, names_other_tenant, take, ConnScan, ScanTables, EV_BODY_BOUND, EV_HEAD_BOUND,
+        EV_TOKEN, MODE_OFF,
+    },
     *,
 };
 
@@ -32,6 +38,9 @@ pub const CHUNK: usize = 4096;
 const MASK: u32 = CHUNK as u32 - 1;
 /// Head bytes the fast path takes per loop step before it hands one to `step`.
 const FAST: u32 = 16;
+/// `Work::hit`: a blocked token, or a cross-tenant attempt of a known session.
+const HIT_TOKEN: u32 = 1;
+const HIT_TENANT: u32 = 2;
 /// bpf_loop's own limit of iterations.
 const MAX_LOOPS: u64 = 1 << 23;
 
@@ -91,9 +100,19 @@ unsafe extern "C" fn scan_step(_i: u64, _ctx: *mut core::ffi::c_void) -> i64 {
     if w.cs.draining() {
         let ev = drain(&mut w.cs, t, w.seed);
         w.evs |= ev;
-        if ev & EV_TOKEN != 0 && BLOCK_TOKENS.get_ptr(w.cs.done_hash).is_some() {
-            w.hit = 1;
-            return 1;
+        if ev & EV_TOKEN != 0 {
+            let h = w.cs.done_hash;
+            if BLOCK_TOKENS.get_ptr(h).is_some() {
+                w.hit = HIT_TOKEN;
+                return 1;
+            }
+            if let Some(t) = SESSION_TENANTS.get_ptr(h) {
+                // SAFETY: map value pointer, valid for this run.
+                if names_other_tenant(&w.cs, unsafe { *t }) {
+                    w.hit = HIT_TENANT;
+                    return 1;
+                }
+            }
         }
         return 0;
     }
@@ -155,9 +174,10 @@ unsafe extern "C" fn scan_step(_i: u64, _ctx: *mut core::ffi::c_void) -> i64 {
 }
 
 /// Scans the `n` bytes at user address `ptr` that connection `key` read, after what its
-/// previous reads left; the blocked token's hash if one is there.
+/// previous reads left; the hash of the token that stops it if one is there, and whether it
+/// stops it as a cross-tenant attempt (else as a blocked token).
 #[inline(always)]
-fn scan(key: &ConnKey, st: &ConnState, ptr: u64, n: u64, seed: u64) -> Option<u64> {
+fn scan(key: &ConnKey, st: &ConnState, ptr: u64, n: u64, seed: u64) -> Option<(u64, bool)> {
     let Some(w) = TOKEN_SCAN.get_ptr_mut(0) else {
         count(C_SCRATCH_MISSING, 1);
         return None;
@@ -209,7 +229,7 @@ fn scan(key: &ConnKey, st: &ConnState, ptr: u64, n: u64, seed: u64) -> Option<u6
     if w.hit != 0 {
         // Refused: the next request starts afresh.
         let _ = TOKEN_STATE.remove(key);
-        return Some(w.cs.done_hash);
+        return Some((w.cs.done_hash, w.hit == HIT_TENANT));
     }
     if w.done == 0 {
         count(C_TOKEN_SCAN_BUDGET, 1);
@@ -256,9 +276,12 @@ fn block_key(t: &Tuple) -> BlockKey {
 /// The kernel recognised blocked token `hash` in what connection `key` just read: block the
 /// connection (if its 4-tuple is known) and tell the agent.
 #[inline(always)]
-fn hit(key: &ConnKey, st: &ConnState, pid_tgid: u64, hash: u64, tls: bool) {
+fn hit(key: &ConnKey, st: &ConnState, pid_tgid: u64, hash: u64, tls: bool, tenant: bool) {
     count(C_REQUESTS_REFUSED, 1);
     let mut flags = if tls { HIT_F_TLS } else { 0 };
+    if tenant {
+        flags |= HIT_F_CROSS_TENANT;
+    }
     if st.flags & CONN_F_TUPLE != 0 {
         let bk = block_key(&st.tuple);
         if BLOCK_CONNS.insert(bk, BLOCK_F_TOKEN, 0).is_ok() {
@@ -318,7 +341,7 @@ pub fn check_read(key: &ConnKey, st: &ConnState, pid_tgid: u64, ub: UserBuf, n: 
             }
         }
     };
-    if let Some(hash) = scan(key, st, ptr, len, seed) {
-        hit(key, st, pid_tgid, hash, tls);
+    if let Some((hash, tenant)) = scan(key, st, ptr, len, seed) {
+        hit(key, st, pid_tgid, hash, tls, tenant);
     }
 }

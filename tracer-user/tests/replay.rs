@@ -167,6 +167,11 @@ impl KernelSide for FakeKernel {
         self.actions.push(pipeline::Action::UnblockToken { hash });
         Ok(())
     }
+    fn session_tenant(&mut self, hash: u64, tenant: u64) -> Result<(), Self::Error> {
+        self.actions
+            .push(pipeline::Action::SessionTenant { hash, tenant });
+        Ok(())
+    }
     fn process_changed(&mut self, c: pipeline::ProcChange) {
         self.procs.push(c);
     }

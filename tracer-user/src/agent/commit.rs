@@ -28,6 +28,8 @@ pub trait KernelSide {
     /// Refuses requests carrying this token (its kernel hash) from now on.
     fn block_token(&mut self, hash: u64) -> Result<(), Self::Error>;
     fn unblock_token(&mut self, hash: u64) -> Result<(), Self::Error>;
+    /// Checks this session token's requests against its tenant from now on.
+    fn session_tenant(&mut self, hash: u64, tenant: u64) -> Result<(), Self::Error>;
     /// A traced process exec'd or exited: discovery looks at it again.
     fn process_changed(&mut self, c: ProcChange);
 }
@@ -121,6 +123,12 @@ pub fn apply(
                         stats.add_reason(Metric::EnforcementFailures, "token", 1);
                         e.errors.push(err.to_string());
                     }
+                }
+            }
+            Action::SessionTenant { hash, tenant } => {
+                if let Err(err) = kernel.session_tenant(hash, tenant) {
+                    stats.add_reason(Metric::EnforcementFailures, "session_tenant", 1);
+                    warn!("checking a session's tenant in the kernel: {err}");
                 }
             }
             Action::UnblockToken { hash } => {

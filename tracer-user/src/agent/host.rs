@@ -144,6 +144,10 @@ impl KernelSide for Host {
         self.kernel.unblock_token(hash).map(|_| ())
     }
 
+    fn session_tenant(&mut self, hash: u64, tenant: u64) -> Result<(), EnforceError> {
+        self.kernel.set_session_tenant(hash, tenant)
+    }
+
     fn process_changed(&mut self, c: ProcChange) {
         match c {
             // While stopping the probes are gone: nothing new is attached.

@@ -143,11 +143,22 @@ pub async fn run(mut plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
     let mut attributor = Attributor::new(plan.identity, Keyer::load_or_create(&plan.state_dir)?);
     attributor.attach_state(&plan.state_dir, &stats);
     if host.kernel.enforcing() {
-        match host
-            .kernel
-            .set_token_patterns(&attributor.kernel_patterns())
-        {
-            Ok(()) => attributor.set_token_seed(host.kernel.token_seed()),
+        let tokens = attributor.kernel_patterns();
+        let (tenant, skipped) = pipeline.kernel_tenant_patterns();
+        for s in &skipped {
+            warn!("cross-tenant attempts on route {s}; the agent's request-time check covers it");
+        }
+        let mut set = host.kernel.set_token_patterns(&tokens, &tenant);
+        if let (Err(e), false) = (&set, tenant.is_empty()) {
+            error!("cross-tenant attempts cannot be recognised in the kernel: {e}; the agent's request-time check stops them once it has read them");
+            stats.add_reason(Metric::EnforcementAttachFailures, "tenant_patterns", 1);
+            set = host.kernel.set_token_patterns(&tokens, &[]);
+        }
+        match set {
+            Ok(()) => {
+                attributor.set_token_seed(host.kernel.token_seed());
+                pipeline.set_kernel_tenant_checks(host.kernel.tenant_checks());
+            }
             Err(e) => {
                 error!("blocked sessions cannot be recognised in the kernel: {e}; blocks apply to connections the agent has seen only");
                 stats.add_reason(Metric::EnforcementAttachFailures, "tokens", 1);

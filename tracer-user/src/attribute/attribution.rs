@@ -358,6 +358,13 @@ impl Attributor {
         self.token_seed = Some(seed);
     }
 
+    /// The kernel's hash of a tenant id (`tracer_common::tenant_hash`), as the kernel hashes the
+    /// tenant a request line names; only when the kernel's seed is set.
+    pub fn tenant_khash(&self, tenant: &str) -> Option<u64> {
+        self.token_seed
+            .map(|seed| tracer_common::tenant_hash(seed, tenant.as_bytes()))
+    }
+
     fn khash(&self, v: &[u8]) -> Option<u64> {
         self.token_seed
             .map(|seed| tracer_common::token_hash(seed, v))

@@ -288,6 +288,17 @@ impl RouteTable {
         self.routes.get(m.index)?.tenant.as_ref()
     }
 
+    /// Every route that names its tenant: its path template (without the method) and where.
+    pub fn tenant_routes(&self) -> impl Iterator<Item = (&str, &TenantParam)> {
+        self.routes.iter().filter_map(|r| {
+            let path = r
+                .template
+                .split_once(' ')
+                .map_or(r.template.as_str(), |(_, p)| p);
+            r.tenant.as_ref().map(|t| (path.trim(), t))
+        })
+    }
+
     /// [`tenant_attempt`] for a request this table matched as `m`.
     pub fn tenant_attempt(
         &self,

@@ -119,6 +119,8 @@ pub struct Kernel {
     enforce_cgroup: Option<PathBuf>,
     /// Seed of `tracer_common::token_hash` for this run, also in `TOKEN_CTL`.
     token_seed: u64,
+    /// Tenant patterns are set: the kernel checks sessions' requests (`set_token_patterns`).
+    tenant_checks: bool,
     /// Forwards the programs' aya-log messages while the programs live (None: not forwarded).
     _kernel_log: Option<KernelLog>,
 }
@@ -250,6 +252,7 @@ pub fn load(s: &LoadSettings) -> Result<Kernel, LoadError> {
         tracepoints,
         enforce_cgroup: None,
         token_seed,
+        tenant_checks: false,
         _kernel_log: kernel_log,
     })
 }
@@ -575,10 +578,17 @@ impl Kernel {
 
     /// The patterns after which the kernel looks for tokens in what an edge process reads, e.g.
     /// `skolsid=`, `Bearer `, `username=`, `"username":"`, compiled into the kernel's streaming
-    /// matcher (`enforce::token_patterns` says how each is matched). Replaces the previous set;
-    /// at most `MAX_TOKEN_PATS` patterns of 1 to `TOKEN_PAT_LEN` bytes.
-    pub fn set_token_patterns(&mut self, pats: &[Vec<u8>]) -> Result<(), EnforceError> {
-        let tables = enforce::token_patterns(pats)?;
+    /// matcher (`enforce::token_patterns` says how each is matched), with the routes' tenant
+    /// patterns (`tenant`, empty when no rule blocks cross-tenant attempts). Replaces the
+    /// previous set; at most `MAX_TOKEN_PATS` patterns of 1 to `TOKEN_PAT_LEN` bytes. With tenant
+    /// patterns the kernel scans every request of an edge (it checks the sessions of
+    /// `set_session_tenant`), else only while a token is blocked.
+    pub fn set_token_patterns(
+        &mut self,
+        pats: &[Vec<u8>],
+        tenant: &[(Vec<u8>, u8)],
+    ) -> Result<(), EnforceError> {
+        let tables = enforce::token_patterns(pats, tenant)?;
         let m = self
             .ebpf
             .map_mut(MAP_TOKEN_TABLES)
@@ -593,7 +603,34 @@ impl Kernel {
             name: MAP_TOKEN_TABLES,
             source: e,
         })?;
-        Ok(())
+        self.tenant_checks = !tenant.is_empty();
+        let on = self.tenant_checks || self.blocked_tokens() > 0;
+        self.set_token_scan(on)
+    }
+
+    /// Whether the kernel checks sessions' requests for cross-tenant attempts (tenant patterns
+    /// are set).
+    pub fn tenant_checks(&self) -> bool {
+        self.tenant_checks
+    }
+
+    /// The kernel refuses, from now on, a request carrying session token `hash` (its
+    /// `tracer_common::token_hash`) whose request line names another tenant than the one hashed
+    /// `tenant` (`tracer_common::tenant_hash`), as it refuses a blocked token's. The table is
+    /// LRU: the least recently used session goes when it is full.
+    pub fn set_session_tenant(&mut self, hash: u64, tenant: u64) -> Result<(), EnforceError> {
+        let m = self
+            .ebpf
+            .map_mut(MAP_SESSION_TENANTS)
+            .ok_or(EnforceError::MissingMap(MAP_SESSION_TENANTS))?;
+        let mut m = BpfHashMap::<_, u64, u64>::try_from(m).map_err(|e| EnforceError::Map {
+            name: MAP_SESSION_TENANTS,
+            source: e,
+        })?;
+        m.insert(hash, tenant, 0).map_err(|e| EnforceError::Map {
+            name: MAP_SESSION_TENANTS,
+            source: e,
+        })
     }
 
     /// Makes process `tgid` an edge process (`on`), whose reads are scanned for blocked tokens,
@@ -682,7 +719,7 @@ impl Kernel {
                 })
             }
         };
-        if m.keys().next().is_none() {
+        if m.keys().next().is_none() && !self.tenant_checks {
             self.set_token_scan(false)?;
         }
         Ok(removed)

@@ -22,7 +22,7 @@ use std::{
 use thiserror::Error;
 use tracer_common::{
     scan::{Pattern, ScanTables, TablesError, PK_TOKEN},
-    BlockKey, AF_INET, AF_INET6, MAX_BLOCKED_CONNS, MAX_TOKEN_PATS, TOKEN_PAT_LEN,
+    BlockKey, AF_INET, AF_INET6, MAX_BLOCKED_CONNS, MAX_TENANT_PATS, MAX_TOKEN_PATS, TOKEN_PAT_LEN,
 };
 
 use crate::exchange::Tuple;
@@ -180,7 +180,20 @@ pub fn block_key(t: &Tuple) -> Result<BlockKey, EnforceError> {
 /// spaces are dropped; a pattern that names a header (`Name: `) matches at the start of a line
 /// and, like `Bearer `, in any case (servers compare header names and the auth scheme without
 /// case); cookie names and login fields match exactly.
-pub fn token_patterns(pats: &[Vec<u8>]) -> Result<ScanTables, EnforceError> {
+///
+/// `tenant` are the routes' tenant patterns (`pipeline::early::tenant_patterns`), each with its
+/// kind (`PK_ROUTE`, `PK_TENANT_QUERY`, `PK_TENANT_PATH`), matched exactly in request lines: at
+/// most `MAX_TENANT_PATS` of them.
+pub fn token_patterns(
+    pats: &[Vec<u8>],
+    tenant: &[(Vec<u8>, u8)],
+) -> Result<ScanTables, EnforceError> {
+    if tenant.len() > MAX_TENANT_PATS as usize {
+        return Err(EnforceError::TooManyPatterns {
+            n: tenant.len(),
+            max: MAX_TENANT_PATS,
+        });
+    }
     if pats.len() > MAX_TOKEN_PATS as usize {
         return Err(EnforceError::TooManyPatterns {
             n: pats.len(),
@@ -199,6 +212,16 @@ pub fn token_patterns(pats: &[Vec<u8>]) -> Result<ScanTables, EnforceError> {
         }
         shaped.push(shape_pattern(p));
     }
+    for (index, (p, _)) in tenant.iter().enumerate() {
+        if p.is_empty() || p.len() > TOKEN_PAT_LEN {
+            return Err(EnforceError::BadPattern {
+                index: pats.len() + index,
+                pattern: String::from_utf8_lossy(p).into_owned(),
+                len: p.len(),
+                max: TOKEN_PAT_LEN,
+            });
+        }
+    }
     let compiled: Vec<Pattern> = shaped
         .iter()
         .map(|(b, any_case)| Pattern {
@@ -206,6 +229,11 @@ pub fn token_patterns(pats: &[Vec<u8>]) -> Result<ScanTables, EnforceError> {
             any_case: *any_case,
             kind: PK_TOKEN,
         })
+        .chain(tenant.iter().map(|(b, kind)| Pattern {
+            bytes: b,
+            any_case: false,
+            kind: *kind,
+        }))
         .collect();
     ScanTables::build(&compiled).map_err(|e| match e {
         TablesError::TooLong { bytes, max } => EnforceError::PatternsTooLong { bytes, max },
@@ -609,6 +637,7 @@ pub fn destroy(local: SocketAddr, peer: SocketAddr) -> Result<(), EnforceError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tracer_common::scan::{PK_ROUTE, PK_TENANT_QUERY};
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()
@@ -825,28 +854,28 @@ mod tests {
             b"Bearer ".to_vec(),
             b"X-Session: ".to_vec(),
         ];
-        let t = token_patterns(&pats).unwrap();
+        let t = token_patterns(&pats, &[]).unwrap();
         // skolsid= (8), "username":" (12), bearer<sp> (7), \nX-Session: (11), then built-ins.
         let used = 8 + 12 + 7 + 11 + BUILTIN_PAT_BYTES;
-        let bits = |w: [u64; 2]| w[0].count_ones() + w[1].count_ones();
+        let bits = |w: [u64; 3]| w.iter().map(|x| x.count_ones()).sum::<u32>();
         assert_eq!(bits(t.start), 6);
         assert_eq!(bits(t.end), 6);
         // Cookie names exactly; `Bearer` and header names in any case.
         // (`k` is in no pattern matched in any case.)
-        assert_eq!(t.mask[b'K' as usize], [0, 0]);
-        assert_ne!(t.mask[b'k' as usize], [0, 0]);
-        assert_ne!(t.mask[b'B' as usize], [0, 0]);
+        assert_eq!(t.mask[b'K' as usize], [0, 0, 0]);
+        assert_ne!(t.mask[b'k' as usize], [0, 0, 0]);
+        assert_ne!(t.mask[b'B' as usize], [0, 0, 0]);
         assert_eq!(t.mask[b'B' as usize], t.mask[b'b' as usize]);
         assert_eq!(t.mask[b'x' as usize], t.mask[b'X' as usize]);
         assert!(used <= PAT_BITS);
-        assert!(token_patterns(&[]).is_ok());
+        assert!(token_patterns(&[], &[]).is_ok());
         let nine: Vec<Vec<u8>> = (0..9).map(|i| vec![b'a' + i]).collect();
         assert!(matches!(
-            token_patterns(&nine),
+            token_patterns(&nine, &[]),
             Err(EnforceError::TooManyPatterns { n: 9, max: 8 })
         ));
         let long = vec![b"ok=".to_vec(), vec![b'x'; 33]];
-        let e = token_patterns(&long).unwrap_err();
+        let e = token_patterns(&long, &[]).unwrap_err();
         assert!(
             matches!(
                 e,
@@ -859,13 +888,31 @@ mod tests {
             "{e}"
         );
         assert!(matches!(
-            token_patterns(&[Vec::new()]),
+            token_patterns(&[Vec::new()], &[]),
             Err(EnforceError::BadPattern { len: 0, .. })
+        ));
+        // Tenant patterns are matched exactly, and counted apart.
+        let t = token_patterns(
+            &pats,
+            &[
+                (b"/api/addressbook/persons".to_vec(), PK_ROUTE),
+                (b"schoolId=".to_vec(), PK_TENANT_QUERY),
+            ],
+        )
+        .unwrap();
+        assert_eq!(bits(t.start), 8);
+        assert_eq!(bits(t.end_route), 1);
+        assert_eq!(bits(t.end_tq), 1);
+        assert_eq!(t.mask[b'I' as usize], [0, 0, 0]);
+        let nine: Vec<(Vec<u8>, u8)> = (0..9).map(|i| (vec![b'a' + i], PK_ROUTE)).collect();
+        assert!(matches!(
+            token_patterns(&pats, &nine),
+            Err(EnforceError::TooManyPatterns { n: 9, max: 8 })
         ));
         // Together they must fit the matcher.
         let full: Vec<Vec<u8>> = (0..8).map(|i| vec![b'a' + i; 32]).collect();
         assert!(matches!(
-            token_patterns(&full),
+            token_patterns(&full, &[]),
             Err(EnforceError::PatternsTooLong { bytes: 256, max }) if max == PAT_BITS - BUILTIN_PAT_BYTES
         ));
     }

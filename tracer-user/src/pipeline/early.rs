@@ -8,10 +8,15 @@
 
 use std::net::IpAddr;
 
-use super::{ConnFacts, Pipeline};
+use tracer_common::{
+    scan::{PK_ROUTE, PK_TENANT_PATH, PK_TENANT_QUERY},
+    ConnId, TOKEN_PAT_LEN,
+};
+
+use super::{Action, ConnFacts, Pipeline};
 use crate::{
     attribute::attribution::Attribution,
-    attribute::routes::{RouteMatch, RouteTable},
+    attribute::routes::{RouteMatch, RouteTable, TenantParam},
     config::RuleKind,
     exchange::{Completeness, Exchange, Request},
     http::RequestRead,
@@ -29,6 +34,49 @@ fn cross_tenant_attempt(
     routes
         .tenant_attempt(route?, &req.target, who.tenant.as_deref())
         .map(|a| a.named)
+}
+
+/// The kernel's tenant patterns for the routes that name their tenant (`enforce::token_patterns`
+/// takes them), and the routes whose tenant the kernel cannot find, with why:
+///
+/// - a query parameter (`tenant_param = "schoolId"`): the route's static path prefix (up to its
+///   first `{`), after which `schoolId=` in the query names the tenant;
+/// - a path parameter (`"{org}"`): the static prefix up to its segment, which is the tenant.
+///   Only when no other parameter comes before it (`/a/{x}/b/{org}` is left to the agent).
+///
+/// A pattern longer than the kernel takes keeps its last `TOKEN_PAT_LEN` bytes (a path that
+/// matches the route still contains them). The kernel matches them in request lines, decoded.
+pub fn tenant_patterns(routes: &RouteTable) -> (Vec<(Vec<u8>, u8)>, Vec<String>) {
+    let tail = |p: &str| -> Vec<u8> {
+        let b = p.as_bytes();
+        b[b.len().saturating_sub(TOKEN_PAT_LEN)..].to_vec()
+    };
+    let mut out: Vec<(Vec<u8>, u8)> = Vec::new();
+    let mut skipped = Vec::new();
+    let mut add = |p: Vec<u8>, kind: u8| {
+        if !p.is_empty() && !out.contains(&(p.clone(), kind)) {
+            out.push((p, kind));
+        }
+    };
+    for (template, param) in routes.tenant_routes() {
+        let prefix_end = template.find('{').unwrap_or(template.len());
+        match param {
+            TenantParam::Query(name) => {
+                add(tail(&template[..prefix_end]), PK_ROUTE);
+                add(tail(&format!("{name}=")), PK_TENANT_QUERY);
+            }
+            TenantParam::Path(name) => {
+                let seg = format!("{{{name}}}");
+                match template.find(&seg) {
+                    Some(i) if i == prefix_end => add(tail(&template[..i]), PK_TENANT_PATH),
+                    _ => skipped.push(format!(
+                        "{template}: a parameter comes before {seg}, so the kernel cannot find its segment"
+                    )),
+                }
+            }
+        }
+    }
+    (out, skipped)
 }
 
 /// Why a request was stopped at read time (the counter's reason).
@@ -61,6 +109,70 @@ impl Pipeline {
             && (!self.decisions.active.is_empty()
                 || !self.blocked_tokens.is_empty()
                 || self.cross_tenant_blocks().is_some())
+    }
+
+    /// The kernel's tenant patterns (see [`tenant_patterns`]) when a cross-tenant rule blocks
+    /// and enforcement is on; none otherwise (the kernel then checks no session, and costs
+    /// nothing while no token is blocked).
+    pub fn kernel_tenant_patterns(&self) -> (Vec<(Vec<u8>, u8)>, Vec<String>) {
+        if !self.s.detection.enforce || self.cross_tenant_blocks().is_none() {
+            return (Vec::new(), Vec::new());
+        }
+        tenant_patterns(&self.s.routes)
+    }
+
+    /// The kernel checks sessions' requests for cross-tenant attempts (the agent set its tenant
+    /// patterns): from now on each session token seen with its tenant is handed to it.
+    pub fn set_kernel_tenant_checks(&mut self, on: bool) {
+        self.kernel_tenants = if on { Some(Default::default()) } else { None };
+    }
+
+    /// Hands the kernel a session token's tenant when it is new or changed, so the kernel
+    /// refuses that session's requests that name another tenant (`SESSION_TENANTS`). The login
+    /// exchange that learned the session hands it over before its next request, as a rule.
+    pub(super) fn check_session_tenant(&mut self, who: Option<&Attribution>) {
+        let Some(seen) = self.kernel_tenants.as_mut() else {
+            return;
+        };
+        let (Some(a), Some(at)) = (who, self.attributor.as_ref()) else {
+            return;
+        };
+        let (Some(token), Some(tenant)) = (a.token, a.tenant.as_deref()) else {
+            return;
+        };
+        let Some(th) = at.tenant_khash(tenant) else {
+            return;
+        };
+        if seen.get(&token) == Some(&th) {
+            return;
+        }
+        // Only a cache of what the kernel was told: forgetting it re-sends, nothing else.
+        if seen.len() >= tracer_common::MAX_SESSION_TENANTS as usize {
+            seen.clear();
+        }
+        seen.insert(token, th);
+        self.fx.kernel.push(Action::SessionTenant {
+            hash: token,
+            tenant: th,
+        });
+    }
+
+    /// The kernel refused a request on connection `id` because it named another tenant than its
+    /// session's: the connection is reset (its answers are already dropped), counted. The
+    /// request itself still becomes a record with its cross-tenant attempt, whose rule decides.
+    pub(super) fn kernel_cross_tenant(&mut self, id: ConnId) {
+        self.stats
+            .add_reason(Metric::EnforcementRequestsStopped, "kernel_cross_tenant", 1);
+        let rule = self.cross_tenant_blocks().map(str::to_string);
+        let decision = format!("rule:{}", rule.as_deref().unwrap_or("cross_tenant"));
+        if let Some(c) = self.conns.get_mut(&id) {
+            if c.blocked_by.is_none() {
+                if let Some(tuple) = c.tuple {
+                    c.blocked_by = Some(decision.clone());
+                    self.fx.kernel.push(Action::BlockConn { tuple, decision });
+                }
+            }
+        }
     }
 
     /// The first cross-tenant rule that blocks (not in shadow mode).
@@ -398,6 +510,129 @@ mod tests {
             stats.get_reason(Metric::EnforcementRequestsStopped, "cross_tenant"),
             1
         );
+    }
+
+    /// The kernel's patterns for the demo's tenant routes; a route with a parameter before its
+    /// tenant segment is left to the agent, and said so.
+    #[test]
+    fn tenant_patterns_follow_the_routes() {
+        let routes = RouteTable::new(&[
+            RouteConfig {
+                route: "GET /api/addressbook/persons".into(),
+                name: "q".into(),
+                query_params: vec![],
+                tenant_param: Some(TenantParam::Query("schoolId".into())),
+            },
+            RouteConfig {
+                route: "GET /api/addressbook/schools/{schoolId}/persons".into(),
+                name: "p".into(),
+                query_params: vec![],
+                tenant_param: Some(TenantParam::Path("schoolId".into())),
+            },
+            RouteConfig {
+                route: "GET /api/{v}/orgs/{org}".into(),
+                name: "o".into(),
+                query_params: vec![],
+                tenant_param: Some(TenantParam::Path("org".into())),
+            },
+            RouteConfig {
+                route: "GET /api/a-very-long-static-prefix-of-this-route/persons".into(),
+                name: "l".into(),
+                query_params: vec![],
+                tenant_param: Some(TenantParam::Query("schoolId".into())),
+            },
+            RouteConfig {
+                route: "GET /api/me".into(),
+                name: "me".into(),
+                query_params: vec![],
+                tenant_param: None,
+            },
+        ])
+        .unwrap();
+        let (pats, skipped) = super::tenant_patterns(&routes);
+        assert_eq!(
+            pats,
+            vec![
+                (b"/api/addressbook/persons".to_vec(), scan::PK_ROUTE),
+                (b"schoolId=".to_vec(), scan::PK_TENANT_QUERY),
+                (b"/api/addressbook/schools/".to_vec(), scan::PK_TENANT_PATH),
+                (
+                    b"-static-prefix-of-this-route/persons"[4..].to_vec(),
+                    scan::PK_ROUTE
+                ),
+            ]
+        );
+        assert_eq!(skipped.len(), 1);
+        assert!(
+            skipped[0].starts_with("/api/{v}/orgs/{org}: "),
+            "{skipped:?}"
+        );
+    }
+
+    /// With the kernel's checks on, each session token is handed to the kernel with its school
+    /// once (at the login that learned it); a kernel refusal of a cross-tenant request resets
+    /// its connection and is counted.
+    #[test]
+    fn sessions_are_handed_to_the_kernel_with_their_school() {
+        let (mut p, stats) = pipeline_with(vec![Rule {
+            id: "xt".into(),
+            name: "cross tenant".into(),
+            kind: RuleKind::CrossTenant,
+            by: By::User,
+            routes: vec![],
+            shadow: false,
+            block: vec![std::time::Duration::from_secs(600)],
+            scope: BlockScope::User,
+        }]);
+        let (pats, _) = p.kernel_tenant_patterns();
+        assert_eq!(pats, vec![(b"/s/".to_vec(), scan::PK_TENANT_PATH)]);
+        p.set_kernel_tenant_checks(true);
+        let body = r#"{"userId":"u1","school":"sch-01"}"#;
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nSet-Cookie: sid=abc; Path=/\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let fx = p.handle([
+            open(1),
+            data(1, DIR_IN, 0, login("pupil").as_bytes()),
+            data(1, DIR_OUT, 0, resp.as_bytes()),
+        ]);
+        let handed = |fx: &Effects| -> Vec<(u64, u64)> {
+            fx.kernel
+                .iter()
+                .filter_map(|a| match a {
+                    Action::SessionTenant { hash, tenant } => Some((*hash, *tenant)),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(
+            handed(&fx),
+            vec![(token_hash(0x5eed, b"abc"), tenant_hash(0x5eed, b"sch-01"))]
+        );
+        let own = b"GET /s/sch-01/persons HTTP/1.1\r\nHost: x\r\nCookie: sid=abc\r\n\r\n";
+        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}";
+        let fx = p.handle([open(2), data(2, DIR_IN, 0, own), data(2, DIR_OUT, 0, ok)]);
+        assert_eq!(fx.access.len(), 1);
+        assert!(handed(&fx).is_empty(), "told once");
+        let fx = p.handle([
+            open(3),
+            Event::EnforceHit {
+                hdr: EventHeader {
+                    kind: KIND_ENFORCE_HIT,
+                    flags: HIT_F_CROSS_TENANT | HIT_F_CONN_BLOCKED | HIT_F_TLS,
+                    ..Default::default()
+                },
+                conn: conn(3),
+                hash: token_hash(0x5eed, b"abc"),
+            },
+        ]);
+        assert_eq!(blocked_conns(&fx), vec![40003]);
+        assert_eq!(
+            stats.get_reason(Metric::EnforcementRequestsStopped, "kernel_cross_tenant"),
+            1
+        );
+        assert_eq!(stats.get(Metric::EnforcementHitsUnmatched), 0);
     }
 
     /// Nothing is blocked: requests are not looked at early.

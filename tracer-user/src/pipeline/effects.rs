@@ -25,6 +25,12 @@ pub enum Action {
     UnblockToken {
         hash: u64,
     },
+    /// The kernel checks this session token's requests against its tenant (both kernel hashes):
+    /// one that names another tenant is refused as a cross-tenant attempt.
+    SessionTenant {
+        hash: u64,
+        tenant: u64,
+    },
 }
 
 /// A traced process changed: discovery looks at it again.

@@ -75,6 +75,9 @@ pub struct Pipeline {
     enforced: HashMap<String, Enforcement>,
     /// Tokens blocked in the kernel, and the decision that blocked each.
     blocked_tokens: HashMap<u64, String>,
+    /// Session token → tenant (kernel hashes) the kernel was handed, while it checks sessions
+    /// for cross-tenant attempts (`set_kernel_tenant_checks`); `None` while it does not.
+    kernel_tenants: Option<HashMap<u64, u64>>,
     /// Added to record time for detection and decisions (an injectable clock for tests that
     /// compress days; 0 in production).
     clock_offset_ms: i64,
@@ -103,6 +106,7 @@ impl Pipeline {
             decisions: Decisions::default(),
             enforced: HashMap::new(),
             blocked_tokens: HashMap::new(),
+            kernel_tenants: None,
             clock_offset_ms: 0,
             scratch_stats: Stats::default(),
             attributor: None,
@@ -323,6 +327,9 @@ impl Pipeline {
                 self.procs.remove(&tgid);
                 self.fx.procs.push(ProcChange::Exec(tgid));
             }
+            Event::EnforceHit { hdr, conn, .. } if hdr.flags & HIT_F_CROSS_TENANT != 0 => {
+                self.kernel_cross_tenant(conn)
+            }
             Event::EnforceHit { conn, hash, .. } => self.enforce_hit(conn, hash),
             Event::ProcExit { tgid, .. } => {
                 self.procs.remove(&tgid);
@@ -516,6 +523,9 @@ impl Pipeline {
         let start_unix_ns = (ex.request.first_ns as i128 + self.s.mono_to_unix_ns).max(0) as u64;
         let now_ms = self.now_ms(start_unix_ns);
         let who = self.attribute(ex, route.as_ref(), at);
+        if edge {
+            self.check_session_tenant(who.as_ref());
+        }
         let whose = disclosure::disclose(
             &self.s.disclosure,
             route.as_ref(),
