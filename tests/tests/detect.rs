@@ -98,10 +98,14 @@ fn incident_is_alerted_and_blocked_others_unaffected() -> Result<()> {
         .to_string();
     let front = records_on_port(&r.records, r.tls_port);
 
-    // The first cross-tenant success at nginx, and the alert it raised.
+    // The first cross-tenant call at nginx (the request names another school; the kernel
+    // refused it, so it has no answer), and the alert it raised.
     let mut cross: Vec<&&Value> = front
         .iter()
-        .filter(|x| get(x, "abook.cross_tenant").as_bool() == Some(true))
+        .filter(|x| {
+            get(x, "abook.cross_tenant").as_bool() == Some(true)
+                || get(x, "sparbar.cross_tenant_attempt.named").is_string()
+        })
         .collect();
     cross.sort_by(|a, b| {
         get(a, "@timestamp")
@@ -110,7 +114,7 @@ fn incident_is_alerted_and_blocked_others_unaffected() -> Result<()> {
     });
     let first = cross
         .first()
-        .context("no cross-tenant access was recorded")?;
+        .context("no cross-tenant call was recorded")?;
     ensure!(
         get(first, "user.id").as_str() == Some(abuser.as_str()),
         "the first cross-tenant access is not the abuser's: {first}"
@@ -126,7 +130,7 @@ fn incident_is_alerted_and_blocked_others_unaffected() -> Result<()> {
         .context("evidence")?;
     ensure!(
         evidence.last() == Some(get(first, "event.id")),
-        "the cross-tenant alert was not raised by the first cross-tenant success {}: {a}",
+        "the cross-tenant alert was not raised by the first cross-tenant call {}: {a}",
         get(first, "event.id")
     );
     ensure!(
@@ -164,7 +168,9 @@ fn incident_is_alerted_and_blocked_others_unaffected() -> Result<()> {
     // the decision existed.
     let stopped_early = r
         .stats
-        .agent("enforcement_requests_stopped_total{reason=\"cross_tenant\"}");
+        .agent("enforcement_requests_stopped_total{reason=\"cross_tenant\"}")
+        + r.stats
+            .agent("enforcement_requests_stopped_total{reason=\"kernel_cross_tenant\"}");
     ensure!(
         get(enforced, "abook.decision.enforcement.connections_reset")
             .as_u64()
@@ -209,6 +215,36 @@ fn incident_is_alerted_and_blocked_others_unaffected() -> Result<()> {
         "{} address-book answers reached the abuser after the decision: {:?}",
         leaked.len(),
         &leaked[..leaked.len().min(5)]
+    );
+    // Not even the first foreign page: the kernel refused the first request naming another
+    // school (the session's school is known from /api/me), before its answer.
+    let foreign: Vec<String> = reqs
+        .iter()
+        .filter(|q| q["abuser"] == true && q["crossSchool"] == true)
+        .filter(|q| q["status"].as_u64().is_some())
+        .map(|q| format!("{} {} -> {}", q["seq"], q["path"], q["status"]))
+        .collect();
+    let tried = reqs
+        .iter()
+        .filter(|q| q["abuser"] == true && q["crossSchool"] == true)
+        .count();
+    ensure!(tried > 0, "the abuser never named another school");
+    ensure!(
+        foreign.is_empty(),
+        "{} answers about another school reached the abuser: {:?}",
+        foreign.len(),
+        &foreign[..foreign.len().min(5)]
+    );
+    ensure!(
+        r.stats
+            .agent("enforcement_requests_stopped_total{reason=\"kernel_cross_tenant\"}")
+            >= 1,
+        "the kernel stopped no cross-tenant request"
+    );
+    // The refused request's record says its answer was blocked.
+    ensure!(
+        get(first, "abook.enforcement.blocked").as_bool() == Some(true),
+        "the first cross-tenant record is not marked blocked: {first}"
     );
 
     // Everyone else: no transport error, no record blocked, no alert.

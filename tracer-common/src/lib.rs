@@ -387,6 +387,17 @@ pub type BlockValue = u64;
 /// `BlockValue` flag: the kernel blocked this connection itself, on a token hit
 /// (`KIND_ENFORCE_HIT`); the agent owns the entry from then on like one it wrote.
 pub const BLOCK_F_TOKEN: BlockValue = 1 << 0;
+/// `BlockValue` flag: the kernel holds this connection's answers until the agent has judged
+/// its request (a request of a session the kernel does not know yet names a tenant), at most
+/// until the deadline in the value's other bits (`bpf_ktime_get_ns`, low byte cleared): then
+/// they pass again. The agent releases it (removes the entry) or blocks it (overwrites it).
+pub const BLOCK_F_HOLD: BlockValue = 1 << 1;
+/// How long the kernel holds a connection's answers at most when the agent does not judge.
+pub const HOLD_NS: u64 = 250_000_000;
+/// The deadline of a `BLOCK_F_HOLD` value.
+pub const fn hold_deadline(v: BlockValue) -> u64 {
+    v & !0xff
+}
 
 /// `ENFORCE_ON[0]`: non-zero while `BLOCK_CONNS` holds at least one entry; while it is zero the
 /// enforcement program passes every packet after one array lookup.
@@ -505,6 +516,10 @@ pub const HIT_F_TLS: u16 = 1 << 1;
 /// The request names another tenant than the one `SESSION_TENANTS` holds for its session token
 /// (a cross-tenant attempt stopped before its answer), not a blocked token.
 pub const HIT_F_CROSS_TENANT: u16 = 1 << 2;
+/// Not a refusal: the kernel holds the connection's answers (`BLOCK_F_HOLD`) because a request
+/// of a session it does not know names a tenant; the agent judges the request and releases or
+/// blocks the connection.
+pub const HIT_F_HOLD: u16 = 1 << 3;
 
 /// A request that an edge process read carried a token whose hash is in `BLOCK_TOKENS`.
 #[repr(C)]

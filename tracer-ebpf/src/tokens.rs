@@ -26,7 +26,7 @@ use aya_ebpf::{
 use tracer_common::{
     scan::{
         drain, names_other_tenant, take, ConnScan, ScanTables, EV_BODY_BOUND, EV_HEAD_BOUND,
-        EV_TOKEN, MODE_OFF,
+        EV_TOKEN, MODE_OFF, T_SEEN,
     },
     *,
 };
@@ -38,9 +38,13 @@ pub const CHUNK: usize = 4096;
 const MASK: u32 = CHUNK as u32 - 1;
 /// Head bytes the fast path takes per loop step before it hands one to `step`.
 const FAST: u32 = 16;
-/// `Work::hit`: a blocked token, or a cross-tenant attempt of a known session.
+/// `BPF_NOEXIST`: insert only a new key.
+const BPF_NOEXIST: u64 = 1;
+/// `Work::hit`: a blocked token, or a cross-tenant attempt of a known session; `scan`'s answer
+/// also a hold.
 const HIT_TOKEN: u32 = 1;
 const HIT_TENANT: u32 = 2;
+const HIT_HOLD: u32 = 3;
 /// bpf_loop's own limit of iterations.
 const MAX_LOOPS: u64 = 1 << 23;
 
@@ -73,7 +77,9 @@ pub struct Work {
     done: u32,
     /// `EV_*` bits seen.
     evs: u32,
-    _pad: u32,
+    /// A request to hold (see `BLOCK_F_HOLD`), and the token that asked for it.
+    hold: u32,
+    hold_hash: u64,
 }
 
 /// Per-CPU state of the token scan (see [`Work`]).
@@ -106,12 +112,22 @@ unsafe extern "C" fn scan_step(_i: u64, _ctx: *mut core::ffi::c_void) -> i64 {
                 w.hit = HIT_TOKEN;
                 return 1;
             }
-            if let Some(t) = SESSION_TENANTS.get_ptr(h) {
-                // SAFETY: map value pointer, valid for this run.
-                if names_other_tenant(&w.cs, unsafe { *t }) {
-                    w.hit = HIT_TENANT;
-                    return 1;
+            match SESSION_TENANTS.get_ptr(h) {
+                // SAFETY: map value pointer, valid for this run. 0: a session with no tenant.
+                Some(t) => {
+                    let t = unsafe { *t };
+                    if t != 0 && names_other_tenant(&w.cs, t) {
+                        w.hit = HIT_TENANT;
+                        return 1;
+                    }
                 }
+                // A session the agent has not handed over names a tenant: its answer waits
+                // for the agent's judgement. The rest of the read is still scanned.
+                None if w.cs.tflags & T_SEEN != 0 && w.hold == 0 => {
+                    w.hold = 1;
+                    w.hold_hash = h;
+                }
+                None => {}
             }
         }
         return 0;
@@ -174,10 +190,10 @@ unsafe extern "C" fn scan_step(_i: u64, _ctx: *mut core::ffi::c_void) -> i64 {
 }
 
 /// Scans the `n` bytes at user address `ptr` that connection `key` read, after what its
-/// previous reads left; the hash of the token that stops it if one is there, and whether it
-/// stops it as a cross-tenant attempt (else as a blocked token).
+/// previous reads left; the hash of the token that stops or holds it if one is there, and how
+/// (`HIT_TOKEN`, `HIT_TENANT`, `HIT_HOLD`).
 #[inline(always)]
-fn scan(key: &ConnKey, st: &ConnState, ptr: u64, n: u64, seed: u64) -> Option<(u64, bool)> {
+fn scan(key: &ConnKey, st: &ConnState, ptr: u64, n: u64, seed: u64) -> Option<(u64, u32)> {
     let Some(w) = TOKEN_SCAN.get_ptr_mut(0) else {
         count(C_SCRATCH_MISSING, 1);
         return None;
@@ -207,6 +223,8 @@ fn scan(key: &ConnKey, st: &ConnState, ptr: u64, n: u64, seed: u64) -> Option<(u
     w.hit = 0;
     w.done = 0;
     w.evs = 0;
+    w.hold = 0;
+    w.hold_hash = 0;
     // Per byte at most one `take` and four `drain`s, plus a refill per chunk.
     let want = 5 * n + n / CHUNK as u64 + 4;
     let loops = if want < MAX_LOOPS { want } else { MAX_LOOPS };
@@ -229,7 +247,7 @@ fn scan(key: &ConnKey, st: &ConnState, ptr: u64, n: u64, seed: u64) -> Option<(u
     if w.hit != 0 {
         // Refused: the next request starts afresh.
         let _ = TOKEN_STATE.remove(key);
-        return Some((w.cs.done_hash, w.hit == HIT_TENANT));
+        return Some((w.cs.done_hash, w.hit));
     }
     if w.done == 0 {
         count(C_TOKEN_SCAN_BUDGET, 1);
@@ -238,6 +256,9 @@ fn scan(key: &ConnKey, st: &ConnState, ptr: u64, n: u64, seed: u64) -> Option<(u
     // large for the stack.
     #[allow(clippy::needless_borrows_for_generic_args)]
     let _ = TOKEN_STATE.insert(key, &w.cs, 0);
+    if w.hold != 0 {
+        return Some((w.hold_hash, HIT_HOLD));
+    }
     None
 }
 
@@ -276,21 +297,34 @@ fn block_key(t: &Tuple) -> BlockKey {
 /// The kernel recognised blocked token `hash` in what connection `key` just read: block the
 /// connection (if its 4-tuple is known) and tell the agent.
 #[inline(always)]
-fn hit(key: &ConnKey, st: &ConnState, pid_tgid: u64, hash: u64, tls: bool, tenant: bool) {
-    count(C_REQUESTS_REFUSED, 1);
+fn hit(key: &ConnKey, st: &ConnState, pid_tgid: u64, hash: u64, tls: bool, how: u32) {
     let mut flags = if tls { HIT_F_TLS } else { 0 };
-    if tenant {
-        flags |= HIT_F_CROSS_TENANT;
+    // A hold never replaces a block already there (BPF_NOEXIST).
+    let (value, map_flags) = match how {
+        HIT_HOLD => {
+            flags |= HIT_F_HOLD;
+            // SAFETY: a helper without arguments.
+            let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+            (((now + HOLD_NS) & !0xff) | BLOCK_F_HOLD, BPF_NOEXIST)
+        }
+        HIT_TENANT => {
+            flags |= HIT_F_CROSS_TENANT;
+            (BLOCK_F_TOKEN, 0)
+        }
+        _ => (BLOCK_F_TOKEN, 0),
+    };
+    if how != HIT_HOLD {
+        count(C_REQUESTS_REFUSED, 1);
     }
     if st.flags & CONN_F_TUPLE != 0 {
         let bk = block_key(&st.tuple);
-        if BLOCK_CONNS.insert(bk, BLOCK_F_TOKEN, 0).is_ok() {
+        if BLOCK_CONNS.insert(bk, value, map_flags).is_ok() {
             if let Some(on) = ENFORCE_ON.get_ptr_mut(ENFORCE_ON_IDX) {
                 // SAFETY: the array's only slot; a plain store of a flag.
                 unsafe { *on = 1 };
             }
             flags |= HIT_F_CONN_BLOCKED;
-        } else {
+        } else if how != HIT_HOLD {
             count(C_REFUSED_TABLE_FULL, 1);
         }
     } else {
@@ -306,7 +340,7 @@ fn hit(key: &ConnKey, st: &ConnState, pid_tgid: u64, hash: u64, tls: bool, tenan
         conn: conn_id(key, st),
         hash,
     };
-    // Rare and urgent: wake the agent now, it resets the connection.
+    // Rare and urgent: wake the agent now, it resets (or releases) the connection.
     if EVENTS
         .output::<EnforceHitEvent>(&ev, BPF_RB_FORCE_WAKEUP)
         .is_ok()
@@ -341,7 +375,7 @@ pub fn check_read(key: &ConnKey, st: &ConnState, pid_tgid: u64, ub: UserBuf, n: 
             }
         }
     };
-    if let Some((hash, tenant)) = scan(key, st, ptr, len, seed) {
-        hit(key, st, pid_tgid, hash, tls, tenant);
+    if let Some((hash, how)) = scan(key, st, ptr, len, seed) {
+        hit(key, st, pid_tgid, hash, tls, how);
     }
 }

@@ -110,7 +110,15 @@ fn try_enforce_egress(ctx: &SkBuffContext) -> Result<i32, i64> {
     let tcp: TcpHead = ctx.load(l4 as usize)?;
     key.local_port = u16::from_be(tcp.sport);
     key.remote_port = u16::from_be(tcp.dport);
-    if BLOCK_CONNS.get_ptr(key).is_none() {
+    let Some(v) = BLOCK_CONNS.get_ptr(key) else {
+        return Ok(PASS);
+    };
+    // SAFETY: map value pointer, valid for this run.
+    let v = unsafe { *v };
+    // A hold whose deadline passed: the agent did not judge in time, the answers go.
+    // SAFETY: a helper without arguments.
+    if v & BLOCK_F_HOLD != 0 && unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() } >= hold_deadline(v)
+    {
         return Ok(PASS);
     }
     // The reset of a destroyed connection is how its peer learns that it is gone.

@@ -126,9 +126,12 @@ pub fn apply(
                 }
             }
             Action::SessionTenant { hash, tenant } => {
-                if let Err(err) = kernel.session_tenant(hash, tenant) {
-                    stats.add_reason(Metric::EnforcementFailures, "session_tenant", 1);
-                    warn!("checking a session's tenant in the kernel: {err}");
+                match kernel.session_tenant(hash, tenant) {
+                    Ok(()) => stats.add(Metric::EnforcementSessionTenants, 1),
+                    Err(err) => {
+                        stats.add_reason(Metric::EnforcementFailures, "session_tenant", 1);
+                        warn!("checking a session's tenant in the kernel: {err}");
+                    }
                 }
             }
             Action::UnblockToken { hash } => {

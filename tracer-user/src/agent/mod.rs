@@ -144,7 +144,11 @@ pub async fn run(mut plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
     attributor.attach_state(&plan.state_dir, &stats);
     if host.kernel.enforcing() {
         let tokens = attributor.kernel_patterns();
-        let (tenant, skipped) = pipeline.kernel_tenant_patterns();
+        let (tenant, skipped) = if attributor.learns_tenants() {
+            pipeline.kernel_tenant_patterns()
+        } else {
+            (Vec::new(), Vec::new())
+        };
         for s in &skipped {
             warn!("cross-tenant attempts on route {s}; the agent's request-time check covers it");
         }

@@ -393,6 +393,16 @@ impl Attributor {
         v
     }
 
+    /// Whether any configured source names a caller's tenant (a login answer, an identity
+    /// endpoint, a verified JWT claim, a trusted proxy header): without one no request can be
+    /// judged a cross-tenant attempt.
+    pub fn learns_tenants(&self) -> bool {
+        self.cfg.login.iter().any(|l| l.tenant.is_some())
+            || self.cfg.endpoints.iter().any(|e| e.tenant.is_some())
+            || self.cfg.jwt.as_ref().is_some_and(|j| j.tenant.is_some())
+            || self.cfg.proxy.as_ref().is_some_and(|p| p.tenant.is_some())
+    }
+
     /// Whether route `name` is a login route (its request carries a login name).
     pub fn is_login_route(&self, name: &str) -> bool {
         self.cfg.login.iter().any(|l| l.route == name)

@@ -17,6 +17,9 @@ use crate::{
 impl Pipeline {
     /// Forgets a connection; a blocked one is unblocked in the kernel.
     pub(super) fn drop_conn(&mut self, id: ConnId) {
+        if let Some(placed) = self.held.remove(&id) {
+            self.release_hold(id, placed, "closed");
+        }
         if let Some(c) = self.conns.remove(&id) {
             if let (Some(_), Some(tuple)) = (c.blocked_by, c.tuple) {
                 self.fx.kernel.push(Action::UnblockConn { tuple });

@@ -79,6 +79,9 @@ pub fn tenant_patterns(routes: &RouteTable) -> (Vec<(Vec<u8>, u8)>, Vec<String>)
     (out, skipped)
 }
 
+/// Held requests of a session whose tenant stays unknown before the kernel stops holding them.
+const TENANTLESS_HOLDS: u8 = 2;
+
 /// Why a request was stopped at read time (the counter's reason).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Stop {
@@ -130,17 +133,38 @@ impl Pipeline {
     /// Hands the kernel a session token's tenant when it is new or changed, so the kernel
     /// refuses that session's requests that name another tenant (`SESSION_TENANTS`). The login
     /// exchange that learned the session hands it over before its next request, as a rule.
-    pub(super) fn check_session_tenant(&mut self, who: Option<&Attribution>) {
-        let Some(seen) = self.kernel_tenants.as_mut() else {
+    pub(super) fn check_session_tenant(&mut self, who: Option<&Attribution>, held: bool) {
+        if self.kernel_tenants.is_none() {
             return;
-        };
+        }
         let (Some(a), Some(at)) = (who, self.attributor.as_ref()) else {
             return;
         };
-        let (Some(token), Some(tenant)) = (a.token, a.tenant.as_deref()) else {
+        let Some(token) = a.token else {
             return;
         };
-        let Some(th) = at.tenant_khash(tenant) else {
+        // A session of a known user whose tenant stays unknown through `TENANTLESS_HOLDS`
+        // held requests: 0, checked for nothing and held no more (nothing could judge its
+        // requests; the detectors' `tenants_spanned` still sees them).
+        let th = match (a.tenant.as_deref(), &a.user_id) {
+            (Some(t), _) => match at.tenant_khash(t) {
+                Some(h) => h,
+                None => return,
+            },
+            (None, Some(_)) if held => {
+                if self.tenantless.len() >= tracer_common::MAX_SESSION_TENANTS as usize {
+                    self.tenantless.clear();
+                }
+                let n = self.tenantless.entry(token).or_insert(0);
+                *n += 1;
+                if *n < TENANTLESS_HOLDS {
+                    return;
+                }
+                0
+            }
+            _ => return,
+        };
+        let Some(seen) = self.kernel_tenants.as_mut() else {
             return;
         };
         if seen.get(&token) == Some(&th) {
@@ -184,14 +208,52 @@ impl Pipeline {
             .map(|r| r.id.as_str())
     }
 
-    /// One request as soon as it is read (see the module docs).
-    pub(super) fn request_read(&mut self, r: RequestRead, at: &ConnFacts) {
-        if !self.early_checks_wanted() {
+    /// The kernel holds connection `id`'s answers until its request is judged (a session it
+    /// does not know named a tenant): the request-time check of that request releases or
+    /// stops it.
+    pub(super) fn hold(&mut self, id: ConnId, placed: bool) {
+        self.held.insert(id, placed);
+    }
+
+    /// A hold ends (`outcome`: `released` after the request was judged, `stopped` when the
+    /// judgement blocked the connection, `closed` when it ended first): unless the connection
+    /// is blocked, the kernel lets its answers go (TCP sends them again).
+    pub(super) fn release_hold(&mut self, id: ConnId, placed: bool, outcome: &'static str) {
+        self.stats
+            .add_reason(Metric::EnforcementRequestsHeld, outcome, 1);
+        if !placed {
             return;
+        }
+        match self.conns.get(&id) {
+            Some(c) if c.blocked_by.is_some() => {}
+            Some(c) => {
+                if let Some(tuple) = c.tuple {
+                    self.fx.kernel.push(Action::UnblockConn { tuple });
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// One request as soon as it is read (see the module docs); a held connection is released
+    /// or stopped by it.
+    pub(super) fn request_read(&mut self, r: RequestRead, at: &ConnFacts) {
+        let held = self.held.remove(&at.id);
+        let stopped = self.check_request(r, at, held.is_some());
+        if let Some(placed) = held {
+            let outcome = if stopped { "stopped" } else { "released" };
+            self.release_hold(at.id, placed, outcome);
+        }
+    }
+
+    /// The request-time check; `true` when it stopped the request's connection.
+    fn check_request(&mut self, r: RequestRead, at: &ConnFacts, held: bool) -> bool {
+        if !self.early_checks_wanted() {
+            return false;
         }
         let (_, service) = self.process(at.id.tgid);
         if !self.is_edge(&service) {
-            return;
+            return false;
         }
         let route = self
             .s
@@ -201,7 +263,7 @@ impl Pipeline {
         let now_ms = self.now_ms(start_unix_ns);
         let peer: Option<IpAddr> = at.tuple.map(|t| t.peer.ip());
         let Some(attributor) = self.attributor.as_mut() else {
-            return;
+            return false;
         };
         // Only a login route's name is passed: the request has no answer yet, and the other
         // routes' rules (identity endpoints, logout) learn from answers. The path's own step
@@ -217,6 +279,9 @@ impl Pipeline {
             upgraded: false,
         };
         let who = attributor.attribute(&ex, login_route, peer, &self.scratch_stats);
+        // The kernel learns the session's tenant now if it had not (so its next request is
+        // checked in the kernel, not held).
+        self.check_session_tenant(Some(&who), held);
         let stop = if let Some(d) =
             self.decisions
                 .blocking(who.user_id.as_deref(), who.session_id.as_deref(), now_ms)
@@ -238,7 +303,7 @@ impl Pipeline {
             }
         };
         let Some((why, decision)) = stop else {
-            return;
+            return false;
         };
         let newly = self
             .conns
@@ -254,6 +319,7 @@ impl Pipeline {
                 self.block_token(t, &decision);
             }
         }
+        true
     }
 }
 

@@ -78,6 +78,11 @@ pub struct Pipeline {
     /// Session token → tenant (kernel hashes) the kernel was handed, while it checks sessions
     /// for cross-tenant attempts (`set_kernel_tenant_checks`); `None` while it does not.
     kernel_tenants: Option<HashMap<u64, u64>>,
+    /// Connections whose answers the kernel holds until their request is judged (`HIT_F_HOLD`),
+    /// and whether the kernel placed the hold itself (`HIT_F_CONN_BLOCKED`).
+    held: HashMap<ConnId, bool>,
+    /// Held requests judged per session token whose tenant was unknown (`TENANTLESS_HOLDS`).
+    tenantless: HashMap<u64, u8>,
     /// Added to record time for detection and decisions (an injectable clock for tests that
     /// compress days; 0 in production).
     clock_offset_ms: i64,
@@ -107,6 +112,8 @@ impl Pipeline {
             enforced: HashMap::new(),
             blocked_tokens: HashMap::new(),
             kernel_tenants: None,
+            held: HashMap::new(),
+            tenantless: HashMap::new(),
             clock_offset_ms: 0,
             scratch_stats: Stats::default(),
             attributor: None,
@@ -327,6 +334,9 @@ impl Pipeline {
                 self.procs.remove(&tgid);
                 self.fx.procs.push(ProcChange::Exec(tgid));
             }
+            Event::EnforceHit { hdr, conn, .. } if hdr.flags & HIT_F_HOLD != 0 => {
+                self.hold(conn, hdr.flags & HIT_F_CONN_BLOCKED != 0)
+            }
             Event::EnforceHit { hdr, conn, .. } if hdr.flags & HIT_F_CROSS_TENANT != 0 => {
                 self.kernel_cross_tenant(conn)
             }
@@ -524,7 +534,7 @@ impl Pipeline {
         let now_ms = self.now_ms(start_unix_ns);
         let who = self.attribute(ex, route.as_ref(), at);
         if edge {
-            self.check_session_tenant(who.as_ref());
+            self.check_session_tenant(who.as_ref(), false);
         }
         let whose = disclosure::disclose(
             &self.s.disclosure,
@@ -548,9 +558,12 @@ impl Pipeline {
         if attempt.is_some() {
             self.stats.add(Metric::CrossTenantAttempts, 1);
         }
+        // Blocked by a decision in force, or its connection was stopped before the answer (the
+        // kernel or the request-time check): either way the answer never left.
         let blocked_by = who
             .as_ref()
-            .and_then(|a| self.blocked(at.id, a, now_ms, edge));
+            .and_then(|a| self.blocked(at.id, a, now_ms, edge))
+            .or_else(|| self.conns.get(&at.id).and_then(|c| c.blocked_by.clone()));
         let event_id = self.ids.next_id();
         let line = self.record(
             ex,

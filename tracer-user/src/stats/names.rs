@@ -122,8 +122,12 @@ metrics! {
         "Kernel refusals that matched no decision in force.";
     EnforcementRequestsRefused = "enforcement_requests_refused_total", Counter,
         "Requests the kernel refused for a blocked token.";
+    EnforcementRequestsHeld = "enforcement_requests_held_total", Counter,
+        "Requests whose answers the kernel held until the agent judged them (a session it did not know named a tenant), by outcome.";
     EnforcementRequestsStopped = "enforcement_requests_stopped_total", Counter,
         "Requests the agent stopped as soon as it read them (before their answer), by reason.";
+    EnforcementSessionTenants = "enforcement_session_tenants_total", Counter,
+        "Session tokens handed to the kernel with their tenant, for its cross-tenant check.";
     EnforcementTokensBlocked = "enforcement_tokens_blocked_total", Counter,
         "Session and login tokens added to the kernel's block table.";
     EventsAnomalous = "events_anomalous_total", Counter,
