@@ -285,3 +285,119 @@ fn a_blocked_pupil_gets_no_answer_to_any_crafted_request() -> Result<()> {
     );
     Ok(())
 }
+
+/// A request target built from the caller's own school and the school it names.
+type Target = fn(&str, &str) -> String;
+
+/// The incident's manipulated call, crafted every way a pupil could write it, each by a fresh
+/// pupil right after the call that tells the agent its school (`/api/me`): not one answer about
+/// another school comes back, on the vulnerable platform that would serve it. The kernel
+/// refuses it when it already knows the session's school, else holds its answer until the
+/// agent has judged the request. The same pupils' calls about their own school are answered.
+#[test]
+fn the_manipulated_call_never_gets_an_answer() -> Result<()> {
+    require_root()?;
+    let dir = scratch("crafted-tenant");
+    let (tls_port, app_port) = (free_port(), free_port());
+    let platform = Platform::up(&dir.join("platform"), tls_port, app_port, true)?;
+    let ds: Value = serde_json::from_str(&std::fs::read_to_string(
+        platform.info["dataset"].as_str().unwrap_or_default(),
+    )?)?;
+    let pupils: Vec<&Value> = ds["accounts"]
+        .as_array()
+        .context("accounts")?
+        .iter()
+        .filter(|a| a["role"] == "pupil")
+        .collect();
+    let agent = Agent::start(&dir.join("agent"), &demo_config(&platform)?)?;
+    let cert = platform.cert();
+    let url = format!("https://127.0.0.1:{tls_port}");
+    let forms: Vec<(&str, Target)> = vec![
+        ("query", |_, f| {
+            format!("/api/addressbook/persons?schoolId={f}&page=1")
+        }),
+        ("path", |_, f| {
+            format!("/api/addressbook/schools/{f}/persons")
+        }),
+        ("escaped name", |_, f| {
+            format!("/api/addressbook/persons?school%49d={f}")
+        }),
+        ("escaped value", |_, f| {
+            format!(
+                "/api/addressbook/persons?schoolId={}",
+                f.replace('-', "%2D")
+            )
+        }),
+        ("escaped path", |_, f| {
+            format!("/api/addressbook/%70ersons?schoolId={f}")
+        }),
+        ("escaped path segment", |_, f| {
+            format!("/api/%61ddressbook/schools/{f}/persons")
+        }),
+        ("own first, foreign second", |o, f| {
+            format!("/api/addressbook/persons?schoolId={o}&schoolId={f}")
+        }),
+        ("foreign first, own second", |o, f| {
+            format!("/api/addressbook/persons?schoolId={f}&schoolId={o}")
+        }),
+    ];
+    let mut answered = Vec::new();
+    let mut own_refused = Vec::new();
+    for (i, (name, form)) in forms.iter().enumerate() {
+        // Two fresh pupils per form: one calls about its own school, one about another.
+        let (p, q) = (pupils[2 * i], pupils[2 * i + 1]);
+        for (who, foreign) in [(p, false), (q, true)] {
+            let own = who["schoolId"].as_str().context("schoolId")?;
+            let other = ds["schools"]
+                .as_array()
+                .context("schools")?
+                .iter()
+                .filter_map(|s| s["id"].as_str())
+                .find(|s| *s != own)
+                .context("another school")?;
+            let (sid, _) = login(&url, &cert, who, &dir.join(format!("{i}-{foreign}.jar")))?;
+            let cookie = format!("Cookie: skolsid={sid}\r\n");
+            let target = if foreign {
+                form(own, other)
+            } else {
+                form(own, own)
+            };
+            let got = send(
+                tls_port,
+                &cert,
+                &[get("/api/me", &cookie), get(&target, &cookie)],
+            )?;
+            ensure!(
+                got[0].as_deref().is_some_and(|l| l.contains(" 200 ")),
+                "{name}: /api/me was not answered: {got:?}"
+            );
+            match (foreign, &got[1]) {
+                (true, Some(l)) => answered.push(format!("{name}: {target} -> {l}")),
+                (false, l) if !l.as_deref().is_some_and(|l| l.contains(" 200 ")) => {
+                    own_refused.push(format!("{name}: {target} -> {l:?}"))
+                }
+                _ => {}
+            }
+        }
+    }
+    let stats = agent.stop()?;
+    ensure!(
+        answered.is_empty(),
+        "{} of {} manipulated calls were answered: {answered:?}",
+        answered.len(),
+        forms.len()
+    );
+    ensure!(
+        own_refused.is_empty(),
+        "calls about the pupil's own school were not answered: {own_refused:?}"
+    );
+    let by_kernel =
+        stats.agent("enforcement_requests_stopped_total{reason=\"kernel_cross_tenant\"}");
+    let held = stats.agent("enforcement_requests_held_total{reason=\"stopped\"}");
+    let early = stats.agent("enforcement_requests_stopped_total{reason=\"cross_tenant\"}");
+    ensure!(
+        by_kernel + held + early >= forms.len() as u64,
+        "not every manipulated call was stopped before its answer: kernel {by_kernel}, held {held}, request-time {early}"
+    );
+    Ok(())
+}

@@ -112,9 +112,7 @@ fn incident_is_alerted_and_blocked_others_unaffected() -> Result<()> {
             .as_str()
             .cmp(&get(b, "@timestamp").as_str())
     });
-    let first = cross
-        .first()
-        .context("no cross-tenant call was recorded")?;
+    let first = cross.first().context("no cross-tenant call was recorded")?;
     ensure!(
         get(first, "user.id").as_str() == Some(abuser.as_str()),
         "the first cross-tenant access is not the abuser's: {first}"

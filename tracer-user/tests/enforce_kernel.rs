@@ -707,7 +707,7 @@ fn kernel_refuses_requests_with_blocked_tokens() {
         "the TLS server's reads were not traced"
     );
 
-    k.set_token_patterns(&[b"skolsid=".to_vec(), b"Bearer ".to_vec()])
+    k.set_token_patterns(&[b"skolsid=".to_vec(), b"Bearer ".to_vec()], &[])
         .unwrap();
     k.set_edge_tgid(edge.pid, true).unwrap();
     let seed = k.token_seed();
@@ -892,7 +892,7 @@ fn kernel_refuses_blocked_tokens_on_plaintext_ports() {
     k.attach_enforce().unwrap();
     k.add_target(edge.pid).unwrap();
     k.set_edge_tgid(edge.pid, true).unwrap();
-    k.set_token_patterns(&[b"username=".to_vec(), b"\"username\":\"".to_vec()])
+    k.set_token_patterns(&[b"username=".to_vec(), b"\"username\":\"".to_vec()], &[])
         .unwrap();
     let seed = k.token_seed();
     let alice = token_hash(seed, b"alice");
@@ -980,14 +980,14 @@ fn block_token_needs_the_filter_attached() {
     assert_eq!(k.blocked_tokens(), 0);
     let nine: Vec<Vec<u8>> = (0..9).map(|i| vec![b'a' + i]).collect();
     assert!(matches!(
-        k.set_token_patterns(&nine),
+        k.set_token_patterns(&nine, &[]),
         Err(EnforceError::TooManyPatterns { .. })
     ));
     assert!(matches!(
-        k.set_token_patterns(&[vec![b'x'; 33]]),
+        k.set_token_patterns(&[vec![b'x'; 33]], &[]),
         Err(EnforceError::BadPattern { .. })
     ));
-    k.set_token_patterns(&[b"skolsid=".to_vec()]).unwrap();
+    k.set_token_patterns(&[b"skolsid=".to_vec()], &[]).unwrap();
     k.set_edge_tgid(std::process::id(), true).unwrap();
     assert_eq!(k.edge_tgids(), vec![std::process::id()]);
     k.set_edge_tgid(std::process::id(), false).unwrap();

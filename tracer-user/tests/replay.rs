@@ -308,6 +308,7 @@ fn incident_replay_alerts_decides_and_blocks_without_root() {
             pipeline::Action::UnblockConn { .. } => "unblock_conn",
             pipeline::Action::BlockToken { .. } => "block_token",
             pipeline::Action::UnblockToken { .. } => "unblock_token",
+            pipeline::Action::SessionTenant { .. } => "session_tenant",
         })
         .collect();
     assert_eq!(

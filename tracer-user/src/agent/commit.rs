@@ -125,15 +125,13 @@ pub fn apply(
                     }
                 }
             }
-            Action::SessionTenant { hash, tenant } => {
-                match kernel.session_tenant(hash, tenant) {
-                    Ok(()) => stats.add(Metric::EnforcementSessionTenants, 1),
-                    Err(err) => {
-                        stats.add_reason(Metric::EnforcementFailures, "session_tenant", 1);
-                        warn!("checking a session's tenant in the kernel: {err}");
-                    }
+            Action::SessionTenant { hash, tenant } => match kernel.session_tenant(hash, tenant) {
+                Ok(()) => stats.add(Metric::EnforcementSessionTenants, 1),
+                Err(err) => {
+                    stats.add_reason(Metric::EnforcementFailures, "session_tenant", 1);
+                    warn!("checking a session's tenant in the kernel: {err}");
                 }
-            }
+            },
             Action::UnblockToken { hash } => {
                 if let Err(err) = kernel.unblock_token(hash) {
                     stats.add_reason(Metric::EnforcementFailures, "unblock_token", 1);

@@ -701,6 +701,96 @@ mod tests {
         assert_eq!(stats.get(Metric::EnforcementHitsUnmatched), 0);
     }
 
+    /// A held connection (a session the kernel did not know named a school) is stopped when
+    /// its request names another school than the session's, and released otherwise; one that
+    /// closes first is released too.
+    #[test]
+    fn held_requests_are_judged_then_released_or_stopped() {
+        let (mut p, stats) = pipeline_with(vec![Rule {
+            id: "xt".into(),
+            name: "cross tenant".into(),
+            kind: RuleKind::CrossTenant,
+            by: By::User,
+            routes: vec![],
+            shadow: false,
+            block: vec![std::time::Duration::from_secs(600)],
+            scope: BlockScope::User,
+        }]);
+        p.set_kernel_tenant_checks(true);
+        let body = r#"{"userId":"u1","school":"sch-01"}"#;
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nSet-Cookie: sid=abc; Path=/\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        p.handle([
+            open(1),
+            data(1, DIR_IN, 0, login("pupil").as_bytes()),
+            data(1, DIR_OUT, 0, resp.as_bytes()),
+        ]);
+        let hold = |fd: u32| Event::EnforceHit {
+            hdr: EventHeader {
+                kind: KIND_ENFORCE_HIT,
+                flags: HIT_F_HOLD | HIT_F_CONN_BLOCKED | HIT_F_TLS,
+                ..Default::default()
+            },
+            conn: conn(fd),
+            hash: token_hash(0x5eed, b"abc"),
+        };
+        let unblocked = |fx: &Effects| -> Vec<u16> {
+            fx.kernel
+                .iter()
+                .filter_map(|a| match a {
+                    Action::UnblockConn { tuple } => Some(tuple.peer.port()),
+                    _ => None,
+                })
+                .collect()
+        };
+        let fx = p.handle([
+            open(2),
+            hold(2),
+            data(
+                2,
+                DIR_IN,
+                0,
+                b"GET /s/sch-01/persons HTTP/1.1\r\nHost: x\r\nCookie: sid=abc\r\n\r\n",
+            ),
+            open(3),
+            hold(3),
+            data(
+                3,
+                DIR_IN,
+                0,
+                b"GET /s/sch-02/persons HTTP/1.1\r\nHost: x\r\nCookie: sid=abc\r\n\r\n",
+            ),
+            open(4),
+            hold(4),
+        ]);
+        assert_eq!(unblocked(&fx), vec![40002]);
+        assert_eq!(blocked_conns(&fx), vec![40003]);
+        assert_eq!(
+            stats.get_reason(Metric::EnforcementRequestsHeld, "released"),
+            1
+        );
+        assert_eq!(
+            stats.get_reason(Metric::EnforcementRequestsHeld, "stopped"),
+            1
+        );
+        let fx = p.handle([Event::ConnClose {
+            hdr: EventHeader {
+                kind: KIND_CONN_CLOSE,
+                ..Default::default()
+            },
+            conn: conn(4),
+            pos_in: 0,
+            pos_out: 0,
+        }]);
+        assert_eq!(unblocked(&fx), vec![40004]);
+        assert_eq!(
+            stats.get_reason(Metric::EnforcementRequestsHeld, "closed"),
+            1
+        );
+    }
+
     /// Nothing is blocked: requests are not looked at early.
     #[test]
     fn nothing_blocked_nothing_looked_at() {
