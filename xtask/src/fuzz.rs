@@ -17,7 +17,7 @@ use anyhow::{bail, Context as _, Result};
 use crate::{root, run_cmd, step};
 
 /// The targets, in the order they run.
-pub const TARGETS: [&str; 3] = ["http1", "decode", "jsonpath"];
+pub const TARGETS: [&str; 4] = ["http1", "decode", "jsonpath", "token_scan"];
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// What one target's run did.
@@ -219,6 +219,20 @@ fn seed(target: &str, corpus: &Path) -> Result<usize> {
         .iter()
         .map(|(p, d)| [p.as_bytes(), b"\0", d.as_bytes()].concat())
         .collect(),
+        // Two bytes of cut position, then the request (and a cross-tenant one after it).
+        "token_scan" => crafted()?
+            .iter()
+            .enumerate()
+            .map(|(i, req)| {
+                let cut = (i as u16).wrapping_mul(7);
+                [
+                    &cut.to_le_bytes()[..],
+                    req,
+                    b"GET /api/addressbook/persons?schoolId=sch-02 HTTP/1.1\r\nCookie: skolsid=4f1c2a9e0b7d4e21a3c5\r\n\r\n",
+                ]
+                .concat()
+            })
+            .collect(),
         _ => Vec::new(),
     };
     for (i, s) in seeds.iter().enumerate() {
