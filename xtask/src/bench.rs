@@ -163,6 +163,18 @@ fn capture(bin: &Path, seconds: u64, rounds: u32, connections: u32) -> Result<()
             hops: 1,
             connections,
         },
+        // The floor again with the kernel's token scan on for every request nginx reads: a
+        // cross-tenant rule blocks, so the kernel reads each request line and head for session
+        // tokens and tenants (the cost of the in-kernel check, side by side with the floor).
+        Scenario {
+            name: "static file, kernel scan of every request (saturation)",
+            url: format!("https://127.0.0.1:{tls_port}/static/hello.txt"),
+            config: format!(
+                "{head}\n[[routes]]\nroute = \"GET /static/{{file}}\"\nname = \"static\"\n\n[[routes]]\nroute = \"GET /api/me\"\nname = \"me\"\n\n[[routes]]\nroute = \"GET /api/addressbook/persons\"\nname = \"persons\"\ntenant_param = \"schoolId\"\n\n[identity]\nsession_cookies = [\"skolsid\"]\n\n[[identity.endpoint]]\nroute = \"me\"\nuser_id = \"$.id\"\ntenant = \"$.schoolId\"\n\n[detection]\nservices = [\"nginx\"]\nenforce = true\n\n[[rules]]\nid = \"xt\"\nname = \"cross tenant\"\nkind = \"cross_tenant\"\nblock = [\"10m\"]\n"
+            ),
+            hops: 1,
+            connections,
+        },
         // A realistic request: 20 KB of JSON-sized body from the app behind nginx, both hops
         // traced (nginx TLS and the app's plaintext), 2 connections as in ordinary use.
         Scenario {
@@ -203,8 +215,9 @@ fn capture(bin: &Path, seconds: u64, rounds: u32, connections: u32) -> Result<()
             let stats = agent.stop()?;
             let recs = read_jsonl(&adir.join("access.jsonl"))?.len() as u64;
             step(&format!(
-                "{}: round {round}: with agent    {rps:.0} req/s, {lat:.2} ms, {recs} records for {total} requests, losses {:?}",
+                "{}: round {round}: with agent    {rps:.0} req/s, {lat:.2} ms, {recs} records for {total} requests, {} kernel token scans, losses {:?}",
                 sc.name,
+                stats.kernel("kernel_token_scans_total"),
                 stats.losses()
             ));
             with.push(rps);
