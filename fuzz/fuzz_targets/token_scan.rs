@@ -23,7 +23,7 @@ fn tables() -> ScanTables {
     };
     ScanTables::build(&[
         p(b"skolsid=", false, PK_TOKEN),
-        p(b"bearer ", true, PK_TOKEN),
+        p(b"bearer", true, PK_TOKEN),
         p(b"\nx-session:", true, PK_TOKEN),
         p(b"username=", false, PK_TOKEN),
         p(b"\"username\":\"", false, PK_TOKEN),

@@ -158,6 +158,11 @@ impl ScanTables {
                 if p.any_case && b.is_ascii_alphabetic() {
                     t.mask[b.to_ascii_lowercase() as usize][w] |= m;
                     t.mask[b.to_ascii_uppercase() as usize][w] |= m;
+                } else if p.any_case && p.kind == PK_TOKEN && b == b'-' {
+                    // A configured header name: Apache httpd passes `X_Session` on, and
+                    // CGI-style frameworks read it as `X-Session`.
+                    t.mask[b'-' as usize][w] |= m;
+                    t.mask[b'_' as usize][w] |= m;
                 } else {
                     t.mask[b as usize][w] |= m;
                 }
@@ -462,7 +467,9 @@ fn feed(s: &mut ConnScan, t: &ScanTables, seed: u64, c: u8, literal: bool) -> u3
             return 0;
         }
     } else if s.tok == TOK_SKIPWS {
-        if !literal && (c == b' ' || c == b'\t') {
+        // Spacing, and in a head a line fold (`\r\n ` joined by Apache httpd; nginx refuses
+        // it): a token after a fold is the one Apache passes on.
+        if !literal && (c == b' ' || c == b'\t' || (head && (c == b'\r' || c == b'\n'))) {
             return 0;
         }
         s.tok = TOK_TOKEN;
@@ -855,7 +862,7 @@ mod tests {
                 kind: PK_TOKEN,
             },
             Pattern {
-                bytes: b"bearer ",
+                bytes: b"bearer",
                 any_case: true,
                 kind: PK_TOKEN,
             },
@@ -953,6 +960,29 @@ mod tests {
             &get("Authorization: Bearer \t tok123\r\n"),
             b"tok123"
         ));
+    }
+
+    /// Apache httpd joins a folded header line and passes `_` in header names on: the token
+    /// after a fold, and a session header spelled with `_`, are found.
+    #[test]
+    fn folds_and_underscores_as_apache_reads_them() {
+        assert!(found(&get("Authorization: Bearer\r\n tok123\r\n"), b"tok123"));
+        assert!(found(&get("Authorization:\r\n\tBearer tok123\r\n"), b"tok123"));
+        assert!(found(&get("Cookie: x=1;\r\n skolsid=tok123\r\n"), b"tok123"));
+        assert!(found(&get("Cookie: skolsid=\r\n tok123\r\n"), b"tok123"));
+        let t = ScanTables::build(&[Pattern {
+            bytes: b"\nx-session:",
+            any_case: true,
+            kind: PK_TOKEN,
+        }])
+        .unwrap();
+        let mut s = ConnScan::new(1);
+        let mut out = Vec::new();
+        scan_all(&mut s, &t, SEED, &get("X_SESSION: tok123\r\n"), |h, _| out.push(h));
+        assert_eq!(out, vec![token_hash(SEED, b"tok123")]);
+        // Framing is never read from an `_` spelling (neither server frames by it).
+        let req = b"POST /x HTTP/1.1\r\nContent_Length: 5\r\n\r\nGET /y HTTP/1.1\r\nCookie: skolsid=tok123\r\n\r\n";
+        assert!(found(req, b"tok123"));
     }
 
     #[test]
