@@ -23,6 +23,8 @@ pub const KNOWN_ANOMALIES: &[&str] = &[
     "unreadable_credential",
     "two_credentials",
     "conflicting_framing",
+    // A route found only on the normalised path (`attribute::routes`).
+    "path_normalised",
     // The HTTP parser's anomalies on the connection (`http_anomalies_total{reason}`).
     "malformed_request_line",
     "malformed_status_line",
