@@ -51,6 +51,7 @@ pub const KNOWN_ANOMALIES: &[&str] = &[
     "data_after_close",
     "request_trailers",
     "body_over_budget",
+    "request_head_cut",
     // Leniencies: what the agent accepted as the servers do (`http::Oddity`).
     "request_line_whitespace",
     "method_not_uppercase",
