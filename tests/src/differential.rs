@@ -23,8 +23,10 @@ use crate::{get, output, repo_root};
 pub const APACHE_BIN: &str = "/usr/sbin/apache2";
 
 /// The `[[targets]]` entry for Apache httpd by its executable (mod_ssl links the system
-/// libssl, which the agent finds in the process's maps).
-pub const APACHE: &str = "[[targets]]\nexe = \"/usr/sbin/apache2\"\nname = \"apache2\"\n";
+/// libssl, which the agent finds in the process's maps). mod_proxy passes the path on with
+/// dot-segments resolved and `//` merged (`path = "resolved"`).
+pub const APACHE: &str =
+    "[[targets]]\nexe = \"/usr/sbin/apache2\"\nname = \"apache2\"\npath = \"resolved\"\n";
 
 /// Apache httpd (Debian apache2: mod_ssl, mod_proxy, mod_proxy_http) in the foreground with its
 /// own config in `dir`, TLS on `tls_port`, proxying everything to the app on `app_port`.
@@ -265,6 +267,18 @@ pub fn percent_decode(p: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// A path as records carry it: what follows a `;` in a segment replaced by `*` (the agent's
+/// `routes::redact_path_params`).
+pub fn redact_path_params(p: &str) -> String {
+    p.split('/')
+        .map(|seg| match seg.split_once(';') {
+            Some((keep, _)) => format!("{keep};*"),
+            None => seg.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
 /// The agent's route name for an app handler (tests/demo/sparbar.demo.toml); `None` for
 /// handlers the agent has no route for.
 pub fn agent_route(handler: &str) -> Option<&'static str> {
@@ -395,17 +409,30 @@ pub fn compare(
             }
             // The same path in any percent-encoding: the agent may write `%2561` where the app
             // routed `%61` (RFC 3986 normalisation keeps `%25`); the route says what it meant.
+            // Path parameters' values are not in records (`;*`): compared as redacted.
             let p = get(r, "url.path");
-            if p.as_str().map(percent_decode).as_deref() != Some(u.path.as_str()) {
-                miss("path", u.path.clone(), s(p));
+            let want_path = redact_path_params(&u.path);
+            if p.as_str().map(percent_decode).as_deref() != Some(want_path.as_str()) {
+                miss("path", want_path, s(p));
             }
+            // A route found only on the normalised path says that the path as passed on
+            // matched no route: the app must not have routed it either.
             let want_route = u.route.as_deref().and_then(agent_route);
             let route = get(r, "sparbar.route.name");
-            if route.as_str() != want_route {
+            let normalised = get(r, "sparbar.route.normalised_path");
+            let as_sent = if normalised.is_null() {
+                route.as_str()
+            } else {
+                None
+            };
+            if as_sent != want_route {
                 miss(
                     "route",
                     want_route.unwrap_or("(none)").to_string(),
-                    s(route),
+                    match normalised.as_str() {
+                        Some(n) => format!("(none as passed on; {} on {n})", s(route)),
+                        None => s(route),
+                    },
                 );
             }
             let uid = get(r, "user.id");
@@ -555,6 +582,34 @@ mod tests {
         let c = compare(&[client("a", 5, &[200])], &u, "ng-", &[&r]);
         let fields: Vec<&str> = c.mismatches.iter().map(|m| m.field).collect();
         assert_eq!(fields, vec!["method", "path", "route", "user"]);
+    }
+
+    /// A route found only on the normalised path is the agent saying "as passed on, no route":
+    /// right when the app answered 404 without a route, wrong when the app routed it.
+    /// Path parameters compare as the record carries them (`;*`).
+    #[test]
+    fn a_normalised_route_claims_no_route_as_passed_on() {
+        let mut r = rec(5, "/api/me;*", 404, Some("identity.me"), None);
+        r["sparbar"]["route"]["normalised_path"] = json!("/api/me");
+        let u = ups(vec![up("ng-a", "/api/me;x=1", None, None, 404)]);
+        let c = compare(&[client("a", 5, &[404])], &u, "ng-", &[&r]);
+        assert_eq!(c.mismatches, vec![]);
+        let u = ups(vec![up("ng-a", "/api/me;x=1", Some("me"), None, 404)]);
+        let c = compare(&[client("a", 5, &[404])], &u, "ng-", &[&r]);
+        let got: Vec<(&str, &str, &str)> = c
+            .mismatches
+            .iter()
+            .map(|m| (m.field, m.server.as_str(), m.agent.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![(
+                "route",
+                "identity.me",
+                "(none as passed on; identity.me on /api/me)"
+            )]
+        );
+        assert_eq!(redact_path_params("/a;x=1;y/b/c;"), "/a;*/b/c;*");
     }
 
     #[test]

@@ -185,6 +185,7 @@ fn main() {
         disclosure: cfg.disclosure.clone(),
         detection: cfg.detection.clone(),
         rules: cfg.rules.clone(),
+        path_views: HashMap::new(),
     };
     let services = Arc::new(RwLock::new(HashMap::from([(
         4_000_000u32,

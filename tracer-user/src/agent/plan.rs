@@ -4,7 +4,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use crate::{
-    attribute::routes::RouteTable,
+    attribute::routes::{PathView, RouteTable},
     capture::discovery::TargetSpec,
     capture::loader::LoadSettings,
     config::{Config, IdentityConfig, TargetMatch, Unmatched},
@@ -116,6 +116,12 @@ impl Plan {
                 disclosure: cfg.disclosure.clone(),
                 detection: cfg.detection.clone(),
                 rules: cfg.rules.clone(),
+                path_views: cfg
+                    .targets
+                    .iter()
+                    .filter(|t| t.path != PathView::AsSent)
+                    .map(|t| (t.name.clone(), t.path))
+                    .collect(),
             },
             identity: cfg.identity.clone(),
             pipeline_host: cfg.agent.host_name.clone(),

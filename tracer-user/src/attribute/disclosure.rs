@@ -388,6 +388,7 @@ mod tests {
                 .collect(),
             query: Default::default(),
             query_dropped: 0,
+            normalised: None,
         }
     }
 

@@ -23,6 +23,8 @@ pub const KNOWN_ANOMALIES: &[&str] = &[
     "unreadable_credential",
     "two_credentials",
     "conflicting_framing",
+    // A route found only on the normalised path (`attribute::routes`).
+    "path_normalised",
     // The HTTP parser's anomalies on the connection (`http_anomalies_total{reason}`).
     "malformed_request_line",
     "malformed_status_line",
@@ -49,6 +51,7 @@ pub const KNOWN_ANOMALIES: &[&str] = &[
     "data_after_close",
     "request_trailers",
     "body_over_budget",
+    "request_head_cut",
     // Leniencies: what the agent accepted as the servers do (`http::Oddity`).
     "request_line_whitespace",
     "method_not_uppercase",

@@ -9,6 +9,7 @@ use std::{
 use serde::Deserialize;
 
 use super::{errors::Problems, values::has_control};
+use crate::attribute::routes::PathView;
 
 /// The kernel keeps 16 bytes of a task's comm, the last one a NUL.
 const MAX_COMM_LEN: usize = 15;
@@ -34,6 +35,9 @@ pub struct Target {
     pub plaintext_ports: Vec<u16>,
     /// `service.name` in records.
     pub name: String,
+    /// How the server passes the request path on (`path`): what records and the first step of
+    /// route matching take as the request's path.
+    pub path: PathView,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -46,6 +50,7 @@ pub(super) struct RawTarget {
     tls: Option<bool>,
     plaintext_ports: Option<Vec<i64>>,
     name: Option<String>,
+    path: Option<String>,
 }
 
 /// The label a target gets when it has no `name`.
@@ -143,6 +148,22 @@ pub(super) fn check_targets(raw: Vec<RawTarget>, p: &mut Problems) -> Vec<Target
             None => matcher.as_ref().map(derived_name).unwrap_or_default(),
         };
 
+        let path = match t.path.as_deref() {
+            None | Some("as-sent") => PathView::AsSent,
+            Some("resolved") => PathView::Resolved,
+            Some(other) => {
+                p.push(
+                    format!("{key}.path"),
+                    format!(
+                        "{other:?} is not a way of passing a path on; expected \"as-sent\" (nginx \
+                         proxy_pass without a URI, the default) or \"resolved\" (Apache httpd \
+                         mod_proxy: dot-segments resolved, // merged)"
+                    ),
+                );
+                PathView::AsSent
+            }
+        };
+
         if let Some(m) = matcher {
             if let Some(first) = seen.get(&m) {
                 p.push(
@@ -157,6 +178,7 @@ pub(super) fn check_targets(raw: Vec<RawTarget>, p: &mut Problems) -> Vec<Target
                 tls,
                 plaintext_ports: ports,
                 name,
+                path,
             });
         }
     }

@@ -55,6 +55,7 @@ fn defaults() {
             tls: true,
             plaintext_ports: vec![],
             name: "nginx".into(),
+            path: crate::attribute::routes::PathView::AsSent,
         }]
     );
     assert_eq!(
@@ -127,6 +128,23 @@ fn example_file_parses() {
     assert!(!c.targets.is_empty());
     assert!(!c.routes.is_empty());
     crate::attribute::routes::RouteTable::new(&c.routes).unwrap();
+}
+
+#[test]
+fn a_target_says_how_it_passes_the_path_on() {
+    use crate::attribute::routes::PathView;
+    let c = parse(
+        "[output]\nunmatched = \"record\"\n[[targets]]\nexe = \"/usr/sbin/nginx\"\n\
+         [[targets]]\nexe = \"/usr/sbin/apache2\"\npath = \"resolved\"\n\
+         [[targets]]\ncomm = \"haproxy\"\npath = \"as-sent\"\n",
+        "t",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let got: Vec<PathView> = c.targets.iter().map(|t| t.path).collect();
+    assert_eq!(
+        got,
+        vec![PathView::AsSent, PathView::Resolved, PathView::AsSent]
+    );
 }
 
 #[test]
@@ -235,6 +253,7 @@ tls = false
 
 [[targets]]
 pid = 0
+path = "normalised"
 
 [[routes]]
 route = "GET /a/{id}/{id}"
@@ -286,6 +305,7 @@ unmatched = "all"
         "targets[5].cgroup: \"system.slice/x.service\" is not a cgroup v2 path",
         "targets[5]: has tls = false and no plaintext_ports",
         "targets[6].pid: 0 is not a process id",
+        "targets[6].path: \"normalised\" is not a way of passing a path on; expected \"as-sent\"",
         "routes[1].query_params[1]: \"p\" is listed twice",
         "routes[1].query_params[2]: \"\" is empty",
         "routes[6].name: \"b\" is already the name of routes[1]",

@@ -103,6 +103,13 @@ pub enum Anomaly {
     BodyOverBudget {
         dir: Dir,
     },
+    /// The connection closed in the middle of a request head: the server answered (or gave up
+    /// on) a request it had not read whole, e.g. a header line over nginx's 8 KiB buffer
+    /// (400). Recorded with the lines read.
+    RequestHeadCut {
+        dir: Dir,
+        pos: u64,
+    },
 }
 
 impl Anomaly {
@@ -136,6 +143,7 @@ impl Anomaly {
             Anomaly::ConflictingFraming { .. } => "conflicting_framing",
             Anomaly::RequestTrailers { .. } => "request_trailers",
             Anomaly::BodyOverBudget { .. } => "body_over_budget",
+            Anomaly::RequestHeadCut { .. } => "request_head_cut",
         }
     }
 }

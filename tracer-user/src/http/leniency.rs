@@ -43,13 +43,19 @@
 //! | invalid Content-Length | 400, close | 400, close | rest is body; `bad_content_length` |
 //! | chunk extensions (`;x`, SP, HT then anything) | accepted, ignored | `;ext` accepted | accepted, ignored |
 //! | trailers | read and dropped | kept apart (`trailers_in`) | kept apart in `WireNotes::trailers`; requests: `request_trailers` |
+//! | a line that is not a request line (`HELLO`, `GET` alone, binary, `/p HTTP/1.1`, a method with `(`) | 400, close | 400 (source, not run here) | recorded with the answer, method and target empty; rest is body; `malformed_request_line` |
+//! | a header line over the buffer (nginx `large_client_header_buffers` 4 8k; Apache `LimitRequestFieldSize` 8190) | 400, close, the rest of the head unread | 400 (source, not run here) | recorded at the close with the line and the complete header lines read, paired with the answer; `request_head_cut` |
+//! | a request line over the buffer | 414, close | 414, close | as above: the method and the target as far as read; `request_head_cut` |
+//! | a head over the agent's `max_header_bytes` (64 KiB, above both servers' limits) | 400, close | 400 | recorded with what fits; rest is body; `header_too_large` |
 //!
 //! Where the servers differ the agent takes nginx's view (the edge in the deployments this
 //! agent is built for) and the oddity says the request was ambiguous. A per-target flavour
 //! (Apache's view for an Apache edge) would be the next step; it is not built.
 //!
-//! "Rest of the connection is body": when the edge refuses a request's framing it answers and
-//! closes, so nothing after that head is a request the server acts on. Taking those bytes as
+//! "Rest of the connection is body": when the edge refuses a request's framing or head it
+//! answers and closes (both servers turn keep-alive off on a 400), so nothing after that head
+//! is a request the server acts on (checked against nginx 1.22.1: `BAD\x01LINE` followed by a
+//! valid request gets one 400 and the close). Taking those bytes as
 //! body means a request smuggled behind a conflicting framing never becomes a record of a call
 //! that was not made, while the refused request itself is recorded with the edge's answer.
 

@@ -255,10 +255,11 @@ impl Pipeline {
         if !self.is_edge(&service) {
             return false;
         }
-        let route = self
-            .s
-            .routes
-            .match_request(&r.request.method, &r.request.target);
+        let route = self.s.routes.match_as(
+            &r.request.method,
+            &r.request.target,
+            self.path_view(&service),
+        );
         let start_unix_ns = (r.request.first_ns as i128 + self.s.mono_to_unix_ns).max(0) as u64;
         let now_ms = self.now_ms(start_unix_ns);
         let peer: Option<IpAddr> = at.tuple.map(|t| t.peer.ip());
@@ -372,6 +373,7 @@ mod tests {
         ])
         .unwrap();
         let s = Settings {
+            path_views: HashMap::new(),
             limits: ParserLimits::default(),
             routes,
             record_unmatched: false,

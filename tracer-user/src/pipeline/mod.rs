@@ -22,7 +22,7 @@ pub use self::effects::{Action, Effects, ProcChange};
 use crate::{
     attribute::attribution::{Attribution, Attributor},
     attribute::disclosure::{self, Disclosure, SubjectDirectory},
-    attribute::routes::{CrossTenantAttempt, RouteMatch, RouteTable},
+    attribute::routes::{CrossTenantAttempt, PathView, RouteMatch, RouteTable},
     capture::decode::Event,
     config::{DetectionConfig, DisclosureConfig, Rule},
     detect::decide::{Decision, Decisions, EndReason, Scope},
@@ -48,6 +48,9 @@ pub struct Settings {
     pub disclosure: DisclosureConfig,
     pub detection: DetectionConfig,
     pub rules: Vec<Rule>,
+    /// How each service passes the request path on, by service name (`[[targets]] path`);
+    /// services not named pass it as sent.
+    pub path_views: HashMap<String, PathView>,
 }
 
 /// Service names by tgid, kept up to date by discovery.
@@ -524,11 +527,12 @@ impl Pipeline {
     /// One exchange along the path: route → attribute → disclose → record → detect → decide.
     fn exchange(&mut self, ex: &Exchange, at: &ConnFacts) {
         self.stats.add(Metric::ExchangesParsed, 1);
-        let route = self.route(ex);
+        let (process, service) = self.process(at.id.tgid);
+        let view = self.path_view(&service);
+        let route = self.route(ex, view);
         if route.is_none() && !self.s.record_unmatched {
             return;
         }
-        let (process, service) = self.process(at.id.tgid);
         let edge = self.is_edge(&service);
         let start_unix_ns = (ex.request.first_ns as i128 + self.s.mono_to_unix_ns).max(0) as u64;
         let now_ms = self.now_ms(start_unix_ns);
@@ -593,8 +597,14 @@ impl Pipeline {
                 service,
                 status: ex.response.as_ref().map(|r| r.status),
                 cross_tenant: cross,
-                anomalies: anomaly_names(ex, at),
                 cross_tenant_attempt: attempt.is_some(),
+                anomalies: {
+                    let mut a = anomaly_names(ex, at);
+                    if route.as_ref().is_some_and(|m| m.normalised.is_some()) {
+                        a.push(record::PATH_NORMALISED.to_string());
+                    }
+                    a
+                },
                 ..Access::from_parts(who, whose, route)
             };
             for alert in self.detector.observe(&access, &self.stats) {
@@ -603,14 +613,24 @@ impl Pipeline {
         }
     }
 
-    /// The route step: which configured route the request matched, counted per route.
-    fn route(&mut self, ex: &Exchange) -> Option<RouteMatch> {
+    /// How `service` passes the request path on.
+    fn path_view(&self, service: &str) -> PathView {
+        self.s.path_views.get(service).copied().unwrap_or_default()
+    }
+
+    /// The route step: which configured route the request matched, counted per route (and a
+    /// route found only on the normalised path counted as `path_normalised`).
+    fn route(&mut self, ex: &Exchange, view: PathView) -> Option<RouteMatch> {
         let route = self
             .s
             .routes
-            .match_request(&ex.request.method, &ex.request.target);
+            .match_as(&ex.request.method, &ex.request.target, view);
         match &route {
             Some(m) => {
+                if m.normalised.is_some() {
+                    self.stats
+                        .add_reason(Metric::HttpAnomalies, record::PATH_NORMALISED, 1);
+                }
                 if self.route_counters.len() <= m.index {
                     self.route_counters.resize(m.index + 1, None);
                 }
@@ -673,6 +693,7 @@ impl Pipeline {
             tls: at.tls,
             process,
             service_name: service,
+            path_view: self.path_view(service),
             host_name: &self.s.host_name,
             conn_id: format!("{}:{}:{}", at.id.tgid, at.id.fd, at.id.gen),
             capture,
@@ -856,6 +877,7 @@ mod tests {
         }])
         .unwrap();
         let s = Settings {
+            path_views: HashMap::new(),
             limits: ParserLimits::default(),
             routes,
             record_unmatched: false,
@@ -1023,6 +1045,118 @@ mod tests {
                 Some("127.0.0.1"),
                 serde_json::json!([first["event"]["id"]]),
             )
+        );
+    }
+
+    /// A route found only on the normalised path: the record keeps the path as sent (its
+    /// `;parameters` redacted), names the normalised path and the anomaly, the anomaly is
+    /// counted, and an anomaly rule that names `path_normalised` fires on that call only.
+    #[test]
+    fn a_normalised_path_is_recorded_counted_and_fires_an_anomaly_rule() {
+        use crate::config::{BlockScope, By, Rule, RuleKind};
+        let (mut p, stats) = pipeline();
+        let rules = vec![Rule {
+            id: "paths".into(),
+            name: "paths".into(),
+            kind: RuleKind::Anomaly {
+                names: vec!["path_normalised".into()],
+                window: std::time::Duration::from_secs(60),
+                limit: 0,
+            },
+            by: By::ClientIp,
+            routes: vec![],
+            shadow: true,
+            block: vec![],
+            scope: BlockScope::User,
+        }];
+        p.s.rules = rules.clone();
+        p.detector.reconfigure(Default::default(), rules);
+        p.set_attributor(Attributor::new(
+            Default::default(),
+            crate::attribute::attribution::Keyer::new([1; 32]),
+        ));
+        let r1 = resp("one");
+        let crafted = "GET /x/../p;jsessionid=SECRET/2 HTTP/1.1\r\nHost: x\r\n\r\n";
+        let mut fx = p.handle([
+            open(ORIGIN_ACCEPT),
+            data(DIR_IN, 0, 20, "GET /p/1 HTTP/1.1\r\nHost: x\r\n\r\n"),
+            data(DIR_OUT, 0, 30, &r1),
+            data(DIR_IN, 31, 40, crafted),
+            data(DIR_OUT, r1.len() as u64, 50, &resp("two!")),
+        ]);
+        fx.extend(p.finish());
+        let recs: Vec<serde_json::Value> = fx
+            .access
+            .iter()
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect();
+        assert_eq!(recs.len(), 2);
+        assert_eq!(recs[0]["url"]["path"], "/p/1");
+        assert!(recs[0]["sparbar"]["route"].get("normalised_path").is_none());
+        assert!(recs[0]["sparbar"].get("anomalies").is_none());
+        assert_eq!(recs[1]["url"]["path"], "/x/../p;*/2");
+        assert_eq!(
+            recs[1]["sparbar"]["route"],
+            serde_json::json!({"name": "p", "params": {"id": "2"}, "normalised_path": "/p/2"})
+        );
+        assert_eq!(
+            recs[1]["sparbar"]["anomalies"],
+            serde_json::json!(["path_normalised"])
+        );
+        assert!(!String::from_utf8_lossy(&fx.access[1]).contains("SECRET"));
+        assert_eq!(
+            stats.get_reason(Metric::HttpAnomalies, "path_normalised"),
+            1
+        );
+        let alerts: Vec<serde_json::Value> = fx
+            .security
+            .iter()
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect();
+        assert_eq!(alerts.len(), 1, "{alerts:?}");
+        // It fired on the crafted call (the evidence is the client's calls in the window).
+        assert_eq!(
+            (
+                alerts[0]["abook"]["alert"]["anomalies"].clone(),
+                alerts[0]["abook"]["evidence"]["event_ids"].clone()
+            ),
+            (
+                serde_json::json!(["path_normalised"]),
+                serde_json::json!([recs[0]["event"]["id"], recs[1]["event"]["id"]])
+            )
+        );
+    }
+
+    /// A service that resolves the path before passing it on (`[[targets]] path =
+    /// "resolved"`, Apache httpd): its record's path is the resolved one, which matches as is.
+    #[test]
+    fn a_resolving_service_records_the_path_it_passed_on() {
+        let (mut p, stats) = pipeline();
+        p.services
+            .write()
+            .unwrap()
+            .insert(CONN.tgid, "apache2".into());
+        p.s.path_views.insert("apache2".into(), PathView::Resolved);
+        let mut fx = p.handle([
+            open(ORIGIN_ACCEPT),
+            data(
+                DIR_IN,
+                0,
+                20,
+                "GET //x/../p/%31 HTTP/1.1\r\nHost: x\r\n\r\n",
+            ),
+            data(DIR_OUT, 0, 30, &resp("one")),
+        ]);
+        fx.extend(p.finish());
+        let rec: serde_json::Value = serde_json::from_slice(&fx.access[0]).unwrap();
+        assert_eq!(rec["url"]["path"], "/p/1");
+        assert_eq!(
+            rec["sparbar"]["route"],
+            serde_json::json!({"name": "p", "params": {"id": "1"}})
+        );
+        assert_eq!(
+            stats.get_reason(Metric::HttpAnomalies, "path_normalised"),
+            0
         );
     }
 

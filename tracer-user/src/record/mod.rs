@@ -24,7 +24,7 @@ use thiserror::Error;
 
 use crate::attribute::attribution::Attribution;
 use crate::attribute::disclosure::Disclosure;
-use crate::attribute::routes::{self, CrossTenantAttempt, RouteMatch};
+use crate::attribute::routes::{self, CrossTenantAttempt, PathView, RouteMatch};
 use crate::exchange::{header, BodyLoss, Completeness, Exchange, Header, Tuple};
 
 /// The traced process.
@@ -110,6 +110,8 @@ pub struct RecordContext<'a> {
     pub tls: bool,
     pub process: &'a ProcessInfo,
     pub service_name: &'a str,
+    /// How the service passes the request path on: `url.path` is that path.
+    pub path_view: PathView,
     pub host_name: &'a str,
     /// Stable connection identity `"tgid:fd:gen"`.
     pub conn_id: String,
@@ -173,6 +175,7 @@ pub const FIELDS: &[&str] = &[
     "host.name",
     "sparbar.route.name",
     "sparbar.route.params",
+    "sparbar.route.normalised_path",
     "sparbar.connection.id",
     "sparbar.capture.complete",
     "sparbar.capture.request_bytes_missing",
@@ -465,7 +468,14 @@ struct Attempt<'a> {
 struct SparbarRoute<'a> {
     name: &'a str,
     params: std::collections::BTreeMap<&'a str, &'a str>,
+    /// The route was found only on the normalised path (this one), not on `url.path`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    normalised_path: Option<std::borrow::Cow<'a, str>>,
 }
+
+/// The anomaly of a request whose route was found only on its normalised path (see
+/// `attribute::routes`): counted in `http_anomalies_total`, carried by the record.
+pub const PATH_NORMALISED: &str = "path_normalised";
 
 #[derive(Serialize)]
 struct ConnectionId<'a> {
@@ -488,7 +498,6 @@ pub fn record<'a>(ctx: &'a RecordContext<'a>) -> Record<'a> {
         None => "unknown",
     };
     let start = rfc3339_micros(ctx.start_unix_ns);
-    let target = routes::normalize_target(&req.target);
     let mut truncated: Vec<&'static str> = Vec::new();
     let query = ctx
         .route
@@ -500,18 +509,19 @@ pub fn record<'a>(ctx: &'a RecordContext<'a>) -> Record<'a> {
             q
         })
         .filter(|q| !q.is_empty());
-    let query_dropped = match (ctx.route, &target) {
-        (Some(r), _) => r.query_dropped,
-        (None, Some(t)) => t.query_pairs,
-        (None, None) => 0,
+    let query_dropped = match ctx.route {
+        Some(r) => r.query_dropped,
+        None => routes::query_pairs(&req.target),
     };
-    let path = target.map(|t| {
-        let (p, cut) = cap(&t.path, ctx.caps.path);
+    // The path as the server passed it on, its `;parameters` redacted.
+    let path = routes::passed_path(&req.target, ctx.path_view).map(|p| {
+        let p = routes::redact_path_params(&p).into_owned();
+        let (c, cut) = cap(&p, ctx.caps.path);
         if cut {
             truncated.push("url.path");
-            p.to_string()
+            c.to_string()
         } else {
-            t.path
+            p
         }
     });
     let params = ctx.route.map(|r| {
@@ -529,6 +539,13 @@ pub fn record<'a>(ctx: &'a RecordContext<'a>) -> Record<'a> {
             truncated.push("sparbar.route.params");
         }
         m
+    });
+    let normalised_path = ctx.route.and_then(|r| r.normalised.as_deref()).map(|p| {
+        let (c, cut) = cap(p, ctx.caps.path);
+        if cut {
+            truncated.push("sparbar.route.normalised_path");
+        }
+        std::borrow::Cow::Borrowed(c)
     });
     let attempt = ctx.attempt.map(|x| {
         let (named, cut) = cap(&x.named, ctx.caps.param);
@@ -550,7 +567,8 @@ pub fn record<'a>(ctx: &'a RecordContext<'a>) -> Record<'a> {
         .attempt
         .filter(|x| x.duplicate)
         .map(|_| crate::attribute::attribution::Anomaly::DuplicateTenantParam.as_str());
-    for a in credential.chain(tenant) {
+    let normalised = normalised_path.as_ref().map(|_| PATH_NORMALISED);
+    for a in normalised.into_iter().chain(credential).chain(tenant) {
         if !anomalies.contains(&a) {
             anomalies.push(a);
         }
@@ -614,6 +632,7 @@ pub fn record<'a>(ctx: &'a RecordContext<'a>) -> Record<'a> {
             route: ctx.route.zip(params).map(|(r, params)| SparbarRoute {
                 name: &r.name,
                 params,
+                normalised_path,
             }),
             connection: ConnectionId { id: &ctx.conn_id },
             capture: &ctx.capture,
@@ -907,6 +926,7 @@ mod tests {
             tls,
             process,
             service_name: "nginx",
+            path_view: PathView::AsSent,
             host_name: "web-1",
             conn_id: "1234:7:99".into(),
             capture: CaptureInfo {
@@ -1065,7 +1085,8 @@ mod tests {
         assert!(rec["http"].get("route").is_none());
         assert!(rec["http"].get("response").is_none());
         assert!(rec["http"]["request"].get("mime_type").is_none());
-        assert_eq!(rec["url"], json!({ "path": "/a/c/" }));
+        // The path as the server passed it on, not normalised.
+        assert_eq!(rec["url"], json!({ "path": "/a/./b/../c//" }));
         assert!(rec.get("tls").is_none());
         assert!(rec.get("source").is_none());
         assert!(rec.get("server").is_none());

@@ -146,6 +146,32 @@ fn start_check(buf: &[u8]) -> StartCheck {
     }
 }
 
+/// The request line at the start of a request head that may be cut or malformed, and the bytes
+/// after it: the whole first line when it is one nginx reads, else the method and target of a
+/// line cut before its end (`GET /very-long…`: nginx answers 414). `None` when neither is there.
+fn cut_request_line(buf: &[u8]) -> Option<(super::leniency::ReqLine, &[u8])> {
+    match buf.iter().position(|&b| b == b'\n') {
+        Some(i) => parse_request_line(&buf[..=i], false).map(|l| (l, &buf[i + 1..])),
+        None => {
+            let mut line = buf.to_vec();
+            line.push(b'\n');
+            let l = parse_request_line(&line, false)?;
+            // Only the method and the target as far as it came: no version was read.
+            let fields = line
+                .split(|&b| b == b' ' || b == b'\t')
+                .filter(|f| !f.is_empty());
+            (fields.count() == 2)
+                .then_some(super::leniency::ReqLine {
+                    oddities: Vec::new(),
+                    http09: false,
+                    minor: 1,
+                    ..l
+                })
+                .map(|l| (l, &buf[buf.len()..]))
+        }
+    }
+}
+
 /// A message whose head is parsed, while its body is read.
 struct InMsg {
     start: Start,
@@ -449,15 +475,26 @@ impl DirState {
             // read, so that the answer has its request.
             let lead_ws = kind == Kind::Request && matches!(h.buf[0], b' ' | b'\t');
             if !lead_ws && !prefix_ok(kind, &h.buf) {
+                if kind == Kind::Request {
+                    let why = Anomaly::MalformedRequestLine {
+                        dir: self.dir,
+                        pos: h.start_pos,
+                    };
+                    return (self.refused_head(sh, &h, why, ts), take);
+                }
                 self.malformed_start(sh, kind, h.start_pos);
                 return (self.head_lost(sh, &h, got_nl), take);
             }
             if !got_nl {
                 if h.buf.len() > max {
-                    sh.anomaly(Anomaly::HeaderTooLarge {
+                    let why = Anomaly::HeaderTooLarge {
                         dir: self.dir,
                         pos: h.start_pos,
-                    });
+                    };
+                    if kind == Kind::Request {
+                        return (self.refused_head(sh, &h, why, ts), take);
+                    }
+                    sh.anomaly(why);
                     return (self.head_lost(sh, &h, false), take);
                 }
                 return (Phase::Head(h), take);
@@ -483,6 +520,13 @@ impl DirState {
                         return (self.complete_head(sh, h, ts), take);
                     }
                 }
+                None if kind == Kind::Request => {
+                    let why = Anomaly::MalformedRequestLine {
+                        dir: self.dir,
+                        pos: h.start_pos,
+                    };
+                    return (self.refused_head(sh, &h, why, ts), take);
+                }
                 None => {
                     self.malformed_start(sh, kind, h.start_pos);
                     return (self.head_lost(sh, &h, true), take);
@@ -505,14 +549,86 @@ impl DirState {
             Err(resume) => {
                 h.scan = resume;
                 if h.buf.len() > max {
-                    sh.anomaly(Anomaly::HeaderTooLarge {
+                    let why = Anomaly::HeaderTooLarge {
                         dir: self.dir,
                         pos: h.start_pos,
-                    });
+                    };
+                    if kind == Kind::Request {
+                        return (self.refused_head(sh, &h, why, ts), avail.len());
+                    }
+                    sh.anomaly(why);
                     return (self.head_lost(sh, &h, false), avail.len());
                 }
                 (Phase::Head(h), avail.len())
             }
+        }
+    }
+
+    /// A request head the server refuses or answers without reading it whole (a line that is
+    /// not a request line, a head over the limit, a head cut by the close): nginx answers it
+    /// (400, 414 or 494) and closes. It becomes a partial request, carrying `why` and what
+    /// could be read of it (the request line, or its method and target; the complete header
+    /// lines), so the server's answer pairs with it and is recorded; the rest of the
+    /// connection is its body (see `leniency`). Without a readable request line the method and
+    /// target are empty: nothing of the line is written into the record.
+    fn refused_head(&mut self, sh: &mut Shared, h: &HeadBuf, why: Anomaly, ts: u64) -> Phase {
+        let (method, target, minor, mut oddities, rest) = match cut_request_line(&h.buf) {
+            Some((line, rest)) => (line.method, line.target, line.minor, line.oddities, rest),
+            None => (
+                String::new(),
+                String::new(),
+                1,
+                Vec::new(),
+                &h.buf[h.buf.len()..],
+            ),
+        };
+        // Complete header lines only: a cut last line is not a header the server read.
+        let whole = rest
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(&rest[..0], |i| &rest[..=i]);
+        let fields = parse_fields(whole);
+        for o in fields.oddities {
+            if !oddities.contains(&o) {
+                oddities.push(o);
+            }
+        }
+        sh.decide(self.dir, Kind::Request);
+        let pos = h.start_pos;
+        let mut msg = Box::new(InMsg {
+            start: Start::Req { method, target },
+            minor,
+            headers: fields.headers,
+            first_ns: h.first_ns,
+            head_ns: ts,
+            last_ns: ts,
+            body: BodyAcc::new(&sh.limits, None, None),
+            partial: true,
+            seq: sh.next_seq,
+            upgrade_req: false,
+            guessed: false,
+            guessed_len: false,
+            wire: WireNotes {
+                ignored_headers: fields.ignored,
+                ..WireNotes::default()
+            },
+        });
+        sh.next_seq += 1;
+        msg.note(sh, why);
+        for what in oddities {
+            msg.note(
+                sh,
+                Anomaly::Lenient {
+                    dir: self.dir,
+                    pos,
+                    what,
+                },
+            );
+        }
+        sh.pairing.push_request_head(msg.seq, ts, Class::Other);
+        Phase::Body {
+            msg,
+            framing: Framing::Close,
         }
     }
 
@@ -995,6 +1111,18 @@ impl DirState {
             Phase::Stalled(msg) => {
                 sh.anomaly(Anomaly::TruncatedAtClose { dir: self.dir });
                 self.finish_response(sh, msg, false, false, false);
+            }
+            Phase::Head(h) if kind == Kind::Request && cut_request_line(&h.buf).is_some() => {
+                // The server answered (or gave up on) a head it had not read whole: the
+                // request is recorded with what was read, and pairs with that answer.
+                let why = Anomaly::RequestHeadCut {
+                    dir: self.dir,
+                    pos: h.start_pos,
+                };
+                let ts = self.wm_ns;
+                if let Phase::Body { msg, .. } = self.refused_head(sh, &h, why, ts) {
+                    self.finish_request(sh, msg, true);
+                }
             }
             Phase::Head(h) => {
                 sh.anomaly(Anomaly::TruncatedAtClose { dir: self.dir });
