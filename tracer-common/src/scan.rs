@@ -966,9 +966,18 @@ mod tests {
     /// after a fold, and a session header spelled with `_`, are found.
     #[test]
     fn folds_and_underscores_as_apache_reads_them() {
-        assert!(found(&get("Authorization: Bearer\r\n tok123\r\n"), b"tok123"));
-        assert!(found(&get("Authorization:\r\n\tBearer tok123\r\n"), b"tok123"));
-        assert!(found(&get("Cookie: x=1;\r\n skolsid=tok123\r\n"), b"tok123"));
+        assert!(found(
+            &get("Authorization: Bearer\r\n tok123\r\n"),
+            b"tok123"
+        ));
+        assert!(found(
+            &get("Authorization:\r\n\tBearer tok123\r\n"),
+            b"tok123"
+        ));
+        assert!(found(
+            &get("Cookie: x=1;\r\n skolsid=tok123\r\n"),
+            b"tok123"
+        ));
         assert!(found(&get("Cookie: skolsid=\r\n tok123\r\n"), b"tok123"));
         let t = ScanTables::build(&[Pattern {
             bytes: b"\nx-session:",
@@ -978,7 +987,9 @@ mod tests {
         .unwrap();
         let mut s = ConnScan::new(1);
         let mut out = Vec::new();
-        scan_all(&mut s, &t, SEED, &get("X_SESSION: tok123\r\n"), |h, _| out.push(h));
+        scan_all(&mut s, &t, SEED, &get("X_SESSION: tok123\r\n"), |h, _| {
+            out.push(h)
+        });
         assert_eq!(out, vec![token_hash(SEED, b"tok123")]);
         // Framing is never read from an `_` spelling (neither server frames by it).
         let req = b"POST /x HTTP/1.1\r\nContent_Length: 5\r\n\r\nGET /y HTTP/1.1\r\nCookie: skolsid=tok123\r\n\r\n";

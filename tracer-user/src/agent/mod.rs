@@ -160,6 +160,13 @@ pub async fn run(mut plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
         }
         match set {
             Ok(()) => {
+                // The seed comes from the agent's secret, so the kernel hashes kept with the
+                // learned sessions stay valid across restarts.
+                let seed = attributor.derived_token_seed();
+                if let Err(e) = host.kernel.set_token_seed(seed) {
+                    error!("the kernel's token seed: {e}; sessions learned before this start are recognised in the kernel only once seen again");
+                    stats.add_reason(Metric::EnforcementAttachFailures, "token_seed", 1);
+                }
                 attributor.set_token_seed(host.kernel.token_seed());
                 pipeline.set_kernel_tenant_checks(host.kernel.tenant_checks());
             }
@@ -170,6 +177,7 @@ pub async fn run(mut plan: Plan, opts: RunOptions) -> Result<(), AgentError> {
         }
     }
     pipeline.set_attributor(attributor);
+    pipeline.hand_kernel_sessions();
     restore_detection(&mut pipeline, &plan.state_dir, &stats);
     if opts.test_clock {
         pipeline.set_clock_offset_ms(

@@ -298,8 +298,10 @@ struct SessionEntry {
     expires: Option<u64>,
     /// Unix seconds of the last call seen with it.
     last_seen: u64,
-    /// The kernel's hash of the credential (memory only: never written).
-    #[serde(skip)]
+    /// The kernel's hash of the credential (`tracer_common::token_hash` with the seed the agent
+    /// derives from its secret: a keyed hash, so the kernel can be handed the session again
+    /// after a restart).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
     token: Option<u64>,
 }
 
@@ -356,6 +358,26 @@ impl Attributor {
     /// Turns on the kernel's token hashes (the seed the kernel programs use).
     pub fn set_token_seed(&mut self, seed: u64) {
         self.token_seed = Some(seed);
+    }
+
+    /// The seed of the kernel's token hashes, derived from the agent's secret: the same in
+    /// every run, so the kernel hashes kept with sessions stay valid.
+    pub fn derived_token_seed(&self) -> u64 {
+        let k = self.keyer.subkey("kernel-token-seed");
+        u64::from_le_bytes([k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7]])
+    }
+
+    /// Every learned session the kernel can be handed again (after a restart): its kernel
+    /// token hash, and its tenant's (`tracer_common::tenant_hash`) when known.
+    pub fn kernel_sessions(&self) -> Vec<(u64, Option<u64>)> {
+        self.sessions
+            .values()
+            .filter(|e| e.user_id.is_some() || e.tenant.is_some())
+            .filter_map(|e| {
+                let t = e.token?;
+                Some((t, e.tenant.as_deref().and_then(|x| self.tenant_khash(x))))
+            })
+            .collect()
     }
 
     /// The kernel's hash of a tenant id (`tracer_common::tenant_hash`), as the kernel hashes the

@@ -571,9 +571,19 @@ impl Kernel {
     }
 
     /// The seed of `tracer_common::token_hash` the kernel uses in this run (random, from
-    /// /dev/urandom at load). Hash a token with it to block it.
+    /// /dev/urandom at load, unless `set_token_seed` replaced it). Hash a token with it to
+    /// block it.
     pub fn token_seed(&self) -> u64 {
         self.token_seed
+    }
+
+    /// Uses `seed` for token hashes from now on (before any token is blocked or session
+    /// handed over: the agent derives it from its secret, so the hashes it keeps of sessions
+    /// stay valid across restarts).
+    pub fn set_token_seed(&mut self, seed: u64) -> Result<(), EnforceError> {
+        self.token_seed = seed;
+        let on = self.tenant_checks || self.blocked_tokens() > 0;
+        self.set_token_scan(on)
     }
 
     /// The patterns after which the kernel looks for tokens in what an edge process reads, e.g.

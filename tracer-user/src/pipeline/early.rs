@@ -79,8 +79,11 @@ pub fn tenant_patterns(routes: &RouteTable) -> (Vec<(Vec<u8>, u8)>, Vec<String>)
     (out, skipped)
 }
 
-/// Held requests of a session whose tenant stays unknown before the kernel stops holding them.
-const TENANTLESS_HOLDS: u8 = 2;
+/// Held requests of a session whose tenant stays unknown before the kernel stops holding them:
+/// one. By the time the agent judges a held request it has read every answer sent before it
+/// (the hold wakes it), so a school named by an earlier answer (`/api/me`) is known; none
+/// will come later for this request.
+const TENANTLESS_HOLDS: u8 = 1;
 
 /// Why a request was stopped at read time (the counter's reason).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,6 +131,29 @@ impl Pipeline {
     /// patterns): from now on each session token seen with its tenant is handed to it.
     pub fn set_kernel_tenant_checks(&mut self, on: bool) {
         self.kernel_tenants = if on { Some(Default::default()) } else { None };
+    }
+
+    /// Hands the kernel every learned session of a known user (at start: the sessions came
+    /// back from disk with their kernel hashes), with its tenant or 0 when none is known, so
+    /// their requests are checked in the kernel and not held.
+    pub fn hand_kernel_sessions(&mut self) {
+        let (Some(seen), Some(at)) = (self.kernel_tenants.as_mut(), self.attributor.as_ref())
+        else {
+            return;
+        };
+        for (token, tenant) in at.kernel_sessions() {
+            // A session of a known user whose tenant is not known: 0 (see
+            // `check_session_tenant`).
+            let th = tenant.unwrap_or(0);
+            if seen.len() >= tracer_common::MAX_SESSION_TENANTS as usize {
+                break;
+            }
+            seen.insert(token, th);
+            self.fx.kernel.push(Action::SessionTenant {
+                hash: token,
+                tenant: th,
+            });
+        }
     }
 
     /// Hands the kernel a session token's tenant when it is new or changed, so the kernel
