@@ -531,11 +531,20 @@ fn operator_block_survives_relogin_and_unblock_restores() -> Result<()> {
         .iter()
         .filter(|r| get(r, "abook.enforcement.blocked").as_bool() == Some(true))
         .collect();
+    // The user's login name hash (from its login records): a login attempt stopped before its
+    // answer names the user only by it.
+    let hashes: Vec<&str> = front
+        .iter()
+        .filter(|r| get(r, "user.id").as_str() == Some(uid.as_str()))
+        .filter_map(|r| get(r, "user.hash").as_str())
+        .collect();
+    ensure!(!hashes.is_empty(), "no login record of the user");
     ensure!(
         !blocked.is_empty()
-            && blocked
-                .iter()
-                .all(|r| get(r, "user.id").as_str() == Some(uid.as_str())),
+            && blocked.iter().all(|r| {
+                get(r, "user.id").as_str() == Some(uid.as_str())
+                    || get(r, "user.hash").as_str().is_some_and(|h| hashes.contains(&h))
+            }),
         "access records of blocked calls: {blocked:?}"
     );
     Ok(())

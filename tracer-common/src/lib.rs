@@ -393,7 +393,7 @@ pub const BLOCK_F_TOKEN: BlockValue = 1 << 0;
 /// they pass again. The agent releases it (removes the entry) or blocks it (overwrites it).
 pub const BLOCK_F_HOLD: BlockValue = 1 << 1;
 /// How long the kernel holds a connection's answers at most when the agent does not judge.
-pub const HOLD_NS: u64 = 250_000_000;
+pub const HOLD_NS: u64 = 1_000_000_000;
 /// The deadline of a `BLOCK_F_HOLD` value.
 pub const fn hold_deadline(v: BlockValue) -> u64 {
     v & !0xff
