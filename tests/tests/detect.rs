@@ -543,7 +543,9 @@ fn operator_block_survives_relogin_and_unblock_restores() -> Result<()> {
         !blocked.is_empty()
             && blocked.iter().all(|r| {
                 get(r, "user.id").as_str() == Some(uid.as_str())
-                    || get(r, "user.hash").as_str().is_some_and(|h| hashes.contains(&h))
+                    || get(r, "user.hash")
+                        .as_str()
+                        .is_some_and(|h| hashes.contains(&h))
             }),
         "access records of blocked calls: {blocked:?}"
     );
