@@ -3,7 +3,7 @@
 //! operator, then sends each crafted form of a request on a fresh connection. At the client,
 //! no answer may come back for any of them; an honest pupil's same forms are answered.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context as _, Result};
 use serde_json::{json, Value};
@@ -193,22 +193,33 @@ fn login(url: &str, cert: &str, a: &Value, jar: &Path) -> Result<(String, String
     Ok((sid, jwt))
 }
 
-#[test]
-fn a_blocked_pupil_gets_no_answer_to_any_crafted_request() -> Result<()> {
+/// The demo platform behind nginx/TLS (`vulnerable`: the flaw switched on) in a scratch
+/// directory: the directory, the TLS port, the platform and its dataset.
+fn platform(name: &str, vulnerable: bool) -> Result<(PathBuf, u16, Platform, Value)> {
     require_root()?;
-    let dir = scratch("crafted");
+    let dir = scratch(name);
     let (tls_port, app_port) = (free_port(), free_port());
-    let platform = Platform::up(&dir.join("platform"), tls_port, app_port, false)?;
+    let platform = Platform::up(&dir.join("platform"), tls_port, app_port, vulnerable)?;
     let ds: Value = serde_json::from_str(&std::fs::read_to_string(
         platform.info["dataset"].as_str().unwrap_or_default(),
     )?)?;
-    let pupils: Vec<&Value> = ds["accounts"]
+    Ok((dir, tls_port, platform, ds))
+}
+
+/// The dataset's pupil accounts, in order.
+fn pupils(ds: &Value) -> Result<Vec<&Value>> {
+    Ok(ds["accounts"]
         .as_array()
         .context("accounts")?
         .iter()
         .filter(|a| a["role"] == "pupil")
-        .take(2)
-        .collect();
+        .collect())
+}
+
+#[test]
+fn a_blocked_pupil_gets_no_answer_to_any_crafted_request() -> Result<()> {
+    let (dir, tls_port, platform, ds) = platform("crafted", false)?;
+    let pupils = pupils(&ds)?;
     let (x, y) = (pupils[0], pupils[1]);
     let agent = Agent::start(&dir.join("agent"), &demo_config(&platform)?)?;
     let cert = platform.cert();
@@ -296,19 +307,8 @@ type Target = fn(&str, &str) -> String;
 /// agent has judged the request. The same pupils' calls about their own school are answered.
 #[test]
 fn the_manipulated_call_never_gets_an_answer() -> Result<()> {
-    require_root()?;
-    let dir = scratch("crafted-tenant");
-    let (tls_port, app_port) = (free_port(), free_port());
-    let platform = Platform::up(&dir.join("platform"), tls_port, app_port, true)?;
-    let ds: Value = serde_json::from_str(&std::fs::read_to_string(
-        platform.info["dataset"].as_str().unwrap_or_default(),
-    )?)?;
-    let pupils: Vec<&Value> = ds["accounts"]
-        .as_array()
-        .context("accounts")?
-        .iter()
-        .filter(|a| a["role"] == "pupil")
-        .collect();
+    let (dir, tls_port, platform, ds) = platform("crafted-tenant", true)?;
+    let pupils = pupils(&ds)?;
     let agent = Agent::start(&dir.join("agent"), &demo_config(&platform)?)?;
     let cert = platform.cert();
     let url = format!("https://127.0.0.1:{tls_port}");

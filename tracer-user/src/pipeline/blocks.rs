@@ -36,6 +36,14 @@ impl Pipeline {
                 .add_reason(Metric::EnforcementHitsUnmatched, "token_unknown", 1);
             return;
         };
+        self.kernel_blocked(id, decision);
+    }
+
+    /// The kernel blocked connection `id` itself (a refused request): the agent owns the block
+    /// from now on under `decision`, resets the connection, and unblocks it when it closes.
+    /// Unlike `block_conn` this does not ask whether enforcement is on: the kernel already
+    /// acted.
+    pub(super) fn kernel_blocked(&mut self, id: ConnId, decision: String) {
         if let Some(c) = self.conns.get_mut(&id) {
             if c.blocked_by.is_none() {
                 if let Some(tuple) = c.tuple {

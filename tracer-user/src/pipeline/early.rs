@@ -137,23 +137,38 @@ impl Pipeline {
     /// back from disk with their kernel hashes), with its tenant or 0 when none is known, so
     /// their requests are checked in the kernel and not held.
     pub fn hand_kernel_sessions(&mut self) {
-        let (Some(seen), Some(at)) = (self.kernel_tenants.as_mut(), self.attributor.as_ref())
-        else {
+        let (Some(_), Some(at)) = (self.kernel_tenants.as_ref(), self.attributor.as_ref()) else {
             return;
         };
         for (token, tenant) in at.kernel_sessions() {
             // A session of a known user whose tenant is not known: 0 (see
             // `check_session_tenant`).
-            let th = tenant.unwrap_or(0);
-            if seen.len() >= tracer_common::MAX_SESSION_TENANTS as usize {
+            if self.kernel_tenants.as_ref().map_or(0, |s| s.len())
+                >= tracer_common::MAX_SESSION_TENANTS as usize
+            {
                 break;
             }
-            seen.insert(token, th);
-            self.fx.kernel.push(Action::SessionTenant {
-                hash: token,
-                tenant: th,
-            });
+            self.hand_session(token, tenant.unwrap_or(0));
         }
+    }
+
+    /// Tells the kernel session `token`'s tenant hash `th`, unless it was told exactly that.
+    fn hand_session(&mut self, token: u64, th: u64) {
+        let Some(seen) = self.kernel_tenants.as_mut() else {
+            return;
+        };
+        if seen.get(&token) == Some(&th) {
+            return;
+        }
+        // Only a cache of what the kernel was told: forgetting it re-sends, nothing else.
+        if seen.len() >= tracer_common::MAX_SESSION_TENANTS as usize {
+            seen.clear();
+        }
+        seen.insert(token, th);
+        self.fx.kernel.push(Action::SessionTenant {
+            hash: token,
+            tenant: th,
+        });
     }
 
     /// Hands the kernel a session token's tenant when it is new or changed, so the kernel
@@ -190,21 +205,7 @@ impl Pipeline {
             }
             _ => return,
         };
-        let Some(seen) = self.kernel_tenants.as_mut() else {
-            return;
-        };
-        if seen.get(&token) == Some(&th) {
-            return;
-        }
-        // Only a cache of what the kernel was told: forgetting it re-sends, nothing else.
-        if seen.len() >= tracer_common::MAX_SESSION_TENANTS as usize {
-            seen.clear();
-        }
-        seen.insert(token, th);
-        self.fx.kernel.push(Action::SessionTenant {
-            hash: token,
-            tenant: th,
-        });
+        self.hand_session(token, th);
     }
 
     /// The kernel refused a request on connection `id` because it named another tenant than its
@@ -215,14 +216,7 @@ impl Pipeline {
             .add_reason(Metric::EnforcementRequestsStopped, "kernel_cross_tenant", 1);
         let rule = self.cross_tenant_blocks().map(str::to_string);
         let decision = format!("rule:{}", rule.as_deref().unwrap_or("cross_tenant"));
-        if let Some(c) = self.conns.get_mut(&id) {
-            if c.blocked_by.is_none() {
-                if let Some(tuple) = c.tuple {
-                    c.blocked_by = Some(decision.clone());
-                    self.fx.kernel.push(Action::BlockConn { tuple, decision });
-                }
-            }
-        }
+        self.kernel_blocked(id, decision);
     }
 
     /// The first cross-tenant rule that blocks (not in shadow mode).
@@ -487,6 +481,34 @@ mod tests {
         )
     }
 
+    /// A blocking cross-tenant rule.
+    fn cross_tenant_rule() -> Rule {
+        Rule {
+            id: "xt".into(),
+            name: "cross tenant".into(),
+            kind: RuleKind::CrossTenant,
+            by: By::User,
+            routes: vec![],
+            shadow: false,
+            block: vec![std::time::Duration::from_secs(600)],
+            scope: BlockScope::User,
+        }
+    }
+
+    /// Pupil `u1` of sch-01 logs in on connection 1 and gets session `abc`.
+    fn log_in(p: &mut Pipeline) -> Effects {
+        let body = r#"{"userId":"u1","school":"sch-01"}"#;
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nSet-Cookie: sid=abc; Path=/\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        p.handle([
+            open(1),
+            data(1, DIR_IN, 0, login("pupil").as_bytes()),
+            data(1, DIR_OUT, 0, resp.as_bytes()),
+        ])
+    }
+
     fn blocked_conns(fx: &Effects) -> Vec<u16> {
         fx.kernel
             .iter()
@@ -559,27 +581,8 @@ mod tests {
     /// is read, before any answer; a call to its own school is not.
     #[test]
     fn a_cross_tenant_attempt_is_stopped_before_its_answer() {
-        let (mut p, stats) = pipeline_with(vec![Rule {
-            id: "xt".into(),
-            name: "cross tenant".into(),
-            kind: RuleKind::CrossTenant,
-            by: By::User,
-            routes: vec![],
-            shadow: false,
-            block: vec![std::time::Duration::from_secs(600)],
-            scope: BlockScope::User,
-        }]);
-        let req = login("pupil");
-        let body = r#"{"userId":"u1","school":"sch-01"}"#;
-        let resp = format!(
-            "HTTP/1.1 200 OK\r\nSet-Cookie: sid=abc; Path=/\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        let fx = p.handle([
-            open(1),
-            data(1, DIR_IN, 0, req.as_bytes()),
-            data(1, DIR_OUT, 0, resp.as_bytes()),
-        ]);
+        let (mut p, stats) = pipeline_with(vec![cross_tenant_rule()]);
+        let fx = log_in(&mut p);
         assert_eq!(fx.access.len(), 1);
         assert!(blocked_conns(&fx).is_empty());
         let fx = p.handle([
@@ -668,29 +671,11 @@ mod tests {
     /// its connection and is counted.
     #[test]
     fn sessions_are_handed_to_the_kernel_with_their_school() {
-        let (mut p, stats) = pipeline_with(vec![Rule {
-            id: "xt".into(),
-            name: "cross tenant".into(),
-            kind: RuleKind::CrossTenant,
-            by: By::User,
-            routes: vec![],
-            shadow: false,
-            block: vec![std::time::Duration::from_secs(600)],
-            scope: BlockScope::User,
-        }]);
+        let (mut p, stats) = pipeline_with(vec![cross_tenant_rule()]);
         let (pats, _) = p.kernel_tenant_patterns();
         assert_eq!(pats, vec![(b"/s/".to_vec(), scan::PK_TENANT_PATH)]);
         p.set_kernel_tenant_checks(true);
-        let body = r#"{"userId":"u1","school":"sch-01"}"#;
-        let resp = format!(
-            "HTTP/1.1 200 OK\r\nSet-Cookie: sid=abc; Path=/\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        let fx = p.handle([
-            open(1),
-            data(1, DIR_IN, 0, login("pupil").as_bytes()),
-            data(1, DIR_OUT, 0, resp.as_bytes()),
-        ]);
+        let fx = log_in(&mut p);
         let handed = |fx: &Effects| -> Vec<(u64, u64)> {
             fx.kernel
                 .iter()
@@ -734,27 +719,9 @@ mod tests {
     /// closes first is released too.
     #[test]
     fn held_requests_are_judged_then_released_or_stopped() {
-        let (mut p, stats) = pipeline_with(vec![Rule {
-            id: "xt".into(),
-            name: "cross tenant".into(),
-            kind: RuleKind::CrossTenant,
-            by: By::User,
-            routes: vec![],
-            shadow: false,
-            block: vec![std::time::Duration::from_secs(600)],
-            scope: BlockScope::User,
-        }]);
+        let (mut p, stats) = pipeline_with(vec![cross_tenant_rule()]);
         p.set_kernel_tenant_checks(true);
-        let body = r#"{"userId":"u1","school":"sch-01"}"#;
-        let resp = format!(
-            "HTTP/1.1 200 OK\r\nSet-Cookie: sid=abc; Path=/\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        p.handle([
-            open(1),
-            data(1, DIR_IN, 0, login("pupil").as_bytes()),
-            data(1, DIR_OUT, 0, resp.as_bytes()),
-        ]);
+        log_in(&mut p);
         let hold = |fd: u32| Event::EnforceHit {
             hdr: EventHeader {
                 kind: KIND_ENFORCE_HIT,
