@@ -207,7 +207,6 @@ impl ConnParser {
             return;
         }
         self.closed = true;
-        self.sh.closing = true;
         self.ends_known = ends.is_some();
         for (i, d) in self.dirs.iter_mut().enumerate() {
             match ends {
@@ -215,6 +214,21 @@ impl ConnParser {
                 None => d.stream.flush_all(),
             }
         }
+        // What can be parsed without guessing first; then a request head cut by the close
+        // becomes its request, so that an answer waiting for it is not guessed.
+        loop {
+            let mut progress = false;
+            for d in &mut self.dirs {
+                progress |= d.run(&mut self.sh);
+            }
+            if !progress {
+                break;
+            }
+        }
+        for d in &mut self.dirs {
+            d.finish_cut_request(&mut self.sh);
+        }
+        self.sh.closing = true;
         // Parse everything first, without pairing: a direction still resynchronising at the
         // end adds its loss marker in `finish_at_close`, and pairing must see it.
         loop {

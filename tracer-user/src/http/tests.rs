@@ -1405,6 +1405,23 @@ mod prop {
     fn check_sound(ex: &[Exchange]) -> Result<(), TestCaseError> {
         let mut seen = std::collections::HashSet::new();
         for e in ex {
+            let cut_short =
+                e.anomalies().contains(&"request_head_cut") && !e.request.target.contains('?');
+            if cut_short {
+                // A head cut by the close is recorded as far as it was read: its target is
+                // a prefix of one sent (and its id, if any, may itself be cut).
+                prop_assert!(
+                    "/item/".starts_with(&e.request.target)
+                        || e.request.target.starts_with("/item/"),
+                    "unexpected cut target {}",
+                    e.request.target
+                );
+                prop_assert!(
+                    seen.insert(e.request.target.clone()),
+                    "request emitted twice"
+                );
+                continue;
+            }
             let id = e
                 .request
                 .target

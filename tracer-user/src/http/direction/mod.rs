@@ -625,7 +625,12 @@ impl DirState {
                 },
             );
         }
-        sh.pairing.push_request_head(msg.seq, ts, Class::Other);
+        // A refused HEAD's answer is header-only too (nginx and Apache keep the method).
+        let class = match &msg.start {
+            Start::Req { method, .. } if method == "HEAD" => Class::Head,
+            _ => Class::Other,
+        };
+        sh.pairing.push_request_head(msg.seq, ts, class);
         Phase::Body {
             msg,
             framing: Framing::Close,
@@ -1092,6 +1097,29 @@ impl DirState {
         }
     }
 
+    /// At close, before any answer is guessed: a request head cut by the close becomes its
+    /// request (as far as it was read), so the answer waiting for it learns its method (a
+    /// HEAD's answer has no body).
+    pub(super) fn finish_cut_request(&mut self, sh: &mut Shared) {
+        let cut = matches!(&self.phase, Phase::Head(h)
+            if sh.kind_of(self.dir) == Kind::Request && cut_request_line(&h.buf).is_some());
+        if !cut {
+            return;
+        }
+        if let Phase::Head(h) = std::mem::replace(&mut self.phase, Phase::Dead) {
+            // The server answered (or gave up on) a head it had not read whole: the
+            // request is recorded with what was read, and pairs with that answer.
+            let why = Anomaly::RequestHeadCut {
+                dir: self.dir,
+                pos: h.start_pos,
+            };
+            let ts = self.wm_ns;
+            if let Phase::Body { msg, .. } = self.refused_head(sh, &h, why, ts) {
+                self.finish_request(sh, msg, true);
+            }
+        }
+    }
+
     /// At close: finish what can be finished.
     pub(super) fn finish_at_close(&mut self, sh: &mut Shared) {
         let kind = sh.kind_of(self.dir);
@@ -1113,16 +1141,8 @@ impl DirState {
                 self.finish_response(sh, msg, false, false, false);
             }
             Phase::Head(h) if kind == Kind::Request && cut_request_line(&h.buf).is_some() => {
-                // The server answered (or gave up on) a head it had not read whole: the
-                // request is recorded with what was read, and pairs with that answer.
-                let why = Anomaly::RequestHeadCut {
-                    dir: self.dir,
-                    pos: h.start_pos,
-                };
-                let ts = self.wm_ns;
-                if let Phase::Body { msg, .. } = self.refused_head(sh, &h, why, ts) {
-                    self.finish_request(sh, msg, true);
-                }
+                self.phase = Phase::Head(h);
+                self.finish_cut_request(sh);
             }
             Phase::Head(h) => {
                 sh.anomaly(Anomaly::TruncatedAtClose { dir: self.dir });
