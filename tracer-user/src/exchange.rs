@@ -111,6 +111,8 @@ pub struct Exchange {
     /// Set when this connection switched protocols (101 Upgrade or a 2xx CONNECT) after this
     /// exchange; nothing after it on the connection is parsed as HTTP/1.
     pub upgraded: bool,
+    /// The HTTP/2 stream this exchange was (`None`: HTTP/1).
+    pub stream_id: Option<u32>,
 }
 
 impl Exchange {

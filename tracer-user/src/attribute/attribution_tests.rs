@@ -55,6 +55,7 @@ fn ex(
         }),
         completeness: Completeness::Complete,
         upgraded: false,
+        stream_id: None,
     }
 }
 

@@ -67,9 +67,12 @@ pub enum Anomaly {
     },
     PipelineOverflow,
     FramingGuessWrong,
-    Http2Preface {
+    /// Something of HTTP/2 framing, HPACK or streams (`h2_*`), or of a message in a stream.
+    Http2 {
         dir: Dir,
+        reason: &'static str,
     },
+
     TlsRecordOnPlaintext {
         dir: Dir,
     },
@@ -134,7 +137,7 @@ impl Anomaly {
             Anomaly::ResponseWithoutRequest { .. } => "response_without_request",
             Anomaly::PipelineOverflow => "pipeline_overflow",
             Anomaly::FramingGuessWrong => "framing_guess_wrong",
-            Anomaly::Http2Preface { .. } => "http2_preface",
+            Anomaly::Http2 { reason, .. } => reason,
             Anomaly::TlsRecordOnPlaintext { .. } => "tls_record_on_plaintext",
             Anomaly::GzipError { .. } => "gzip_error",
             Anomaly::DeflateError { .. } => "deflate_error",

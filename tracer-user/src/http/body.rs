@@ -1,5 +1,5 @@
 //! Collecting one message's body: its length on the wire, the bytes kept (bounded), holes, and
-//! gzip/deflate decoding that can neither panic nor grow without bound.
+//! gzip/deflate/br decoding that can neither panic nor grow without bound.
 
 use std::io::Write;
 
@@ -78,6 +78,8 @@ enum Decoder {
         replay: Option<Vec<u8>>,
     },
     Raw(DeflateDecoder<Sink>),
+    /// `br` (browsers ask for it, and servers may send it).
+    Brotli(Box<brotli_decompressor::DecompressorWriter<Sink>>),
 }
 
 impl Decoder {
@@ -89,6 +91,9 @@ impl Decoder {
                 dec: ZlibDecoder::new(sink),
                 replay: Some(Vec::new()),
             },
+            Encoding::Brotli => Decoder::Brotli(Box::new(
+                brotli_decompressor::DecompressorWriter::new(sink, 4096),
+            )),
         }
     }
 
@@ -97,6 +102,7 @@ impl Decoder {
             Decoder::Gzip(d) => d.get_mut(),
             Decoder::Zlib { dec, .. } => dec.get_mut(),
             Decoder::Raw(d) => d.get_mut(),
+            Decoder::Brotli(d) => d.get_mut(),
         }
     }
 
@@ -105,6 +111,7 @@ impl Decoder {
             Decoder::Gzip(d) => d.write(input),
             Decoder::Zlib { dec, .. } => dec.write(input),
             Decoder::Raw(d) => d.write(input),
+            Decoder::Brotli(d) => d.write(input),
         }
     }
 
@@ -154,6 +161,7 @@ impl Decoder {
             Decoder::Gzip(d) => d.flush(),
             Decoder::Zlib { dec, .. } => dec.flush(),
             Decoder::Raw(d) => d.flush(),
+            Decoder::Brotli(d) => d.flush(),
         };
         let s = self.sink();
         Output {
@@ -170,6 +178,7 @@ impl Decoder {
             Decoder::Gzip(d) => d.try_finish(),
             Decoder::Zlib { dec, .. } => dec.try_finish(),
             Decoder::Raw(d) => d.try_finish(),
+            Decoder::Brotli(d) => d.close(),
         };
         r.map_err(|_| ())
     }

@@ -206,6 +206,7 @@ pub(super) fn transfer_encoding(headers: &[Header]) -> TeHeader {
 pub(super) enum Encoding {
     Gzip,
     Deflate,
+    Brotli,
 }
 
 impl Encoding {
@@ -213,6 +214,7 @@ impl Encoding {
         match self {
             Encoding::Gzip => "gzip",
             Encoding::Deflate => "deflate",
+            Encoding::Brotli => "br",
         }
     }
 }
@@ -227,6 +229,8 @@ pub(super) fn content_encoding(headers: &[Header]) -> Option<Encoding> {
         Some(Encoding::Gzip)
     } else if first.eq_ignore_ascii_case(b"deflate") {
         Some(Encoding::Deflate)
+    } else if first.eq_ignore_ascii_case(b"br") {
+        Some(Encoding::Brotli)
     } else {
         None
     }

@@ -102,6 +102,7 @@ mod anomaly;
 mod body;
 mod direction;
 mod framing;
+mod h2;
 mod leniency;
 mod pairing;
 pub mod reassembly;
@@ -137,6 +138,8 @@ pub struct ConnParser {
     closed: bool,
     /// `close_at` gave the final positions of both directions.
     ends_known: bool,
+    /// The connection speaks HTTP/2 (from the client's preface on).
+    h2: Option<Box<h2::H2Conn>>,
 }
 
 impl ConnParser {
@@ -161,9 +164,11 @@ impl ConnParser {
                 pairing,
                 anomalies: Vec::new(),
                 requests_read: None,
+                h2_start: None,
             },
             closed: false,
             ends_known: false,
+            h2: None,
         }
     }
 
@@ -224,6 +229,13 @@ impl ConnParser {
             if !progress {
                 break;
             }
+        }
+        if self.sh.protocol == ConnProtocol::Http2 {
+            self.pump_h2();
+            if let Some(h2) = self.h2.as_mut() {
+                h2.close(&mut self.sh);
+            }
+            return;
         }
         for d in &mut self.dirs {
             d.finish_cut_request(&mut self.sh);
@@ -292,6 +304,9 @@ impl ConnParser {
     }
 
     fn pump(&mut self) {
+        if self.h2.is_some() {
+            return self.pump_h2();
+        }
         loop {
             let mut progress = false;
             // Requests first, so that a response finds its request when both are ready.
@@ -307,6 +322,31 @@ impl ConnParser {
                 break;
             }
         }
+        if self.sh.protocol == ConnProtocol::Http2 {
+            self.pump_h2();
+        }
+    }
+
+    /// HTTP/2: every ready piece of both directions, the client's first.
+    fn pump_h2(&mut self) {
+        let Some((client, start)) = self.sh.h2_start else {
+            return;
+        };
+        let h2 = self.h2.get_or_insert_with(|| {
+            let mut c = Box::new(h2::H2Conn::new(client, &self.sh));
+            c.set_start(client, start);
+            c
+        });
+        for d in [client, client.other()] {
+            while let Some(piece) = self.dirs[d.idx()].take_piece() {
+                h2.piece(&mut self.sh, d, piece);
+            }
+        }
+    }
+
+    /// HTTP/2 frames parsed in each direction (inbound, outbound); `None` for HTTP/1.
+    pub fn h2_frames(&self) -> Option<[u64; 2]> {
+        self.h2.as_ref().map(|h| h.frames)
     }
 
     fn pump_pairing(&mut self) -> bool {

@@ -204,6 +204,7 @@ impl Pairing {
             response,
             completeness: c,
             upgraded: up,
+            stream_id: None,
         });
     }
 

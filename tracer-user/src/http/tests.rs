@@ -544,7 +544,7 @@ fn refused_connect_goes_on_as_http() {
 }
 
 #[test]
-fn http2_preface_is_not_parsed() {
+fn http2_preface_switches_to_http2() {
     let mut c = Conn::server();
     c.send_split(
         IN,
@@ -552,10 +552,12 @@ fn http2_preface_is_not_parsed() {
         5,
     );
     c.send(OUT, b"\x00\x00\x00\x04\x01\x00\x00\x00\x00");
-    assert_eq!(c.p.state(), ConnProtocol::Http2Unsupported);
-    assert_eq!(c.reasons(), vec!["http2_preface"]);
-    assert!(c.close().is_empty());
+    assert_eq!(c.p.state(), ConnProtocol::Http2);
     assert!(c.reasons().is_empty());
+    assert_eq!(c.p.h2_frames(), Some([0, 1]));
+    // The client's SETTINGS frame was cut by the close.
+    assert!(c.close().is_empty());
+    assert_eq!(c.reasons(), vec!["truncated_at_close"]);
 }
 
 #[test]

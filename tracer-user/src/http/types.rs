@@ -26,6 +26,13 @@ impl Dir {
             Dir::Outbound => 1,
         }
     }
+
+    pub(super) fn other(self) -> Dir {
+        match self {
+            Dir::Inbound => Dir::Outbound,
+            Dir::Outbound => Dir::Inbound,
+        }
+    }
 }
 
 /// Which side of the connection the traced process is.
@@ -44,8 +51,8 @@ pub enum Role {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ConnProtocol {
     Http1,
-    /// Started with the HTTP/2 preface; nothing is parsed.
-    Http2Unsupported,
+    /// Started with the HTTP/2 preface: parsed as HTTP/2 from there.
+    Http2,
     /// TLS records where plaintext was expected; nothing is parsed.
     TlsOnPlaintext,
     /// Switched protocols (101, or a 2xx answer to CONNECT); nothing after is parsed.

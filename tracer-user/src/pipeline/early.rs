@@ -298,6 +298,7 @@ impl Pipeline {
             response: None,
             completeness: Completeness::NoResponse,
             upgraded: false,
+            stream_id: None,
         };
         let who = attributor.attribute(&ex, login_route, peer, &self.scratch_stats);
         // The kernel learns the session's tenant now if it had not (so its next request is

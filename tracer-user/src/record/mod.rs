@@ -592,7 +592,11 @@ pub fn record<'a>(ctx: &'a RecordContext<'a>) -> Record<'a> {
             outcome,
         },
         http: HttpFields {
-            version: if req.minor_version == 0 { "1.0" } else { "1.1" },
+            version: match (ex.stream_id, req.minor_version) {
+                (Some(_), _) => "2",
+                (None, 0) => "1.0",
+                (None, _) => "1.1",
+            },
             request: HttpRequest {
                 method: &req.method,
                 body: Bytes_ {
@@ -895,6 +899,7 @@ mod tests {
             }),
             completeness: Completeness::Complete,
             upgraded: false,
+            stream_id: None,
         }
     }
 
@@ -1064,6 +1069,7 @@ mod tests {
             response: None,
             completeness: Completeness::NoResponse,
             upgraded: false,
+            stream_id: None,
         };
         let p = ProcessInfo {
             pid: 9,

@@ -64,6 +64,9 @@ pub(super) struct Shared {
     pub(super) anomalies: Vec<Anomaly>,
     /// Requests as soon as they are read, for checks before the answer (`None`: not wanted).
     pub(super) requests_read: Option<Vec<super::RequestRead>>,
+    /// Where HTTP/2 starts: the direction that sent the preface and the position after its
+    /// first line.
+    pub(super) h2_start: Option<(Dir, u64)>,
 }
 
 impl Shared {
@@ -91,7 +94,7 @@ impl Shared {
     fn terminal(&self) -> bool {
         matches!(
             self.protocol,
-            ConnProtocol::Http2Unsupported | ConnProtocol::TlsOnPlaintext | ConnProtocol::Upgraded
+            ConnProtocol::Http2 | ConnProtocol::TlsOnPlaintext | ConnProtocol::Upgraded
         )
     }
 }
@@ -249,6 +252,12 @@ impl DirState {
         }
     }
 
+    /// The next piece for HTTP/2: the rest of a piece the HTTP/1 parser stopped in, then the
+    /// stream's.
+    pub(super) fn take_piece(&mut self) -> Option<Piece> {
+        self.cur.take().or_else(|| self.stream.next_piece())
+    }
+
     /// Between a gap and the next message: a loss marker may still follow.
     pub(super) fn resyncing(&self) -> bool {
         matches!(self.phase, Phase::Resync(_))
@@ -301,7 +310,24 @@ impl DirState {
     /// Consume what can be consumed. Returns whether anything changed.
     pub(super) fn run(&mut self, sh: &mut Shared) -> bool {
         let mut progress = false;
+        if sh.protocol == ConnProtocol::Http2 {
+            return progress;
+        }
+        if self.fresh
+            && sh.protocol == ConnProtocol::Unknown
+            && !sh.closing
+            && sh.role != Role::Unknown
+            && sh.kind_of(self.dir) == Kind::Response
+            && self.stream.ready_bytes() <= sh.limits.stream.max_pending_bytes
+        {
+            // What the server writes before the client's first bytes decided the protocol
+            // waits (an HTTP/2 server's SETTINGS come before the client's preface is read).
+            return progress;
+        }
         loop {
+            if sh.protocol == ConnProtocol::Http2 {
+                return progress;
+            }
             if sh.terminal() && !matches!(self.phase, Phase::Dead) {
                 self.phase = Phase::Dead;
                 progress = true;
@@ -376,6 +402,10 @@ impl DirState {
         let mut off = 0;
         let mut idle_rounds = 0;
         while off < bytes.len() {
+            if sh.protocol == ConnProtocol::Http2 {
+                // The rest is HTTP/2's (`DirState::take_piece`).
+                break;
+            }
             if sh.terminal() {
                 self.phase = Phase::Dead;
             }
@@ -459,8 +489,9 @@ impl DirState {
                 match start_check(&h.buf) {
                     StartCheck::NeedMore => return (Phase::Head(h), take),
                     StartCheck::Http2 => {
-                        sh.anomaly(Anomaly::Http2Preface { dir: self.dir });
-                        sh.protocol = ConnProtocol::Http2Unsupported;
+                        // HTTP/2 from the byte after this line on (`super::h2`).
+                        sh.protocol = ConnProtocol::Http2;
+                        sh.h2_start = Some((self.dir, h.start_pos + h.buf.len() as u64));
                         return (Phase::Dead, take);
                     }
                     StartCheck::Tls => {
