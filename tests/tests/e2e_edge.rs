@@ -800,6 +800,11 @@ fn http2_exchanges_are_recorded_exactly() -> Result<()> {
         !anomalies.keys().any(|k| k.contains("h2_")),
         "HTTP/2 anomalies on clean traffic: {anomalies:?}"
     );
+    let h2_conns = stats.agent("connections_protocol_total{protocol=\"h2\"}");
+    ensure!(
+        h2_conns == CONNECTIONS,
+        "connections_protocol_total{{protocol=\"h2\"}} = {h2_conns}, expected {CONNECTIONS}"
+    );
     let parsed = stats.agent("exchanges_parsed_total");
     ensure!(
         parsed == CONNECTIONS * PER_CONNECTION as u64,

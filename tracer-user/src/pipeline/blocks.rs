@@ -10,6 +10,7 @@ use crate::{
     attribute::attribution::Attribution,
     detect::decide::{Decision, EndReason, Scope},
     exchange::Tuple,
+    http::ConnProtocol,
     record::security::{self, Phase},
     stats::Metric,
 };
@@ -21,6 +22,15 @@ impl Pipeline {
             self.release_hold(id, placed, "closed");
         }
         if let Some(c) = self.conns.remove(&id) {
+            let protocol = match c.parser.state() {
+                ConnProtocol::Http1 => "http1",
+                ConnProtocol::Http2 => "h2",
+                ConnProtocol::TlsOnPlaintext => "tls_on_plaintext",
+                ConnProtocol::Upgraded => "upgraded",
+                ConnProtocol::Unknown => "unknown",
+            };
+            self.stats
+                .add_label(Metric::ConnectionsProtocol, "protocol", protocol, 1);
             if let (Some(_), Some(tuple)) = (c.blocked_by, c.tuple) {
                 self.fx.kernel.push(Action::UnblockConn { tuple });
             }

@@ -84,6 +84,8 @@ metrics! {
         "Traced connections that ended.";
     ConnectionsOpened = "connections_opened_total", Counter,
         "Traced connections seen opening (origin=\"midstream\": already open when first seen).";
+    ConnectionsProtocol = "connections_protocol_total", Counter,
+        "Traced connections that ended, by the protocol they spoke (http1, h2; tls_on_plaintext, upgraded and unknown are not parsed).";
     CrossTenantAttempts = "cross_tenant_attempts_total", Counter,
         "Requests that named a tenant other than the caller's in the route's tenant parameter.";
     DecisionsEnded = "decisions_ended_total", Counter,
