@@ -17,7 +17,7 @@ use anyhow::{bail, Context as _, Result};
 use crate::{root, run_cmd, step};
 
 /// The targets, in the order they run.
-pub const TARGETS: [&str; 4] = ["http1", "decode", "jsonpath", "token_scan"];
+pub const TARGETS: [&str; 5] = ["http1", "h2", "decode", "jsonpath", "token_scan"];
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// What one target's run did.
@@ -210,6 +210,7 @@ fn seed(target: &str, corpus: &Path) -> Result<usize> {
                 )
             })
             .collect(),
+        "h2" => vec![h2_input()],
         "jsonpath" => [
             ("$.id", r#"{"id":7}"#),
             ("$.data[*].id", r#"{"data":[{"id":1},{"id":"2"}]}"#),
@@ -239,6 +240,35 @@ fn seed(target: &str, corpus: &Path) -> Result<usize> {
         fs::write(corpus.join(format!("seed-{i:04}")), s)?;
     }
     Ok(seeds.len())
+}
+
+/// The `h2` target's input: after the preface (which the target sends), the client's SETTINGS
+/// and a GET with a cookie crumb, the server's SETTINGS, a 200 and a padded DATA frame.
+fn h2_input() -> Vec<u8> {
+    let frame = |typ: u8, flags: u8, sid: u32, payload: &[u8]| {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend([typ, flags]);
+        f.extend(sid.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    };
+    // :method GET, :scheme https, :path /, :authority "s", cookie "sid=ab" (literals with
+    // indexed names, never Huffman).
+    let block = [&[0x82, 0x87, 0x84, 0x41, 1, b's', 0x60, 6][..], b"sid=ab"].concat();
+    let client = [frame(4, 0, 0, &[]), frame(1, 0x5, 1, &block)].concat();
+    let server = [
+        frame(4, 0, 0, &[]),
+        frame(1, 0x4, 1, &[0x88]),
+        frame(0, 0x9, 1, &[1, b'{', b'}', 0]),
+    ]
+    .concat();
+    let mut out = vec![0u8];
+    for (dir, bytes) in [(0u8, &client), (1u8, &server)] {
+        out.push(((bytes.len() >> 8) as u8) << 3 | dir);
+        out.push((bytes.len() & 0xff) as u8);
+        out.extend_from_slice(bytes);
+    }
+    out
 }
 
 /// The `http1` target's input for one request and its answer: a server connection seen from its
