@@ -46,6 +46,7 @@ pub const KNOWN_ANOMALIES: &[&str] = &[
     "framing_guess_wrong",
     "h2_bad_preface",
     "h2_gap",
+    "h2_midstream",
     "h2_desync",
     "h2_protocol_error",
     "h2_continuation_expected",

@@ -53,6 +53,9 @@ pub enum ConnProtocol {
     Http1,
     /// Started with the HTTP/2 preface: parsed as HTTP/2 from there.
     Http2,
+    /// HTTP/2 frames from the first byte seen: a connection first seen mid-life, whose HPACK
+    /// state is unknown. Counted, not parsed (nothing is guessed).
+    Http2Midstream,
     /// TLS records where plaintext was expected; nothing is parsed.
     TlsOnPlaintext,
     /// Switched protocols (101, or a 2xx answer to CONNECT); nothing after is parsed.

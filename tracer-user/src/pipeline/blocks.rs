@@ -25,6 +25,7 @@ impl Pipeline {
             let protocol = match c.parser.state() {
                 ConnProtocol::Http1 => "http1",
                 ConnProtocol::Http2 => "h2",
+                ConnProtocol::Http2Midstream => "h2_midstream",
                 ConnProtocol::TlsOnPlaintext => "tls_on_plaintext",
                 ConnProtocol::Upgraded => "upgraded",
                 ConnProtocol::Unknown => "unknown",

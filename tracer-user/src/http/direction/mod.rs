@@ -94,7 +94,10 @@ impl Shared {
     fn terminal(&self) -> bool {
         matches!(
             self.protocol,
-            ConnProtocol::Http2 | ConnProtocol::TlsOnPlaintext | ConnProtocol::Upgraded
+            ConnProtocol::Http2
+                | ConnProtocol::Http2Midstream
+                | ConnProtocol::TlsOnPlaintext
+                | ConnProtocol::Upgraded
         )
     }
 }
@@ -120,6 +123,9 @@ pub(super) struct DirState {
 enum StartCheck {
     NeedMore,
     Http2,
+    /// An HTTP/2 frame header where a connection's first bytes were expected: one first seen
+    /// mid-life, its preface and HPACK state never seen.
+    Http2Midstream,
     Tls,
     Plain,
 }
@@ -129,6 +135,17 @@ fn start_check(buf: &[u8]) -> StartCheck {
     let Some(&b0) = buf.first() else {
         return StartCheck::NeedMore;
     };
+    if b0 == 0x00 {
+        // No HTTP/1 message starts with a NUL; an HTTP/2 frame (length < 64 KiB) does.
+        if buf.len() < 9 {
+            return StartCheck::NeedMore;
+        }
+        return if buf[3] <= 9 && buf[5] & 0x80 == 0 {
+            StartCheck::Http2Midstream
+        } else {
+            StartCheck::Plain
+        };
+    }
     if b0 == 0x16 {
         if buf.len() < 3 {
             return StartCheck::NeedMore;
@@ -492,6 +509,14 @@ impl DirState {
                         // HTTP/2 from the byte after this line on (`super::h2`).
                         sh.protocol = ConnProtocol::Http2;
                         sh.h2_start = Some((self.dir, h.start_pos + h.buf.len() as u64));
+                        return (Phase::Dead, take);
+                    }
+                    StartCheck::Http2Midstream => {
+                        sh.anomaly(Anomaly::Http2 {
+                            dir: self.dir,
+                            reason: "h2_midstream",
+                        });
+                        sh.protocol = ConnProtocol::Http2Midstream;
                         return (Phase::Dead, take);
                     }
                     StartCheck::Tls => {

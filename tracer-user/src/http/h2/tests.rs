@@ -485,6 +485,45 @@ fn padding_priority_continuation_and_table_size_settings() {
 }
 
 #[test]
+fn a_connection_first_seen_mid_life_is_counted_never_guessed() {
+    let log = traffic(
+        vec![
+            ("/a".into(), vec!["sid=a"], Vec::new()),
+            ("/b".into(), vec!["sid=a"], Vec::new()),
+        ],
+        Answer::Body {
+            n: 100,
+            trailer: false,
+        },
+    );
+    // Everything after the client's preface and first frames, as a capture that started late
+    // sees it: a frame boundary in each direction.
+    let inb: Vec<u8> = log
+        .iter()
+        .filter(|(d, _)| *d == Dir::Inbound)
+        .flat_map(|(_, b)| b.clone())
+        .collect();
+    let outb: Vec<u8> = log
+        .iter()
+        .filter(|(d, _)| *d == Dir::Outbound)
+        .flat_map(|(_, b)| b.clone())
+        .collect();
+    let skip_frame = |b: &[u8], at: usize| {
+        at + 9 + u32::from_be_bytes([0, b[at], b[at + 1], b[at + 2]]) as usize
+    };
+    let i0 = skip_frame(&inb, PREFACE.len());
+    let o0 = skip_frame(&outb, 0);
+    let mut p = ConnParser::new(Role::Server, false, ParserLimits::default());
+    p.data(Dir::Outbound, 0, 5, &outb[o0..]);
+    p.data(Dir::Inbound, 0, 10, &inb[i0..]);
+    p.close(20);
+    assert!(p.take_exchanges().is_empty());
+    let reasons: Vec<&str> = p.take_anomalies().iter().map(|a| a.reason()).collect();
+    assert_eq!(reasons, vec!["h2_midstream"]);
+    assert_eq!(p.state(), crate::http::ConnProtocol::Http2Midstream);
+}
+
+#[test]
 fn a_request_read_is_handed_over_before_its_answer() {
     let req = hpack(&[
         (":method", "GET"),
