@@ -277,15 +277,17 @@ def _static(d):
                 f.write(content)
 
 
-def render_config(d, tls_port, app_port, cert, key, user="root"):
+def render_config(d, tls_port, app_port, cert, key, user="root", h2_port=0):
     d = os.path.abspath(d)
     for sub in ("logs", "tmp", "static"):
         os.makedirs(os.path.join(d, sub), exist_ok=True)
     _static(d)
     with open(TEMPLATE, encoding="utf-8") as f:
         tmpl = string.Template(f.read())
+    h2_listen = f"listen {h2_port} ssl http2;" if h2_port else ""
     conf = tmpl.substitute(prefix=d, tls_port=tls_port, app_port=app_port,
-                           cert=os.path.abspath(cert), key=os.path.abspath(key), user=user)
+                           cert=os.path.abspath(cert), key=os.path.abspath(key), user=user,
+                           h2_listen=h2_listen)
     path = os.path.join(d, "nginx.conf")
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.write(conf)
@@ -431,12 +433,12 @@ def _children(pid):
 
 
 def up(d, tls_port=8443, app_port=8081, vulnerable=False, seed=7, timeout=30.0,
-       user="root", app_record=None):
+       user="root", app_record=None, h2_port=0):
     d = os.path.abspath(d)
     os.makedirs(d, exist_ok=True)
     app_record = os.path.abspath(app_record) if app_record else None
     want = {"tls_port": tls_port, "app_port": app_port, "vulnerable": bool(vulnerable),
-            "seed": seed, "app_record": app_record}
+            "seed": seed, "app_record": app_record, "h2_port": h2_port}
     st = status(d)
     if st["running"] and all(st.get(k) == v for k, v in want.items()):
         try:
@@ -445,12 +447,12 @@ def up(d, tls_port=8443, app_port=8081, vulnerable=False, seed=7, timeout=30.0,
         except PlatformError:
             pass
     down(d)  # different configuration, half-up, or stale: start from scratch
-    for port in (tls_port, app_port):
-        if not _port_free(port):
+    for port in (tls_port, app_port, h2_port):
+        if port and not _port_free(port):
             raise PlatformError(f"port {port} is in use by another process")
     cert, key = ensure_cert(d)
     dataset = ensure_dataset(d, seed)
-    render_config(d, tls_port, app_port, cert, key, user=user)
+    render_config(d, tls_port, app_port, cert, key, user=user, h2_port=h2_port)
     app_pid = start_app(d, app_port, vulnerable=vulnerable, seed=seed, timeout=timeout,
                         extra_args=(["--record", app_record] if app_record else []))
     try:
@@ -462,7 +464,7 @@ def up(d, tls_port=8443, app_port=8081, vulnerable=False, seed=7, timeout=30.0,
     info = {"nginx_master_pid": ngx_pid, "app_pid": app_pid, "tls_port": tls_port,
             "app_port": app_port, "cert": cert, "key": key, "dir": d,
             "dataset": dataset, "vulnerable": bool(vulnerable), "seed": seed,
-            "app_record": app_record}
+            "app_record": app_record, "h2_port": h2_port}
     with open(_state_path(d) + ".tmp", "w", encoding="utf-8") as f:
         json.dump(info, f, indent=1)
     os.replace(_state_path(d) + ".tmp", _state_path(d))
@@ -518,6 +520,8 @@ def main(argv=None):
     p_up.add_argument("--seed", type=int, default=7)
     p_up.add_argument("--timeout", type=float, default=30.0)
     p_up.add_argument("--user", default="root", help="nginx worker user")
+    p_up.add_argument("--h2-port", type=int, default=0,
+                      help="a second TLS port offering HTTP/2 (ALPN h2); 0: none")
     p_up.add_argument("--app-record", metavar="FILE",
                       help="app.py --record FILE: one JSON line per request the app answered")
     p_down = sub.add_parser("down", help="stop and clean up")
@@ -528,7 +532,7 @@ def main(argv=None):
     try:
         if args.cmd == "up":
             out = up(args.dir, args.tls_port, args.app_port, args.vulnerable, args.seed,
-                     args.timeout, args.user, args.app_record)
+                     args.timeout, args.user, args.app_record, args.h2_port)
         elif args.cmd == "down":
             out = down(args.dir)
         else:

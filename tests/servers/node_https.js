@@ -1,11 +1,12 @@
 #!/usr/bin/env node
 // node_https.js: the static-OpenSSL HTTPS test server (node 20, no npm packages).
 //
-//   node node_https.js --port P --cert C --key K [--host 127.0.0.1]
+//   node node_https.js --port P --cert C --key K [--host 127.0.0.1] [--h2]
 //
 // Node links OpenSSL statically into its own binary (no libssl.so), so this
 // is the server the tests use for "OpenSSL without a shared library".
-// HTTP/1.1 with keep-alive. Endpoints (same contract as tests/demo/app.py):
+// HTTP/1.1 with keep-alive, or with --h2 HTTP/2 only (ALPN h2, node's http2 module).
+// Endpoints (same contract as tests/demo/app.py):
 //   GET  /api/test/bytes/{n}  exactly n bytes (0 <= n <= 4 MiB),
 //                             application/octet-stream, byte i = (7*i + (i >> 8)) & 0xFF
 //   POST /api/test/echo       the request body, Content-Type echoed
@@ -15,6 +16,7 @@
 
 const fs = require('fs');
 const https = require('https');
+const http2 = require('http2');
 
 function parseArgs(argv) {
   const out = { host: '127.0.0.1' };
@@ -28,6 +30,7 @@ function parseArgs(argv) {
     else if (a === '--cert') out.cert = take();
     else if (a === '--key') out.key = take();
     else if (a === '--host') out.host = take();
+    else if (a === '--h2') out.h2 = true;
     else if (a === '-h' || a === '--help') usage();
     else usage(`unknown argument ${a}`);
   }
@@ -63,12 +66,7 @@ function sendJson(res, status, obj) {
 }
 
 const args = parseArgs(process.argv.slice(2));
-const server = https.createServer({
-  cert: fs.readFileSync(args.cert),
-  key: fs.readFileSync(args.key),
-  ALPNProtocols: ['http/1.1'],
-  keepAlive: true,
-}, (req, res) => {
+function handle(req, res) {
   const path = req.url.split('?', 1)[0];
   const m = /^\/api\/test\/bytes\/(\d+)$/.exec(path);
   if (m && req.method === 'GET') {
@@ -89,7 +87,7 @@ const server = https.createServer({
     });
     req.on('end', () => {
       if (tooBig) {
-        res.setHeader('Connection', 'close');
+        if (!args.h2) res.setHeader('Connection', 'close');
         return sendJson(res, 413, { error: 'payload_too_large', status: 413 });
       }
       send(res, 200, Buffer.concat(chunks, total), req.headers['content-type'] || 'application/octet-stream');
@@ -98,12 +96,21 @@ const server = https.createServer({
   }
   req.resume();
   return sendJson(res, 404, { error: 'not_found', status: 404 });
-});
-server.keepAliveTimeout = 65000;
-server.headersTimeout = 66000;
-server.requestTimeout = 0;
-server.maxRequestsPerSocket = 0;
+}
+
+const tls = { cert: fs.readFileSync(args.cert), key: fs.readFileSync(args.key) };
+const server = args.h2
+  ? http2.createSecureServer({ ...tls, allowHTTP1: false }, handle)
+  : https.createServer({ ...tls, ALPNProtocols: ['http/1.1'], keepAlive: true }, handle);
+if (!args.h2) {
+  server.keepAliveTimeout = 65000;
+  server.headersTimeout = 66000;
+  server.requestTimeout = 0;
+  server.maxRequestsPerSocket = 0;
+}
 server.on('tlsClientError', () => {});
+const sessions = new Set();
+server.on('session', (s) => { sessions.add(s); s.on('close', () => sessions.delete(s)); });
 
 server.listen(args.port, args.host, () => {
   process.stdout.write(`READY ${server.address().port}\n`);
@@ -111,7 +118,8 @@ server.listen(args.port, args.host, () => {
 
 function shutdown() {
   server.close(() => process.exit(0));
-  server.closeAllConnections();
+  if (server.closeAllConnections) server.closeAllConnections();
+  for (const s of sessions) s.destroy();
   setTimeout(() => process.exit(0), 2000).unref();
 }
 process.on('SIGTERM', shutdown);

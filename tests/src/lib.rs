@@ -343,6 +343,28 @@ impl Platform {
         vulnerable: bool,
         record: Option<&Path>,
     ) -> Result<Platform> {
+        Platform::up_with(dir, tls_port, app_port, vulnerable, record, None)
+    }
+
+    /// [`Platform::up`] with a second TLS port on the same nginx that offers HTTP/2.
+    pub fn up_h2(
+        dir: &Path,
+        tls_port: u16,
+        app_port: u16,
+        h2_port: u16,
+        vulnerable: bool,
+    ) -> Result<Platform> {
+        Platform::up_with(dir, tls_port, app_port, vulnerable, None, Some(h2_port))
+    }
+
+    fn up_with(
+        dir: &Path,
+        tls_port: u16,
+        app_port: u16,
+        vulnerable: bool,
+        record: Option<&Path>,
+        h2_port: Option<u16>,
+    ) -> Result<Platform> {
         let mut c = Command::new("python3");
         c.arg(repo_root().join("tests/demo/platform.py"))
             .args(["up", "--dir"])
@@ -358,6 +380,9 @@ impl Platform {
         }
         if let Some(r) = record {
             c.arg("--app-record").arg(r);
+        }
+        if let Some(p) = h2_port {
+            c.args(["--h2-port", &p.to_string()]);
         }
         let text = output(&mut c)?;
         let info: Value = serde_json::from_str(text.lines().last().unwrap_or(""))

@@ -401,3 +401,115 @@ fn the_manipulated_call_never_gets_an_answer() -> Result<()> {
     );
     Ok(())
 }
+
+/// One HTTP/2 connection of node's client on `port`: every path at once with `cookie` (its
+/// crumbs as separate fields, as browsers send them); each path's status (0: no answer).
+fn h2_get(port: u16, cert: &str, paths: &[&str], cookie: &str) -> Result<Vec<u64>> {
+    let out = output(
+        std::process::Command::new("node")
+            .arg(repo_root().join("tests/clients/h2_client.js"))
+            .args(["--url", &format!("https://127.0.0.1:{port}"), "--ca", cert])
+            .args(["--paths", &paths.join(","), "--cookie", cookie])
+            .args(["--timeout-ms", "8000"]),
+    )?;
+    let report: Value = serde_json::from_str(out.trim()).context("h2_client output")?;
+    Ok(report["responses"]
+        .as_array()
+        .context("responses")?
+        .iter()
+        .map(|r| r["status"].as_u64().unwrap_or(0))
+        .collect())
+}
+
+/// A blocked pupil's new HTTP/2 connections (node's client, cookie crumbs HPACK-coded as a
+/// literal, Huffman or not as node chooses; curl --http2 with the whole Cookie header as one
+/// field) are refused in the kernel from their first HEADERS frame: no answer comes back.
+/// The honest pupil's are answered.
+#[test]
+fn a_blocked_pupils_new_http2_connections_get_no_answer() -> Result<()> {
+    require_root()?;
+    let dir = scratch("crafted-h2");
+    let (tls_port, app_port, h2_port) = (free_port(), free_port(), free_port());
+    let platform = Platform::up_h2(&dir.join("platform"), tls_port, app_port, h2_port, false)?;
+    let ds: Value = serde_json::from_str(&std::fs::read_to_string(
+        platform.info["dataset"].as_str().unwrap_or_default(),
+    )?)?;
+    let pupils = pupils(&ds)?;
+    let (x, y) = (pupils[0], pupils[1]);
+    let agent = Agent::start(&dir.join("agent"), &demo_config(&platform)?)?;
+    let cert = platform.cert();
+    let url = format!("https://127.0.0.1:{tls_port}");
+    let (sx, _) = login(&url, &cert, x, &dir.join("x.jar"))?;
+    let (sy, _) = login(&url, &cert, y, &dir.join("y.jar"))?;
+    let before = h2_get(
+        h2_port,
+        &cert,
+        &["/api/me"],
+        &format!("theme=dark; skolsid={sx}"),
+    )?;
+    ensure!(before == [200], "before the block, over HTTP/2: {before:?}");
+
+    let cfg = dir.join("agent/sparbar.toml").display().to_string();
+    let uid = x["userId"].to_string();
+    let b = output(std::process::Command::new(agent_bin()?).args([
+        "block",
+        "--config",
+        &cfg,
+        "--user",
+        &uid,
+        "--duration",
+        "10m",
+        "--reason",
+        "test",
+    ]))?;
+    ensure!(b.contains("\"ok\":true"), "sparbar block: {b}");
+
+    let mut answered = Vec::new();
+    for (k, cookie) in [
+        format!("skolsid={sx}"),
+        format!("theme=dark; skolsid={sx}; lang=sv"),
+        format!("a=1; skolsid={sx}"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let got = h2_get(h2_port, &cert, &["/api/me", "/api/me?x=1"], cookie)?;
+        if got.iter().any(|s| *s != 0) {
+            answered.push(format!("node connection {k}: {got:?}"));
+        }
+    }
+    // curl: one Cookie field.
+    let curl = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "--http2",
+            "--cacert",
+            &cert,
+            "-m",
+            "8",
+            "-o",
+            "/dev/null",
+        ])
+        .args(["-w", "%{http_version} %{response_code}"])
+        .args(["-H", &format!("Cookie: skolsid={sx}")])
+        .arg(format!("https://127.0.0.1:{h2_port}/api/me"))
+        .output()?;
+    let curl_out = String::from_utf8_lossy(&curl.stdout).to_string();
+    if !curl_out.ends_with(" 000") && !curl_out.is_empty() {
+        answered.push(format!("curl --http2: {curl_out}"));
+    }
+    let honest = h2_get(h2_port, &cert, &["/api/me"], &format!("skolsid={sy}"))?;
+    let stats = agent.stop()?;
+    ensure!(
+        answered.is_empty(),
+        "a blocked pupil's HTTP/2 requests were answered: {answered:?}"
+    );
+    ensure!(honest == [200], "the honest pupil over HTTP/2: {honest:?}");
+    let refused = stats.kernel("kernel_requests_refused_total");
+    ensure!(
+        refused >= 4,
+        "the kernel refused {refused} requests, expected one per connection (4); stats {:?}",
+        stats.0
+    );
+    Ok(())
+}

@@ -464,3 +464,55 @@ fn doctor_without_tracefs_says_the_agent_mounts_it() -> Result<()> {
     }
     Ok(())
 }
+
+/// A target that also listens on UDP (an edge offering HTTP/3 over QUIC listens on its TLS
+/// port's number over UDP): the doctor warns that what clients send over it is not seen. The
+/// same process without the UDP socket is fine.
+#[test]
+fn doctor_warns_of_a_target_listening_on_udp() -> Result<()> {
+    require_root()?;
+    let dir = scratch("doctor-quic");
+    std::fs::create_dir_all(&dir)?;
+    let port = free_port();
+    let script = format!(
+        "import socket, sys, time\n\
+         t = socket.socket(); t.bind(('127.0.0.1', {port})); t.listen()\n\
+         u = None\n\
+         if sys.argv[1] == 'udp':\n    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(('127.0.0.1', {port}))\n\
+         print('READY', {port}, flush=True)\n\
+         time.sleep(120)\n"
+    );
+    for udp in [true, false] {
+        let server = spawn_ready(
+            "edge",
+            Command::new("/usr/bin/python3")
+                .args(["-c", &script])
+                .arg(if udp { "udp" } else { "tcp" }),
+            std::time::Duration::from_secs(20),
+        )?;
+        let cfg = dir.join(format!("sparbar-{udp}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "[agent]\nstate_dir = \"{d}/state\"\n\n[[targets]]\npid = {pid}\nname = \"edge\"\n\n\
+                 [output]\nfile = \"{d}/access.jsonl\"\n",
+                d = dir.display(),
+                pid = server.pid()
+            ),
+        )?;
+        let (_, report) = doctor_json(&["--config", &cfg.display().to_string()])?;
+        let c = check(&report, "target edge")?;
+        let detail = c["detail"].as_str().unwrap_or_default();
+        let consequence = c["consequence"].as_str().unwrap_or_default();
+        let said = detail.contains(&format!("listens on UDP port {port}"));
+        ensure!(said == udp, "udp {udp}: the doctor said {c:#}");
+        if udp {
+            ensure!(
+                c["verdict"] == "warn" && consequence.contains("QUIC"),
+                "a UDP listener without a QUIC warning: {c:#}"
+            );
+        }
+        drop(server);
+    }
+    Ok(())
+}

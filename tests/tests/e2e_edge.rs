@@ -815,6 +815,246 @@ fn http2_exchanges_are_recorded_exactly() -> Result<()> {
     Ok(())
 }
 
+/// node's HTTP/2 server (OpenSSL linked into node, memory BIOs) and node's HTTP/2 client: 60
+/// concurrent streams on one connection, bodies up to 300 KB across many DATA frames, cookie
+/// crumbs as separate fields. Every stream is one record with the path, status and body size
+/// the client got.
+#[test]
+fn http2_node_server_and_client_many_streams() -> Result<()> {
+    require_root()?;
+    let dir = scratch("http2-node");
+    let platform = Platform::up(&dir.join("platform"), free_port(), free_port(), false)?;
+    let (cert, key) = (platform.cert(), platform.key());
+    let port = free_port();
+    let server = spawn_ready(
+        "node-h2",
+        Command::new("node")
+            .arg(repo_root().join("tests/servers/node_https.js"))
+            .args([
+                "--port",
+                &port.to_string(),
+                "--cert",
+                &cert,
+                "--key",
+                &key,
+                "--h2",
+            ]),
+        Duration::from_secs(30),
+    )?;
+    let targets = format!("[[targets]]\npid = {}\nname = \"node\"\n", server.pid());
+    let agent = Agent::start(
+        &dir.join("agent"),
+        &config(
+            "max_message_bytes = \"2MiB\"",
+            &targets,
+            TEST_ROUTES,
+            "record",
+        ),
+    )?;
+    const SIZES: [u64; 4] = [10, 20_000, 300_000, 0];
+    let paths: Vec<String> = (0..60)
+        .map(|i| {
+            if i % 15 == 14 {
+                "/nowhere".to_string()
+            } else {
+                format!("/api/test/bytes/{}", SIZES[i % SIZES.len()])
+            }
+        })
+        .collect();
+    let out = output(
+        Command::new("node")
+            .arg(repo_root().join("tests/clients/h2_client.js"))
+            .args(["--url", &format!("https://127.0.0.1:{port}"), "--ca", &cert])
+            .args([
+                "--paths",
+                &paths.join(","),
+                "--cookie",
+                "sid=N0deS3ss; theme=dark",
+            ]),
+    )?;
+    let report: Value = serde_json::from_str(out.trim()).context("h2_client output")?;
+    ensure!(
+        report["errors"].as_array().is_some_and(|e| e.is_empty()),
+        "client errors: {report}"
+    );
+    let mut want: Vec<(String, u64, u64)> = report["responses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["path"].as_str().unwrap().to_string(),
+                r["status"].as_u64().unwrap(),
+                r["bytes"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    ensure!(want.len() == 60, "the client got {} answers", want.len());
+    let stats = agent.stop()?;
+    drop(server);
+    let records = read_jsonl(&dir.join("agent/access.jsonl"))?;
+    let mut got: Vec<(String, u64, u64)> = Vec::new();
+    for r in &records {
+        ensure!(r["http"]["version"] == "2", "not an HTTP/2 record: {r}");
+        got.push((
+            r["url"]["path"].as_str().unwrap_or_default().to_string(),
+            r["http"]["response"]["status_code"].as_u64().unwrap_or(0),
+            r["http"]["response"]["body"]["bytes"]
+                .as_u64()
+                .unwrap_or(u64::MAX),
+        ));
+    }
+    want.sort();
+    got.sort();
+    ensure!(
+        got == want,
+        "{} records, {} answers; records {got:?}, answers {want:?}",
+        records.len(),
+        want.len()
+    );
+    let anomalies: BTreeMap<&String, &Value> = stats.0["agent"]
+        .as_object()
+        .map(|m| m.iter().filter(|(k, _)| k.contains("anomal")).collect())
+        .unwrap_or_default();
+    ensure!(
+        !anomalies.keys().any(|k| k.contains("h2_")),
+        "HTTP/2 anomalies on clean traffic: {anomalies:?}"
+    );
+    ensure!(
+        stats.agent("connections_protocol_total{protocol=\"h2\"}") == 1,
+        "connections by protocol: {:?}",
+        stats.0["agent"]
+    );
+    no_losses(&stats)?;
+    drop(platform);
+    Ok(())
+}
+
+/// The page Chromium loads: it sets two cookies (sent back as two HPACK crumbs) and fetches the
+/// address-book endpoint, then writes the answer's status and size into the page.
+const CHROMIUM_PAGE: &str = r#"<!doctype html><html><head><title>h2</title></head><body>
+<p id="r">pending</p>
+<script>
+document.cookie = "sid=Chr0meS3ss; path=/";
+document.cookie = "theme=dark; path=/";
+fetch("/api/test/bytes/12", {credentials: "same-origin"})
+  .then(r => r.text().then(t => { document.getElementById("r").textContent = "got " + r.status + " " + t.length; }))
+  .catch(e => { document.getElementById("r").textContent = "failed " + e; });
+</script></body></html>
+"#;
+
+/// Headless Chromium (Debian's) loads a page from nginx over HTTP/2 whose script calls the API
+/// with fetch() and its cookies: every exchange nginx logged is one record with the same method,
+/// path, status and body size, all `http.version` "2".
+#[test]
+fn http2_chromium_page_and_fetch() -> Result<()> {
+    require_root()?;
+    let dir = scratch("http2-chromium");
+    let platform = Platform::up(&dir.join("platform"), free_port(), free_port(), false)?;
+    let cert = platform.cert();
+    let port = free_port();
+    let www = dir.join("www");
+    fs::create_dir_all(&www)?;
+    fs::write(www.join("index.html"), CHROMIUM_PAGE)?;
+    let http_block = format!(
+        "    default_type text/html;\n    server {{\n        listen 127.0.0.1:{port} ssl http2;\n\
+         ssl_certificate {cert};\n        ssl_certificate_key {key};\n        root {www};\n\
+         location /api/test/bytes/ {{ default_type text/plain; return 200 \"0123456789AB\"; }}\n\
+         location = /favicon.ico {{ return 204; }}\n    }}",
+        key = platform.key(),
+        www = www.display()
+    );
+    let nginx = Nginx::start(&dir.join("nginx-h2"), &http_block, port)?;
+    let agent = Agent::start(
+        &dir.join("agent"),
+        &config(
+            "max_message_bytes = \"2MiB\"",
+            "[[targets]]\nexe = \"/usr/sbin/nginx\"\nname = \"nginx\"\n",
+            TEST_ROUTES,
+            "record",
+        ),
+    )?;
+    let dom = output(
+        Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--ignore-certificate-errors",
+                "--virtual-time-budget=10000",
+            ])
+            .arg(format!(
+                "--user-data-dir={}",
+                dir.join("chromium").display()
+            ))
+            .arg("--dump-dom")
+            .arg(format!("https://127.0.0.1:{port}/index.html")),
+    )?;
+    ensure!(
+        dom.contains("got 200 12"),
+        "the page's fetch did not complete: {dom}"
+    );
+    let stats = agent.stop()?;
+    drop(nginx);
+    // What nginx logged (combined format): method, path, protocol, status, body bytes.
+    let log = fs::read_to_string(dir.join("nginx-h2/logs/access.log"))?;
+    let mut want: Vec<(String, String, u64, u64)> = Vec::new();
+    for line in log.lines() {
+        let req = line.split('"').nth(1).unwrap_or_default();
+        let after: Vec<&str> = line
+            .split('"')
+            .nth(2)
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect();
+        let parts: Vec<&str> = req.split(' ').collect();
+        ensure!(
+            parts.len() == 3 && parts[2] == "HTTP/2.0",
+            "nginx logged a request that is not HTTP/2: {line}"
+        );
+        want.push((
+            parts[0].to_string(),
+            parts[1].to_string(),
+            after[0].parse()?,
+            after[1].parse()?,
+        ));
+    }
+    ensure!(
+        want.iter().any(|w| w.1 == "/api/test/bytes/12"),
+        "nginx logged no fetch: {want:?}"
+    );
+    let records = read_jsonl(&dir.join("agent/access.jsonl"))?;
+    let mut got: Vec<(String, String, u64, u64)> = Vec::new();
+    for r in &records {
+        ensure!(r["http"]["version"] == "2", "not an HTTP/2 record: {r}");
+        got.push((
+            r["http"]["request"]["method"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            r["url"]["path"].as_str().unwrap_or_default().to_string(),
+            r["http"]["response"]["status_code"].as_u64().unwrap_or(0),
+            r["http"]["response"]["body"]["bytes"]
+                .as_u64()
+                .unwrap_or(u64::MAX),
+        ));
+    }
+    want.sort();
+    got.sort();
+    ensure!(got == want, "records {got:?}, nginx logged {want:?}");
+    let anomalies: BTreeMap<&String, &Value> = stats.0["agent"]
+        .as_object()
+        .map(|m| m.iter().filter(|(k, _)| k.contains("anomal")).collect())
+        .unwrap_or_default();
+    ensure!(
+        !anomalies.keys().any(|k| k.contains("h2_")),
+        "HTTP/2 anomalies on Chromium's traffic: {anomalies:?}"
+    );
+    drop(platform);
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // 5. gzip and chunked responses through nginx
 // ---------------------------------------------------------------------------------------------

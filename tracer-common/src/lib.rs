@@ -5,7 +5,9 @@
 
 use core::mem::size_of;
 
+pub mod huff;
 pub mod scan;
+pub mod scan_h2;
 
 // ---------------------------------------------------------------------------------------------
 // Map names (at most 15 bytes: the kernel cuts longer names).

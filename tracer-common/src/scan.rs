@@ -25,6 +25,7 @@
 
 use core::mem::size_of;
 
+use crate::scan_h2::{is_h2, preface_byte, skip_h2, take_h2, H2Scan, PRE_H2, PRE_NO};
 use crate::{token_hash_byte, token_hash_start, MAX_TOKEN_LEN};
 
 /// Bytes of one request head scanned: above nginx's largest (`large_client_header_buffers`
@@ -263,8 +264,10 @@ pub struct ConnScan {
     pub body_end: u8,
     /// Request-line and tenant state (`T_*`).
     pub tflags: u8,
+    /// HTTP/2 framing and HPACK state ([`crate::scan_h2`]).
+    pub h2: H2Scan,
 }
-const _: () = assert!(size_of::<ConnScan>() == 104);
+const _: () = assert!(size_of::<ConnScan>() == 136);
 
 impl ConnScan {
     pub const fn new(gen: u64) -> ConnScan {
@@ -292,6 +295,7 @@ impl ConnScan {
             q_n: 0,
             body_end: 0,
             tflags: 0,
+            h2: H2Scan::new(),
         }
     }
 
@@ -310,6 +314,7 @@ impl ConnScan {
             && self.tok == TOK_NONE
             && self.q_n == 0
             && self.tflags & T_LINE1 != 0
+            && self.h2.pre == PRE_NO
     }
 
     /// `step` for a head byte in `plain_head` state that neither completes a pattern nor ends
@@ -340,6 +345,14 @@ impl ConnScan {
     /// them.
     #[inline(always)]
     pub fn skip(&mut self, avail: u64) -> u64 {
+        if self.h2.pre == PRE_H2 {
+            // HTTP/2: the payload of a frame that is not a header block.
+            let k = self.h2.skippable(avail);
+            if k > 0 {
+                skip_h2(self, k);
+            }
+            return k;
+        }
         if self.mode != MODE_SKIP {
             return 0;
         }
@@ -355,12 +368,15 @@ impl ConnScan {
         k
     }
 
+    /// A new request: everything but the connection's HTTP/2 state starts afresh.
     #[inline(always)]
-    fn restart(&mut self) {
+    pub(crate) fn restart(&mut self) {
         let gen = self.gen;
         let done = self.done_hash;
+        let h2 = self.h2;
         *self = ConnScan::new(gen);
         self.done_hash = done;
+        self.h2 = h2;
     }
 }
 
@@ -542,7 +558,7 @@ fn feed(s: &mut ConnScan, t: &ScanTables, seed: u64, c: u8, literal: bool) -> u3
 }
 
 #[inline(always)]
-fn push(s: &mut ConnScan, c: u8, literal: bool) {
+pub(crate) fn push(s: &mut ConnScan, c: u8, literal: bool) {
     let n = s.q_n as usize;
     if n < 4 {
         s.q[n & 3] = c;
@@ -713,6 +729,12 @@ fn end_token(s: &mut ConnScan) -> u32 {
 /// for the matcher, a body byte decoded into the queue. `EV_*` bounds passed.
 #[inline(always)]
 pub fn take(s: &mut ConnScan, c: u8) -> u32 {
+    if is_h2(s) {
+        return take_h2(s, c);
+    }
+    if s.h2.pre < PRE_H2 && preface_byte(s, c) {
+        return 0;
+    }
     if s.mode == MODE_HEAD {
         if s.head_len >= SCAN_HEAD_MAX {
             s.mode = MODE_OFF;

@@ -16,6 +16,8 @@ const APT_PACKAGES: &[&str] = &[
     "apache2",
     "wrk",
     "curl",
+    // A real browser for the HTTP/2 tests (headless).
+    "chromium",
     "openssl",
     "bpftool",
     "procps",

@@ -72,6 +72,44 @@ pub fn listening_ports() -> std::collections::BTreeSet<u16> {
         .collect()
 }
 
+/// The local ports of the UDP sockets process `pid` holds that are bound and not connected
+/// (a QUIC/HTTP/3 listener is one), from its fds and its network namespace's /proc/net/udp*.
+pub fn udp_listening_ports(pid: u32) -> std::collections::BTreeSet<u16> {
+    let inodes: std::collections::BTreeSet<u64> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let l = fs::read_link(e.path()).ok()?;
+            l.to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect();
+    ["udp", "udp6"]
+        .iter()
+        .filter_map(|f| fs::read_to_string(format!("/proc/{pid}/net/{f}")).ok())
+        .flat_map(|text| udp_listeners(&text, &inodes))
+        .collect()
+}
+
+/// The local ports of the unconnected, bound sockets among `inodes` in a /proc/net/udp text.
+fn udp_listeners(text: &str, inodes: &std::collections::BTreeSet<u64>) -> Vec<u16> {
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let inode: u64 = f.get(9)?.parse().ok()?;
+            let local = parse_addr(f[1])?;
+            let peer = parse_addr(f[2])?;
+            (inodes.contains(&inode) && local.port() != 0 && peer.port() == 0)
+                .then_some(local.port())
+        })
+        .collect()
+}
+
 /// `0100007F:1F90` (IPv4) or 32 hex digits + port (IPv6), as the kernel prints them: each
 /// 32-bit word in host byte order.
 fn parse_addr(s: &str) -> Option<SocketAddr> {
@@ -99,6 +137,17 @@ fn parse_addr(s: &str) -> Option<SocketAddr> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn udp_listeners_are_the_bound_unconnected_sockets_of_the_process() {
+        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
+   1: 00000000:01BB 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 4242 2 0 0\n\
+   2: 0100007F:D431 0100007F:0035 01 00000000:00000000 00:00000000 00000000     0        0 4243 2 0 0\n\
+   3: 00000000:0202 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 9999 2 0 0\n";
+        let mine: std::collections::BTreeSet<u64> = [4242, 4243].into_iter().collect();
+        // 443 bound and unconnected; the connected DNS socket and another process's are not.
+        assert_eq!(super::udp_listeners(text, &mine), vec![443]);
+    }
+
     #[test]
     fn parses_kernel_notation() {
         assert_eq!(

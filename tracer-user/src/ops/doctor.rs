@@ -37,6 +37,7 @@ use crate::{
     agent::Plan,
     capture::discovery::{self, Discovery, TargetSpec},
     capture::loader::{TRACEFS, TRACEPOINTS},
+    capture::procfs,
     config::{self, TargetMatch},
     enforce,
     enforce::chain,
@@ -1423,6 +1424,27 @@ fn check_target(t: &TargetSpec, procs: Vec<discovery::ProcInfo>) -> Check {
         }
     } else {
         detail.push_str("; TLS not traced (tls = false)");
+    }
+    // QUIC (HTTP/3) runs over UDP with its own TLS: no OpenSSL read or write carries it.
+    for p in &processes {
+        let udp = procfs::udp_listening_ports(p.pid);
+        if !udp.is_empty() {
+            verdict = Verdict::Warn;
+            let ports: Vec<String> = udp.iter().map(u16::to_string).collect();
+            let _ = write!(
+                detail,
+                "; pid {} listens on UDP port {}",
+                p.pid,
+                ports.join(", ")
+            );
+            consequences.push(
+                "if that is QUIC (an edge offering HTTP/3), what clients send over it is not seen: \
+                 no uprobe on OpenSSL reads QUIC, so those requests are neither recorded nor \
+                 blocked; turn HTTP/3 off at the edge (nginx: no `listen ... quic`, no Alt-Svc \
+                 h3) to keep them on HTTP/1.1 or HTTP/2"
+                    .to_string(),
+            );
+        }
     }
     let mut c = Check::new(
         &name,
