@@ -495,7 +495,7 @@ fn doctor_warns_of_a_target_listening_on_udp() -> Result<()> {
             &cfg,
             format!(
                 "[agent]\nstate_dir = \"{d}/state\"\n\n[[targets]]\npid = {pid}\nname = \"edge\"\n\n\
-                 [output]\nfile = \"{d}/access.jsonl\"\n",
+                 [output]\nfile = \"{d}/access.jsonl\"\nunmatched = \"record\"\n",
                 d = dir.display(),
                 pid = server.pid()
             ),

@@ -368,15 +368,42 @@ impl ConnScan {
         k
     }
 
-    /// A new request: everything but the connection's HTTP/2 state starts afresh.
+    /// [`ConnScan::new`] in place (no temporary on the BPF stack).
+    #[inline(always)]
+    pub fn reset(&mut self, gen: u64) {
+        self.restart();
+        self.gen = gen;
+        self.done_hash = 0;
+        self.h2.reset();
+    }
+
+    /// A new request: everything but the connection's own state (its generation, the last
+    /// token's hash, HTTP/2) starts afresh. Field by field, as [`ConnScan::new`] sets them: no
+    /// temporary on the BPF stack (the verifier's 512 bytes are shared with the caller of the
+    /// loop).
     #[inline(always)]
     pub(crate) fn restart(&mut self) {
-        let gen = self.gen;
-        let done = self.done_hash;
-        let h2 = self.h2;
-        *self = ConnScan::new(gen);
-        self.done_hash = done;
-        self.h2 = h2;
+        self.d = [0; W];
+        self.hash = 0;
+        self.tenant = 0;
+        self.content_length = 0;
+        self.body_left = 0;
+        self.head_len = 0;
+        self.body_seen = 0;
+        self.tok_len = 0;
+        self.dec_val = 0;
+        self.hi_sur = 0;
+        self.mode = MODE_HEAD;
+        self.tok = TOK_NONE;
+        self.blank = 0;
+        self.flags = 0;
+        self.dec = 0;
+        self.dec_n = 0;
+        self.q = [0; 4];
+        self.q_lit = 0;
+        self.q_n = 0;
+        self.body_end = 0;
+        self.tflags = 0;
     }
 }
 
@@ -951,6 +978,42 @@ mod tests {
             i += 1;
         }
         s
+    }
+
+    /// `restart` resets every field `new` sets, keeping the connection's own ones.
+    #[test]
+    fn reset_is_new() {
+        let mut s = ConnScan::new(7);
+        scan_all(
+            &mut s,
+            &tables(),
+            SEED,
+            b"GET / HTTP/1.1\r\nCookie: skolsid=abc\r\n",
+            |_, _| {},
+        );
+        s.h2.dyn_mask = 5;
+        s.reset(9);
+        assert_eq!(s, ConnScan::new(9));
+    }
+
+    #[test]
+    fn restart_is_new_but_for_the_connection() {
+        let mut s = ConnScan::new(7);
+        scan_all(
+            &mut s,
+            &tables(),
+            SEED,
+            b"POST /login HTTP/1.1\r\nContent-Length: 20\r\nCookie: skolsid=abc\r\n\r\nusername=%41",
+            |_, _| {},
+        );
+        s.done_hash = 42;
+        s.h2.dyn_mask = 3;
+        assert_ne!(s, ConnScan::new(7));
+        s.restart();
+        let mut want = ConnScan::new(7);
+        want.done_hash = 42;
+        want.h2 = s.h2;
+        assert_eq!(s, want);
     }
 
     #[test]

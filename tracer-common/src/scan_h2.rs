@@ -109,6 +109,27 @@ impl H2Scan {
         }
     }
 
+    /// [`H2Scan::new`] in place.
+    #[inline(always)]
+    pub fn reset(&mut self) {
+        self.dyn_mask = 0;
+        self.flen = 0;
+        self.slen = 0;
+        self.int = 0;
+        self.pre = 0;
+        self.hdr_n = 0;
+        self.ftype = 0;
+        self.fflags = 0;
+        self.pad = 0;
+        self.lead = 0;
+        self.hs = HS_REP;
+        self.field = FD_SKIP;
+        self.huff = 0;
+        self.hst = 0;
+        self.shift = 0;
+        self.in_block = 0;
+    }
+
     /// In a frame whose payload is not read (DATA and the rest): how many of `avail` bytes
     /// can be skipped at once.
     #[inline(always)]
@@ -148,9 +169,7 @@ pub fn preface_byte(s: &mut ConnScan, c: u8) -> bool {
     }
     s.h2.pre = p + 1;
     if s.h2.pre == PRE_H2 {
-        let h2 = s.h2;
         s.restart();
-        s.h2 = h2;
         return true;
     }
     false

@@ -200,16 +200,15 @@ fn scan(key: &ConnKey, st: &ConnState, ptr: u64, n: u64, seed: u64) -> Option<(u
     };
     // SAFETY: this CPU's slot, valid for the program run.
     let w = unsafe { &mut *w };
-    let prev = match TOKEN_STATE.get_ptr(key) {
-        // SAFETY: map value pointer, valid for this run.
-        Some(p) => unsafe { *p },
-        None => ConnScan::new(st.gen),
-    };
-    w.cs = if prev.gen == st.gen {
-        prev
-    } else {
-        ConnScan::new(st.gen)
-    };
+    // Copied straight into the per-CPU slot: a `ConnScan` on the stack would take a quarter of
+    // the 512 bytes the verifier allows this program and the loop's callback together.
+    match TOKEN_STATE.get_ptr(key) {
+        // SAFETY: map value pointer, valid for this run; `w.cs` is this CPU's slot.
+        Some(p) if unsafe { (*p).gen } == st.gen => unsafe {
+            core::ptr::copy_nonoverlapping(p, &mut w.cs as *mut ConnScan, 1)
+        },
+        _ => w.cs.reset(st.gen),
+    }
     if w.cs.mode == MODE_OFF {
         return None;
     }
