@@ -513,3 +513,137 @@ fn a_blocked_pupils_new_http2_connections_get_no_answer() -> Result<()> {
     );
     Ok(())
 }
+
+/// The page Chromium loads from the platform (`/static/`): it sets the pupil's session cookie
+/// and calls the API with fetch(), writing what came back into the page.
+const PUPIL_PAGE: &str = r#"<!doctype html><html><body><p id="r">pending</p><script>
+document.cookie = "skolsid=@SID@; path=/";
+fetch("/api/me", {credentials: "same-origin"})
+  .then(r => r.text().then(t => { document.getElementById("r").textContent = "got " + r.status; }))
+  .catch(e => { document.getElementById("r").textContent = "refused " + e; });
+</script></body></html>
+"#;
+
+/// Headless Chromium loads the pupil page with session `sid` over HTTP/2; what the page says.
+fn chromium_page(dir: &Path, h2_port: u16, sid: &str, name: &str) -> Result<String> {
+    let page = dir.join("platform/static").join(format!("{name}.html"));
+    std::fs::write(&page, PUPIL_PAGE.replace("@SID@", sid))?;
+    let dom = output(
+        std::process::Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+            ])
+            .args(["--ignore-certificate-errors", "--virtual-time-budget=8000"])
+            .arg(format!(
+                "--user-data-dir={}",
+                dir.join(format!("chromium-{name}")).display()
+            ))
+            .arg("--dump-dom")
+            .arg(format!("https://127.0.0.1:{h2_port}/static/{name}.html")),
+    )?;
+    Ok(dom
+        .split("<p id=\"r\">")
+        .nth(1)
+        .and_then(|r| r.split('<').next())
+        .unwrap_or("no result")
+        .to_string())
+}
+
+/// The incident over HTTP/2, on the vulnerable platform: a pupil's manipulated call about
+/// another school (node's HTTP/2 client) raises the cross-tenant alert and the block; from then
+/// on not one answer comes back to the pupil over HTTP/2, on new connections of node's client
+/// and of Chromium, whose page load with the pupil's session gets its API call refused.
+#[test]
+fn the_incident_over_http2_is_blocked() -> Result<()> {
+    require_root()?;
+    let dir = scratch("crafted-h2-incident");
+    let (tls_port, app_port, h2_port) = (free_port(), free_port(), free_port());
+    let platform = Platform::up_h2(&dir.join("platform"), tls_port, app_port, h2_port, true)?;
+    let ds: Value = serde_json::from_str(&std::fs::read_to_string(
+        platform.info["dataset"].as_str().unwrap_or_default(),
+    )?)?;
+    let pupils = pupils(&ds)?;
+    let (x, y) = (pupils[0], pupils[1]);
+    let own = x["schoolId"].as_str().context("schoolId")?;
+    let other = ds["schools"]
+        .as_array()
+        .context("schools")?
+        .iter()
+        .filter_map(|s| s["id"].as_str())
+        .find(|s| *s != own)
+        .context("another school")?
+        .to_string();
+    let agent = Agent::start(&dir.join("agent"), &demo_config(&platform)?)?;
+    let cert = platform.cert();
+    let url = format!("https://127.0.0.1:{tls_port}");
+    let (sx, _) = login(&url, &cert, x, &dir.join("x.jar"))?;
+    let (sy, _) = login(&url, &cert, y, &dir.join("y.jar"))?;
+    // Before: Chromium's page works for the pupil.
+    let before = chromium_page(&dir, h2_port, &sx, "before")?;
+    ensure!(
+        before == "got 200",
+        "before the incident, Chromium's page said {before:?}"
+    );
+
+    // The manipulated call.
+    let cookie = format!("skolsid={sx}");
+    let foreign = format!("/api/addressbook/persons?schoolId={other}");
+    h2_get(h2_port, &cert, &["/api/me", &foreign], &cookie)?;
+    // The block is in force once its block_enforced record is in the trail.
+    let trail = dir.join("agent/access.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let enforced = read_trail(&trail)
+            .unwrap_or_default()
+            .iter()
+            .any(|r| r["event"]["action"] == "block_enforced");
+        if enforced {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "no block_enforced record within 30 s of the manipulated call"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let mut answered = Vec::new();
+    for k in 0..3 {
+        let got = h2_get(h2_port, &cert, &["/api/me", &foreign], &cookie)?;
+        if got.iter().any(|s| *s != 0) {
+            answered.push(format!("node connection {k}: {got:?}"));
+        }
+    }
+    let after = chromium_page(&dir, h2_port, &sx, "after")?;
+    if !after.starts_with("refused") {
+        answered.push(format!("Chromium: {after}"));
+    }
+    let honest = h2_get(h2_port, &cert, &["/api/me"], &format!("skolsid={sy}"))?;
+    let stats = agent.stop()?;
+    ensure!(
+        answered.is_empty(),
+        "after the block, the pupil was answered over HTTP/2: {answered:?}"
+    );
+    ensure!(honest == [200], "another pupil over HTTP/2: {honest:?}");
+    let records = read_trail(&trail)?;
+    let alert = records.iter().any(|r| {
+        r["event"]["dataset"] == "sparbar.alert" && r["event"]["action"] == "cross-tenant"
+    });
+    ensure!(alert, "no cross-tenant alert in the trail");
+    let cross: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["http"]["version"] == "2" && r["url"]["path"] == "/api/addressbook/persons")
+        .collect();
+    ensure!(
+        !cross.is_empty(),
+        "no HTTP/2 record of the manipulated call"
+    );
+    ensure!(
+        stats.kernel("kernel_requests_refused_total") >= 4,
+        "the kernel refused {} requests, expected at least one per connection after the block (4)",
+        stats.kernel("kernel_requests_refused_total")
+    );
+    Ok(())
+}
