@@ -144,15 +144,70 @@ struct Scenario {
     /// Records one request produces (one per traced hop).
     hops: u64,
     connections: u32,
+    /// Driven over HTTP/2 by h2load (10 streams per connection) instead of wrk.
+    h2: bool,
+}
+
+impl Scenario {
+    fn load(&self, seconds: u64) -> Result<(f64, u64, f64)> {
+        if self.h2 {
+            h2load(&self.url, seconds, self.connections)
+        } else {
+            wrk(&self.url, seconds, self.connections)
+        }
+    }
+}
+
+/// One h2load run over HTTP/2, 10 concurrent streams per connection: (requests/s, requests
+/// completed, mean latency in ms).
+fn h2load(url: &str, seconds: u64, connections: u32) -> Result<(f64, u64, f64)> {
+    let out = output(Command::new("h2load").args([
+        "-c",
+        &connections.to_string(),
+        "-m",
+        "10",
+        "-D",
+        &seconds.to_string(),
+        url,
+    ]))?;
+    let rps: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("finished in "))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|s| s.strip_suffix(" req/s"))
+        .and_then(|s| s.parse().ok())
+        .context("h2load printed no req/s")?;
+    let total: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("requests: "))
+        .and_then(|l| l.split(", ").find_map(|p| p.strip_suffix(" succeeded")))
+        .and_then(|s| s.parse().ok())
+        .context("h2load printed no succeeded count")?;
+    let ms = |s: &str| -> Option<f64> {
+        if let Some(v) = s.strip_suffix("ms") {
+            v.parse().ok()
+        } else if let Some(v) = s.strip_suffix("us") {
+            v.parse::<f64>().ok().map(|x| x / 1000.0)
+        } else {
+            s.strip_suffix('s')?.parse::<f64>().ok().map(|x| x * 1000.0)
+        }
+    };
+    let lat = out
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("time for request:"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(ms)
+        .context("h2load printed no mean request time")?;
+    Ok((rps, total, lat))
 }
 
 fn capture(bin: &Path, seconds: u64, rounds: u32, connections: u32) -> Result<()> {
     std::env::set_var("SPARBAR_BIN", bin);
     let dir = sparbar_tests::repo_root().join("target/bench-capture");
     let _ = std::fs::remove_dir_all(&dir);
-    let (tls_port, app_port) = (free_port(), free_port());
-    step("starting the demo platform: nginx over TLS in front of the app");
-    let platform = Platform::up(&dir.join("platform"), tls_port, app_port, false)?;
+    let (tls_port, app_port, h2_port) = (free_port(), free_port(), free_port());
+    step("starting the demo platform: nginx over TLS (and HTTP/2 on a second port) in front of the app");
+    let platform = Platform::up_h2(&dir.join("platform"), tls_port, app_port, h2_port, false)?;
     let head = "[agent]\nstate_dir = \"@DIR@\"\nstats_interval = \"5s\"\n\n[[targets]]\nexe = \"/usr/sbin/nginx\"\nname = \"nginx\"\n\n[output]\nfile = \"@DIR@/access.jsonl\"\n";
     let scenarios = [
         // The floor: a tiny static file served by nginx itself, at saturation.
@@ -162,6 +217,7 @@ fn capture(bin: &Path, seconds: u64, rounds: u32, connections: u32) -> Result<()
             config: format!("{head}\n[[routes]]\nroute = \"GET /static/{{file}}\"\nname = \"static\"\n"),
             hops: 1,
             connections,
+            h2: false,
         },
         // The floor again with the kernel's token scan on for every request nginx reads: a
         // cross-tenant rule blocks, so the kernel reads each request line and head for session
@@ -174,6 +230,7 @@ fn capture(bin: &Path, seconds: u64, rounds: u32, connections: u32) -> Result<()
             ),
             hops: 1,
             connections,
+            h2: false,
         },
         // A realistic request: 20 KB of JSON-sized body from the app behind nginx, both hops
         // traced (nginx TLS and the app's plaintext), 2 connections as in ordinary use.
@@ -186,17 +243,27 @@ fn capture(bin: &Path, seconds: u64, rounds: u32, connections: u32) -> Result<()
             ),
             hops: 2,
             connections: 2,
+            h2: false,
+        },
+        // The floor over HTTP/2: the same static file, h2load with 10 streams per connection.
+        Scenario {
+            name: "static file from nginx over HTTP/2 (saturation)",
+            url: format!("https://127.0.0.1:{h2_port}/static/hello.txt"),
+            config: format!("{head}\n[[routes]]\nroute = \"GET /static/{{file}}\"\nname = \"static\"\n"),
+            hops: 1,
+            connections,
+            h2: true,
         },
     ];
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let mut report = Vec::new();
     for (k, sc) in scenarios.iter().enumerate() {
-        wrk(&sc.url, 2, sc.connections)?; // warm-up
+        sc.load(2)?; // warm-up
         let (mut base, mut with, mut lat0, mut lat1) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let (mut served, mut recorded, mut agent_cpu, mut agent_wall) = (0u64, 0u64, 0.0, 0.0);
         for round in 0..rounds {
-            let (rps, _, lat) = wrk(&sc.url, seconds, sc.connections)?;
+            let (rps, _, lat) = sc.load(seconds)?;
             step(&format!(
                 "{}: round {round}: without agent {rps:.0} req/s, {lat:.2} ms",
                 sc.name
@@ -208,7 +275,7 @@ fn capture(bin: &Path, seconds: u64, rounds: u32, connections: u32) -> Result<()
             let pid = agent.proc.pid();
             let cpu0 = cpu_seconds(pid);
             let t0 = std::time::Instant::now();
-            let (rps, total, lat) = wrk(&sc.url, seconds, sc.connections)?;
+            let (rps, total, lat) = sc.load(seconds)?;
             std::thread::sleep(Duration::from_millis(500));
             agent_cpu += cpu_seconds(pid) - cpu0;
             agent_wall += t0.elapsed().as_secs_f64();
@@ -226,8 +293,9 @@ fn capture(bin: &Path, seconds: u64, rounds: u32, connections: u32) -> Result<()
             recorded += recs;
         }
         report.push(format!(
-            "{}, wrk -t1 -c{} -d{seconds}s, {rounds} alternating rounds\n  without agent      : {:.0} req/s, mean latency {:.2} ms\n  with agent         : {:.0} req/s, mean latency {:.2} ms\n  throughput ratio   : {:.2}\n  agent CPU          : {:.0}% of one core while loaded\n  records / (requests x hops) : {recorded} / {served} ({:.4}; wrk does not count the requests in flight when it stops)",
+            "{}, {} -c{} -d{seconds}s, {rounds} alternating rounds\n  without agent      : {:.0} req/s, mean latency {:.2} ms\n  with agent         : {:.0} req/s, mean latency {:.2} ms\n  throughput ratio   : {:.2}\n  agent CPU          : {:.0}% of one core while loaded\n  records / (requests x hops) : {recorded} / {served} ({:.4}; wrk does not count the requests in flight when it stops)",
             sc.name,
+            if sc.h2 { "h2load -m10" } else { "wrk -t1" },
             sc.connections,
             mean(&base),
             mean(&lat0),

@@ -16,8 +16,10 @@ const APT_PACKAGES: &[&str] = &[
     "apache2",
     "wrk",
     "curl",
-    // A real browser for the HTTP/2 tests (headless).
+    // A real browser for the HTTP/2 tests (headless), and an HTTP/2 load generator for
+    // `cargo xtask bench capture`.
     "chromium",
+    "nghttp2-client",
     "openssl",
     "bpftool",
     "procps",
