@@ -640,6 +640,16 @@ fn the_incident_over_http2_is_blocked() -> Result<()> {
         !cross.is_empty(),
         "no HTTP/2 record of the manipulated call"
     );
+    // Attributed over HTTP/2 as over HTTP/1: the pupil, its school, its session cookie.
+    let uid = x["userId"].to_string().trim_matches('"').to_string();
+    for r in &cross {
+        ensure!(
+            r["user"]["id"].as_str() == Some(uid.as_str())
+                && r["organization"]["id"].as_str() == Some(own)
+                && r["abook"]["session"]["kind"] == "cookie",
+            "the manipulated call over HTTP/2 is not attributed to pupil {uid} of {own}: {r}"
+        );
+    }
     ensure!(
         stats.kernel("kernel_requests_refused_total") >= 4,
         "the kernel refused {} requests, expected at least one per connection after the block (4)",
