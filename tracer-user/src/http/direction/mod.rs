@@ -511,6 +511,11 @@ impl DirState {
                         sh.h2_start = Some((self.dir, h.start_pos + h.buf.len() as u64));
                         return (Phase::Dead, take);
                     }
+                    StartCheck::Http2Midstream if kind == Kind::Response => {
+                        // The server's HTTP/2 SETTINGS on a connection whose client sent
+                        // nothing (a browser's unused preconnect): nothing to parse.
+                        return (Phase::Dead, take);
+                    }
                     StartCheck::Http2Midstream => {
                         sh.anomaly(Anomaly::Http2 {
                             dir: self.dir,

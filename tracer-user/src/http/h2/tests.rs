@@ -523,6 +523,18 @@ fn a_connection_first_seen_mid_life_is_counted_never_guessed() {
     assert_eq!(p.state(), crate::http::ConnProtocol::Http2Midstream);
 }
 
+/// A browser's preconnect that was never used: nginx sends its SETTINGS, the client nothing.
+/// Not an HTTP/2 connection first seen mid-life, and nothing to parse.
+#[test]
+fn a_connection_the_client_never_spoke_on_is_no_anomaly() {
+    let mut p = ConnParser::new(Role::Server, false, ParserLimits::default());
+    p.data(Dir::Outbound, 0, 5, &frame(4, 0, 0, &[0, 3, 0, 0, 0, 128]));
+    p.close_at(10, 0, 15);
+    assert!(p.take_exchanges().is_empty());
+    assert!(p.take_anomalies().is_empty());
+    assert_eq!(p.state(), crate::http::ConnProtocol::Unknown);
+}
+
 #[test]
 fn a_request_read_is_handed_over_before_its_answer() {
     let req = hpack(&[
