@@ -380,14 +380,8 @@ impl H2Conn {
             .headers(sh, dir, fields, block.ts, from_req);
         if from_req && head {
             // The request head is read: checks that act before the answer see it now.
-            if let Some(q) = sh.requests_read.as_mut() {
-                if let Some(r) = st.request_so_far() {
-                    q.push(super::RequestRead {
-                        request: r,
-                        body_read: block.end_stream || block.promised.is_some(),
-                    });
-                }
-            }
+            let whole = block.end_stream || block.promised.is_some();
+            hand_request(sh, st, self.client, whole);
         }
         if block.end_stream || block.promised.is_some() {
             self.end_half(sh, sid, from_req, block.ts);
@@ -401,14 +395,7 @@ impl H2Conn {
         let had_body = st.half(from_client).body_started();
         st.half(from_client).end(ts);
         if from_client && had_body {
-            if let Some(q) = sh.requests_read.as_mut() {
-                if let Some(r) = st.request_so_far() {
-                    q.push(super::RequestRead {
-                        request: r,
-                        body_read: true,
-                    });
-                }
-            }
+            hand_request(sh, st, self.client, true);
         }
         if st.done() {
             self.emit(sh, sid);
@@ -464,6 +451,19 @@ impl H2Conn {
                 st.closed = true;
             }
             self.emit(sh, sid);
+        }
+    }
+}
+
+/// Hands the request of `st` as read so far to the checks that act before the answer (when the
+/// connection keeps them, `ConnParser::keep_requests_read`).
+fn hand_request(sh: &mut Shared, st: &mut H2Stream, client: Dir, body_read: bool) {
+    if sh.requests_read.is_none() {
+        return;
+    }
+    if let Some(request) = st.request_so_far(sh, client) {
+        if let Some(q) = sh.requests_read.as_mut() {
+            q.push(super::RequestRead { request, body_read });
         }
     }
 }

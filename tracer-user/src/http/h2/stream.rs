@@ -281,20 +281,18 @@ impl H2Stream {
         self.req.ended && self.resp.ended && self.req.head.is_some()
     }
 
-    /// The request as read so far (its body once it ended), for checks before the answer.
-    pub fn request_so_far(&mut self) -> Option<Request> {
-        let h = self.req.head.as_ref()?;
-        let body = match (self.req.ended, self.req.body.take()) {
-            (true, Some(acc)) => {
-                let b = acc.finish(true).body;
-                self.req.done_body = Some(b.clone());
-                b
-            }
-            (_, acc) => {
-                self.req.body = acc;
-                Body::default()
-            }
+    /// The request as read so far (its body once it ended, finished as the exchange will
+    /// carry it, with its decoding anomalies), for checks before the answer.
+    pub fn request_so_far(&mut self, sh: &mut Shared, client: Dir) -> Option<Request> {
+        self.req.head.as_ref()?;
+        let body = if self.req.ended {
+            let b = self.req.take_body(sh, client, true);
+            self.req.done_body = Some(b.clone());
+            b
+        } else {
+            Body::default()
         };
+        let h = self.req.head.as_ref()?;
         Some(Request {
             method: h.method.clone(),
             target: h.target.clone(),

@@ -559,3 +559,35 @@ fn a_request_read_is_handed_over_before_its_answer() {
     assert!(p.take_anomalies().is_empty());
     assert_eq!(p.h2_frames(), Some([2, 1]));
 }
+
+/// A request body that fails to decode, with the request-time hand-over on: the failure is in
+/// the request handed over, in the exchange, and counted once.
+#[test]
+fn a_request_body_decoding_error_is_kept_when_handed_over() {
+    let req = hpack(&[
+        (":method", "POST"),
+        (":scheme", "https"),
+        (":path", "/login"),
+        (":authority", "s"),
+        ("content-encoding", "gzip"),
+    ]);
+    let mut c = PREFACE.to_vec();
+    c.extend(frame(4, 0, 0, &[]));
+    c.extend(frame(1, 0x4, 1, &req));
+    c.extend(frame(0, 0x1, 1, b"not gzip at all"));
+    let mut s = frame(4, 0, 0, &[]);
+    s.extend(frame(1, 0x5, 1, &hpack(&[(":status", "204")])));
+    let mut p = ConnParser::new(Role::Server, false, ParserLimits::default());
+    p.keep_requests_read();
+    p.data(Dir::Inbound, 0, 10, &c);
+    p.data(Dir::Outbound, 0, 20, &s);
+    let read = p.take_requests_read();
+    assert_eq!(read.len(), 2);
+    assert!(read[1].body_read);
+    assert_eq!(read[1].request.wire.anomalies, vec!["gzip_error"]);
+    let ex = p.take_exchanges();
+    assert_eq!(ex.len(), 1);
+    assert_eq!(ex[0].request.wire.anomalies, vec!["gzip_error"]);
+    let reasons: Vec<&str> = p.take_anomalies().iter().map(|a| a.reason()).collect();
+    assert_eq!(reasons, vec!["gzip_error"]);
+}
