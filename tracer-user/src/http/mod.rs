@@ -221,15 +221,7 @@ impl ConnParser {
         }
         // What can be parsed without guessing first; then a request head cut by the close
         // becomes its request, so that an answer waiting for it is not guessed.
-        loop {
-            let mut progress = false;
-            for d in &mut self.dirs {
-                progress |= d.run(&mut self.sh);
-            }
-            if !progress {
-                break;
-            }
-        }
+        self.run_dirs();
         if self.sh.protocol == ConnProtocol::Http2 {
             self.pump_h2();
             if let Some(h2) = self.h2.as_mut() {
@@ -243,6 +235,16 @@ impl ConnParser {
         self.sh.closing = true;
         // Parse everything first, without pairing: a direction still resynchronising at the
         // end adds its loss marker in `finish_at_close`, and pairing must see it.
+        self.run_dirs();
+        for d in &mut self.dirs {
+            d.finish_at_close(&mut self.sh);
+        }
+        self.pump_pairing();
+        self.sh.pairing.finish(&mut self.sh.anomalies);
+    }
+
+    /// Both directions' parsers until neither makes progress (no pairing).
+    fn run_dirs(&mut self) {
         loop {
             let mut progress = false;
             for d in &mut self.dirs {
@@ -252,11 +254,6 @@ impl ConnParser {
                 break;
             }
         }
-        for d in &mut self.dirs {
-            d.finish_at_close(&mut self.sh);
-        }
-        self.pump_pairing();
-        self.sh.pairing.finish(&mut self.sh.anomalies);
     }
 
     pub fn take_exchanges(&mut self) -> Vec<Exchange> {
