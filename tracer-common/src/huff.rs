@@ -353,14 +353,14 @@ pub fn huff_byte(state: u8, c: u8) -> (u8, [Option<u8>; 2], bool) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     extern crate std;
     use std::vec::Vec;
 
     use super::*;
 
-    /// Huffman-codes `s` (padding with EOS's leading ones).
-    pub fn encode(s: &[u8]) -> Vec<u8> {
+    /// Huffman-codes `s` (padding with EOS's leading ones); the HTTP/2 scan's tests use it too.
+    pub(crate) fn encode(s: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
         let (mut acc, mut n) = (0u64, 0u32);
         for &c in s {

@@ -435,7 +435,7 @@ mod tests {
     extern crate std;
     use std::{vec, vec::Vec};
 
-    use crate::huff::HUFF_CODES;
+    use crate::huff::tests::encode;
     use crate::scan::{scan_all, Pattern, ScanTables, PK_TOKEN};
     use crate::token_hash;
 
@@ -464,27 +464,9 @@ mod tests {
         .unwrap()
     }
 
-    fn huffman(s: &[u8]) -> Vec<u8> {
-        let mut out = Vec::new();
-        let (mut acc, mut n) = (0u64, 0u32);
-        for &c in s {
-            let (code, len) = HUFF_CODES[c as usize];
-            acc = acc << len | code as u64;
-            n += len as u32;
-            while n >= 8 {
-                out.push((acc >> (n - 8)) as u8);
-                n -= 8;
-            }
-        }
-        if n > 0 {
-            out.push(((acc << (8 - n)) | (0xff >> n)) as u8);
-        }
-        out
-    }
-
     /// An HPACK string, raw or Huffman-coded (lengths under 127).
     fn string(s: &[u8], huff: bool) -> Vec<u8> {
-        let b = if huff { huffman(s) } else { s.to_vec() };
+        let b = if huff { encode(s) } else { s.to_vec() };
         assert!(b.len() < 127);
         let mut out = vec![(b.len() as u8) | if huff { 0x80 } else { 0 }];
         out.extend(b);
